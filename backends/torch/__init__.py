@@ -1,0 +1,10 @@
+"""PyTorch backend plugin: the numerical reference (fp32) and an eager/compiled engine."""
+
+from moerun import hookimpl
+
+
+@hookimpl
+def moerun_register_backends(registry):
+    from .backend import TorchBackend
+
+    registry.add(TorchBackend)

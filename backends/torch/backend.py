@@ -1,0 +1,128 @@
+"""The PyTorch backend. torch is imported lazily: `import moerun` never loads it."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from moerun import (
+    Artifact,
+    Availability,
+    Backend,
+    BackendRuntimeError,
+    Cache,
+    Capabilities,
+    Checkpoint,
+    ConfigError,
+    LoadSettings,
+    Session,
+    UnsupportedError,
+)
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    aliases = ("pytorch",)
+    description = "PyTorch eager (optionally torch.compile); the fp32 numerical reference"
+    capabilities = Capabilities(
+        precisions=("fp32", "bf16", "fp16"),
+        default_precision="fp32",
+        supports_moe=True,
+        devices=("cpu", "cuda"),
+        routing_stats=True,
+    )
+    install_hint = "pip install 'moerun[torch]'"
+
+    def availability(self) -> Availability:
+        try:
+            import torch
+        except Exception as exc:  # noqa: BLE001 - a broken install is "unavailable"
+            return Availability(available=False, reason=f"torch not importable ({exc})", install_hint=self.install_hint)
+        devices = ("cpu",) + (("cuda",) if torch.cuda.is_available() else ())
+        return Availability(available=True, version=torch.__version__, devices=devices)
+
+    def prepare(self, checkpoint: Checkpoint, precision: str, cache: Cache) -> Artifact:
+        # torch reads the HF checkpoint directly: the artifact is the checkpoint itself.
+        bytes_per = {"fp32": 4, "bf16": 2, "fp16": 2}[precision]
+        return Artifact(
+            backend=self.name, precision=precision, spec=checkpoint.spec, path=checkpoint.path,
+            size_bytes=checkpoint.spec.total_params * bytes_per,
+            meta={"format": "hf-safetensors", "in_memory_bytes": checkpoint.spec.total_params * bytes_per},
+        )
+
+    def load(self, artifact: Artifact, settings: LoadSettings) -> Session:
+        import torch
+
+        from .model import Model
+
+        device = settings.device
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UnsupportedError("device cuda requested but torch sees no CUDA device")
+        if settings.threads:
+            torch.set_num_threads(int(settings.threads))
+        unknown = set(settings.options) - {"compile_mode"}
+        if unknown:
+            raise ConfigError(f"torch backend: unknown option(s) {', '.join(sorted(unknown))}")
+        dtype = getattr(torch, _DTYPES[artifact.precision])
+        ckpt = Checkpoint.open(artifact.path, name=artifact.spec.name)
+        try:
+            model = Model(ckpt.spec, ckpt, dtype=dtype, device=torch.device(device),
+                          max_context=settings.max_context)
+        except RuntimeError as exc:
+            raise BackendRuntimeError(f"torch could not load {artifact.path}: {exc}") from exc
+        return TorchSession(model, compile=settings.compile, compile_mode=settings.options.get("compile_mode"))
+
+
+class TorchSession(Session):
+    def __init__(self, model: Any, *, compile: bool = False, compile_mode: str | None = None) -> None:
+        import torch
+
+        self.torch = torch
+        self.model = model
+        self.pos = 0
+        self.kv_bytes_per_value = model.k_cache[0].element_size()
+        self._forward = model.forward
+        if compile:
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "moerun", "inductor"))
+            self._forward = torch.compile(model.forward, dynamic=True, mode=compile_mode)
+
+    def _run(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
+        n = len(ids)
+        if n == 0:
+            raise ConfigError("prefill needs at least one token id")
+        if self.pos + n > self.model.max_context:
+            raise ConfigError(
+                f"context full: {self.pos} cached + {n} new tokens > max_context {self.model.max_context}"
+            )
+        vocab = self.model.spec.vocab_size
+        lo, hi = min(ids), max(ids)
+        if lo < 0 or hi >= vocab:
+            raise ConfigError(f"token ids must be in [0, {vocab}), got {lo}..{hi}")
+        t = self.torch.tensor(ids, dtype=self.torch.long, device=self.model.device)
+        logits = self._forward(t, self.pos, all_logits=all_logits)
+        self.pos += n
+        return logits.cpu().numpy()
+
+    def prefill(self, token_ids: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
+        return self._run(list(token_ids), all_logits)
+
+    def decode(self, token_id: int) -> np.ndarray:
+        return self._run([int(token_id)], False)[0]
+
+    def reset(self) -> None:
+        self.pos = 0
+        self.model.reset()
+
+    def synchronize(self) -> None:
+        if self.model.device.type == "cuda":
+            self.torch.cuda.synchronize(self.model.device)
+
+    def expert_counts(self) -> np.ndarray | None:
+        return self.model.expert_counts.copy() if self.model.spec.is_moe else None
+
+    def close(self) -> None:
+        self.model = None  # type: ignore[assignment]

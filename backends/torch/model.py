@@ -1,0 +1,271 @@
+"""The reference model: one readable file for dense and MoE decoders, explicit KV cache.
+
+Families differ only in data (q/k/v bias, q/k norm, shared expert, top-k renormalisation),
+read from the ModelSpec. MoE decode touches only the selected experts (weight views, no
+copies); MoE prefill groups tokens by expert (index_select / index_add_), never computing
+all experts densely. `moe_all_experts` is the naive dense reference the tests hold it to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moerun import Checkpoint, ModelSpec
+
+
+# ---------------------------------------------------------------- building blocks
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32 and cast back, as Hugging Face does."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_tables(spec: ModelSpec, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [length, head_dim] in float32 (HF's rotate-half convention)."""
+    half = spec.head_dim // 2
+    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, half, dtype=torch.float64, device=device) / half))
+    t = torch.arange(length, dtype=torch.float64, device=device)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [heads, T, head_dim]; cos/sin [T, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def swiglu(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """SwiGLU FFN with gate and up fused into one [2*inter, hidden] matrix."""
+    gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w_down)
+
+
+@dataclass
+class Layer:
+    input_norm: torch.Tensor
+    w_qkv: torch.Tensor  # [q_dim + 2*kv_dim, hidden]
+    b_qkv: torch.Tensor | None
+    w_o: torch.Tensor
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    post_norm: torch.Tensor
+    # dense FFN
+    w_gate_up: torch.Tensor | None = None  # [2I, H]
+    w_down: torch.Tensor | None = None  # [H, I]
+    # MoE
+    router: torch.Tensor | None = None  # [E, H]
+    experts_gate_up: torch.Tensor | None = None  # [E, 2I, H]
+    experts_down: torch.Tensor | None = None  # [E, H, I]
+    shared_gate_up: torch.Tensor | None = None
+    shared_down: torch.Tensor | None = None
+    shared_gate: torch.Tensor | None = None  # [1, H]
+
+
+def _moe_names(spec: ModelSpec, i: int) -> tuple[str, Callable[[int], tuple[str, str, str]]]:
+    if spec.family == "mixtral":
+        p = f"model.layers.{i}.block_sparse_moe."
+        return p, lambda e: (f"{p}experts.{e}.w1.weight", f"{p}experts.{e}.w3.weight", f"{p}experts.{e}.w2.weight")
+    p = f"model.layers.{i}.mlp."
+    return p, lambda e: (f"{p}experts.{e}.gate_proj.weight", f"{p}experts.{e}.up_proj.weight",
+                         f"{p}experts.{e}.down_proj.weight")
+
+
+def load_weights(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, list[Layer], torch.Tensor, torch.Tensor]:
+    """Read a HF-layout checkpoint into fused/stacked tensors, one tensor at a time."""
+    spec = ckpt.spec
+
+    def t(name: str) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(ckpt.read(name))).to(device=device, dtype=dtype)
+
+    embed = t("model.embed_tokens.weight")
+    layers = []
+    for i in range(spec.num_layers):
+        a = f"model.layers.{i}.self_attn."
+        w_qkv = torch.cat([t(a + "q_proj.weight"), t(a + "k_proj.weight"), t(a + "v_proj.weight")])
+        b_qkv = (torch.cat([t(a + "q_proj.bias"), t(a + "k_proj.bias"), t(a + "v_proj.bias")])
+                 if spec.attention_bias else None)
+        has_qk = spec.qk_norm != "none"
+        layer = Layer(
+            input_norm=t(f"model.layers.{i}.input_layernorm.weight"),
+            w_qkv=w_qkv, b_qkv=b_qkv, w_o=t(a + "o_proj.weight"),
+            q_norm=t(a + "q_norm.weight") if has_qk else None,
+            k_norm=t(a + "k_norm.weight") if has_qk else None,
+            post_norm=t(f"model.layers.{i}.post_attention_layernorm.weight"),
+        )
+        if not spec.is_moe:
+            m = f"model.layers.{i}.mlp."
+            layer.w_gate_up = torch.cat([t(m + "gate_proj.weight"), t(m + "up_proj.weight")])
+            layer.w_down = t(m + "down_proj.weight")
+        else:
+            prefix, names = _moe_names(spec, i)
+            inter, hidden = spec.intermediate_size, spec.hidden_size
+            layer.router = t(prefix + "gate.weight")
+            layer.experts_gate_up = torch.empty(spec.num_experts, 2 * inter, hidden, dtype=dtype, device=device)
+            layer.experts_down = torch.empty(spec.num_experts, hidden, inter, dtype=dtype, device=device)
+            for e in range(spec.num_experts):
+                g, u, d = names(e)
+                layer.experts_gate_up[e, :inter] = t(g)
+                layer.experts_gate_up[e, inter:] = t(u)
+                layer.experts_down[e] = t(d)
+            if spec.shared_expert_intermediate_size:
+                s = prefix + "shared_expert."
+                layer.shared_gate_up = torch.cat([t(s + "gate_proj.weight"), t(s + "up_proj.weight")])
+                layer.shared_down = t(s + "down_proj.weight")
+                layer.shared_gate = t(prefix + "shared_expert_gate.weight")
+        layers.append(layer)
+    norm = t("model.norm.weight")
+    head = embed if spec.tie_word_embeddings else t("lm_head.weight")
+    return embed, layers, norm, head
+
+
+# ---------------------------------------------------------------- MoE
+def route(spec: ModelSpec, x: torch.Tensor, router: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over all experts (float32), top-k, optional renormalisation.
+    Returns (weights [T, k] in x's dtype, expert ids [T, k])."""
+    probs = F.softmax(F.linear(x, router).float(), dim=-1)
+    weights, ids = torch.topk(probs, spec.top_k, dim=-1)
+    if spec.renormalize_topk:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(x.dtype), ids
+
+
+def moe_decode(layer: Layer, x: torch.Tensor, weights: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """One token: only the selected experts' weights are read (views, no gather copy)."""
+    out = None
+    for j, e in enumerate(ids):
+        y = swiglu(x, layer.experts_gate_up[e], layer.experts_down[e]) * weights[:, j : j + 1]
+        out = y if out is None else out + y
+    return out
+
+
+def moe_prefill(layer: Layer, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                counts: list[int]) -> torch.Tensor:
+    """Many tokens: tokens grouped by expert, each expert run once on its tokens."""
+    k = ids.shape[1]
+    flat = ids.flatten()
+    order = torch.argsort(flat, stable=True)
+    token_of = order // k
+    w_sorted = weights.flatten()[order].unsqueeze(1)
+    out = torch.zeros_like(x)
+    start = 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            continue
+        tok = token_of[start : start + c]
+        y = swiglu(x.index_select(0, tok), layer.experts_gate_up[e], layer.experts_down[e])
+        out.index_add_(0, tok, y * w_sorted[start : start + c])
+        start += c
+    return out
+
+
+def moe_all_experts(spec: ModelSpec, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+    """Naive reference: every expert on every token, combined with the routing weights."""
+    weights, ids = route(spec, x, layer.router)
+    dense = torch.zeros(x.shape[0], spec.num_experts, dtype=x.dtype, device=x.device)
+    dense.scatter_(1, ids, weights)
+    out = torch.zeros_like(x)
+    for e in range(spec.num_experts):
+        out = out + swiglu(x, layer.experts_gate_up[e], layer.experts_down[e]) * dense[:, e : e + 1]
+    return out + shared_expert(layer, x)
+
+
+def shared_expert(layer: Layer, x: torch.Tensor) -> torch.Tensor | float:
+    if layer.shared_gate_up is None:
+        return 0.0
+    gate = torch.sigmoid(F.linear(x, layer.shared_gate))
+    return swiglu(x, layer.shared_gate_up, layer.shared_down) * gate
+
+
+# ---------------------------------------------------------------- the model
+class Model:
+    """Decoder with an explicit KV cache: `forward(ids, pos)` appends at `pos`."""
+
+    def __init__(self, spec: ModelSpec, ckpt: Checkpoint, *, dtype: torch.dtype, device: torch.device,
+                 max_context: int) -> None:
+        self.spec, self.dtype, self.device = spec, dtype, torch.device(device)
+        self.embed, self.layers, self.norm, self.head = load_weights(ckpt, dtype, self.device)
+        self.max_context = max_context
+        self.cos, self.sin = rope_tables(spec, max_context, self.device)
+        shape = (1, spec.num_kv_heads, max_context, spec.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.layers]
+        self.expert_counts = np.zeros((spec.num_layers, max(spec.num_experts, 1)), dtype=np.int64)
+
+    # attention --------------------------------------------------------------
+    def attention(self, i: int, x: torch.Tensor, pos: int, use_cache: bool = True) -> torch.Tensor:
+        spec, layer = self.spec, self.layers[i]
+        T = x.shape[0]
+        qkv = F.linear(x, layer.w_qkv, layer.b_qkv)
+        q, k, v = qkv.split([spec.q_dim, spec.kv_dim, spec.kv_dim], dim=-1)
+        if spec.qk_norm == "full":
+            q = rms_norm(q, layer.q_norm, spec.rms_norm_eps)
+            k = rms_norm(k, layer.k_norm, spec.rms_norm_eps)
+        q = q.view(T, spec.num_heads, spec.head_dim).transpose(0, 1)
+        k = k.view(T, spec.num_kv_heads, spec.head_dim).transpose(0, 1)
+        v = v.view(T, spec.num_kv_heads, spec.head_dim).transpose(0, 1)
+        if spec.qk_norm == "head":
+            q = rms_norm(q, layer.q_norm, spec.rms_norm_eps)
+            k = rms_norm(k, layer.k_norm, spec.rms_norm_eps)
+        cos, sin = self.cos[pos : pos + T], self.sin[pos : pos + T]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if use_cache:
+            self.k_cache[i][0, :, pos : pos + T] = k
+            self.v_cache[i][0, :, pos : pos + T] = v
+            keys, values = self.k_cache[i][:, :, : pos + T], self.v_cache[i][:, :, : pos + T]
+        else:
+            keys, values = k.unsqueeze(0), v.unsqueeze(0)
+        q = q.unsqueeze(0)
+        if T == 1:
+            mask, causal = None, False
+        elif keys.shape[2] == T:
+            mask, causal = None, True
+        else:  # a chunk after cached positions: query i sees keys <= pos + i
+            j = torch.arange(keys.shape[2], device=x.device)
+            mask = j[None, :] <= (pos + torch.arange(T, device=x.device))[:, None]
+            causal = False
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=spec.num_kv_heads != spec.num_heads)
+        o = o[0].transpose(0, 1).reshape(T, spec.q_dim)
+        return F.linear(o, layer.w_o)
+
+    # FFN --------------------------------------------------------------------
+    def ffn(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layers[i]
+        if layer.router is None:
+            return swiglu(x, layer.w_gate_up, layer.w_down)
+        weights, ids = route(self.spec, x, layer.router)
+        if x.shape[0] == 1:
+            chosen = ids[0].tolist()
+            self.expert_counts[i, chosen] += 1
+            out = moe_decode(layer, x, weights, chosen)
+        else:
+            counts = torch.bincount(ids.flatten(), minlength=self.spec.num_experts).tolist()
+            self.expert_counts[i] += counts
+            out = moe_prefill(layer, x, weights, ids, counts)
+        return out + shared_expert(layer, x)
+
+    # whole model ------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, pos: int, *, all_logits: bool, use_cache: bool = True) -> torch.Tensor:
+        """Logits for `ids` placed at positions pos.., float32 [T or 1, vocab]."""
+        spec = self.spec
+        x = self.embed[ids]
+        for i in range(spec.num_layers):
+            x = x + self.attention(i, rms_norm(x, self.layers[i].input_norm, spec.rms_norm_eps), pos, use_cache)
+            x = x + self.ffn(i, rms_norm(x, self.layers[i].post_norm, spec.rms_norm_eps))
+        if not all_logits:
+            x = x[-1:]
+        return F.linear(rms_norm(x, self.norm, spec.rms_norm_eps), self.head).float()
+
+    def reset(self) -> None:
+        # Positions restart at 0; stale cache entries are overwritten before being read.
+        self.expert_counts[:] = 0

@@ -1,0 +1,152 @@
+"""The backend contract: Backend (prepare, load) and Session (prefill, decode).
+
+Token ids in, logits out: benchmarks need no tokenizer. These are plain method calls,
+never pluggy hook calls. Engine libraries are imported lazily inside the methods.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+
+import attrs
+
+from .errors import UnsupportedError
+from .precision import get_precision
+from .spec import ModelSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+    from .cache import Cache
+    from .checkpoint import Checkpoint
+
+
+@attrs.frozen(kw_only=True)
+class Availability:
+    """Whether a backend can run here, and if not why and how to fix it."""
+
+    available: bool
+    reason: str = ""
+    install_hint: str = ""
+    version: str = ""
+    devices: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen(kw_only=True)
+class Capabilities:
+    """What a backend supports, as data (never ``if name == ...``)."""
+
+    precisions: tuple[str, ...]
+    default_precision: str
+    supports_moe: bool = True
+    families: tuple[str, ...] | None = None  # None: every family moerun knows
+    devices: tuple[str, ...] = ("cpu",)
+    routing_stats: bool = False  # Session.expert_counts() returns data
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen(kw_only=True)
+class LoadSettings:
+    """How to load an artifact: threads, device, and backend-specific options."""
+
+    threads: int | None = None
+    device: str = "cpu"
+    max_context: int = 4096
+    compile: bool = False
+    options: dict[str, Any] = attrs.field(factory=dict, hash=False)
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class Artifact:
+    """What `Backend.prepare` built: a file or folder the engine loads, and facts about it."""
+
+    backend: str
+    precision: str
+    spec: ModelSpec
+    path: Path
+    size_bytes: int
+    meta: dict[str, Any] = attrs.field(factory=dict)
+
+
+class Session(abc.ABC):
+    """A loaded model with its KV cache. Logits are float32 numpy arrays."""
+
+    @abc.abstractmethod
+    def prefill(self, token_ids: Sequence[int], *, all_logits: bool = False) -> "np.ndarray":
+        """Append `token_ids` to the cache; return logits [len(token_ids), vocab] if
+        `all_logits`, else the last position's logits as [1, vocab]."""
+
+    @abc.abstractmethod
+    def decode(self, token_id: int) -> "np.ndarray":
+        """Append one token; return its logits [vocab]."""
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Empty the KV cache (positions restart at 0)."""
+
+    def synchronize(self) -> None:
+        """Wait for queued device work; the runner calls it before reading the clock."""
+
+    def close(self) -> None:
+        """Release engine resources. Idempotent."""
+
+    def expert_counts(self) -> "np.ndarray | None":
+        """Tokens routed to each expert since the last reset, [layers, experts]; None if the
+        backend does not expose routing."""
+        return None
+
+    def engine_timings(self) -> dict[str, Any] | None:
+        """The engine's own perf counters for the calls since reset, if it has any."""
+        return None
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Backend(abc.ABC):
+    """An inference engine. Subclasses set `name`, `capabilities` and `install_hint`."""
+
+    name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str] = ""
+    capabilities: ClassVar[Capabilities]
+    install_hint: ClassVar[str] = ""
+
+    @abc.abstractmethod
+    def availability(self) -> Availability:
+        """Is the engine importable and a device present? Never raises."""
+
+    def check(self, spec: ModelSpec, precision: str) -> None:
+        """Raise UnsupportedError if this backend cannot run `spec` at `precision`."""
+        get_precision(precision)  # unknown names are a ConfigError, not "unsupported"
+        caps = self.capabilities
+        if precision not in caps.precisions:
+            raise UnsupportedError(
+                f"backend {self.name} does not support precision {precision!r} "
+                f"(supported: {', '.join(caps.precisions)})"
+            )
+        if spec.is_moe and not caps.supports_moe:
+            raise UnsupportedError(f"backend {self.name} does not support MoE models")
+        if caps.families is not None and spec.family not in caps.families:
+            raise UnsupportedError(
+                f"backend {self.name} does not support family {spec.family!r} "
+                f"(supported: {', '.join(caps.families)})"
+            )
+
+    @abc.abstractmethod
+    def prepare(self, checkpoint: "Checkpoint", precision: str, cache: "Cache") -> Artifact:
+        """Convert a checkpoint into what the engine loads (cached by content hash)."""
+
+    @abc.abstractmethod
+    def load(self, artifact: Artifact, settings: LoadSettings) -> Session:
+        """Load an artifact into a ready Session."""

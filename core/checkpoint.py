@@ -1,0 +1,345 @@
+"""Checkpoints in Hugging Face layout: config.json + safetensors with HF tensor names.
+
+A synthetic checkpoint and a real local one are the same thing to every backend. The
+safetensors format is small enough to write and read here directly, which lets synthetic
+weights stream to disk (peak memory near one block, never the whole model) and lets the
+core read bf16 without an engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import struct
+import tempfile
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import attrs
+import numpy as np
+
+from .errors import CheckpointError, ConfigError
+from .spec import ModelSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .cache import Cache
+
+_DTYPES = {"F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (np.uint16, 2)}
+_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+_BLOCK = 1 << 22  # elements per RNG block: output bytes never depend on memory limits
+SHARD_BYTES = 2 << 30
+
+
+def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (round to nearest even)."""
+    u = x.astype(np.float32, copy=False).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _bf16_bits_to_f32(u: np.ndarray) -> np.ndarray:
+    return (u.astype(np.uint32) << 16).view(np.float32)
+
+
+# ---------------------------------------------------------------- synthetic init
+def init_std(name: str, shape: tuple[int, ...], spec: ModelSpec) -> tuple[str, float]:
+    """How a synthetic tensor is drawn: ("normal", std) or ("ones+normal", std).
+
+    Scaled so activations keep unit scale through every layer (std = 1/sqrt(fan_in)),
+    the logits have a spread of a few units (clear top-1 margins for parity checks) and
+    router logits are O(1) (routing neither uniform nor collapsed). Norm weights are
+    1 + noise so that a backend that ignores them fails parity.
+    """
+    if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+        return "ones+normal", 0.1
+    if name.endswith(".bias"):
+        return "normal", 0.1
+    if name == "model.embed_tokens.weight":
+        return "normal", 1.0
+    if name == "lm_head.weight":
+        return "normal", 3.0 / np.sqrt(shape[1])
+    return "normal", 1.0 / np.sqrt(shape[-1])
+
+
+def _router_row_scale(spec: ModelSpec, skew: float) -> np.ndarray:
+    e = np.arange(spec.num_experts, dtype=np.float64)
+    return np.exp(-skew * e / max(1, spec.num_experts - 1)).astype(np.float32)
+
+
+def synthetic_tensor_blocks(
+    name: str, shape: tuple[int, ...], spec: ModelSpec, seed: int, router_skew: float = 0.0
+) -> Iterator[np.ndarray]:
+    """The tensor's float32 values, flat, in blocks of at most `_BLOCK` elements.
+
+    Each block has its own generator keyed by (seed, crc32(name), block index), so the
+    values depend on nothing but those.
+    """
+    kind, std = init_std(name, shape, spec)
+    n = int(np.prod(shape))
+    key = zlib.crc32(name.encode())
+    is_router = name.endswith(".gate.weight") and spec.is_moe and router_skew > 0
+    row_scale = _router_row_scale(spec, router_skew) if is_router else None
+    for b, start in enumerate(range(0, n, _BLOCK)):
+        count = min(_BLOCK, n - start)
+        rng = np.random.default_rng([seed, key, b])
+        x = rng.standard_normal(count, dtype=np.float32)
+        x *= np.float32(std)
+        if kind == "ones+normal":
+            x += np.float32(1.0)
+        if row_scale is not None:
+            rows = (np.arange(start, start + count) // shape[1])
+            x *= row_scale[rows]
+        yield x
+
+
+# ---------------------------------------------------------------- safetensors I/O
+def _header(entries: list[tuple[str, tuple[int, ...]]], dtype: str) -> tuple[bytes, int]:
+    size = _DTYPES[dtype][1]
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in entries:
+        nbytes = int(np.prod(shape)) * size
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offset
+
+
+def _shards(entries: list[tuple[str, tuple[int, ...]]], itemsize: int, limit: int) -> list[list]:
+    shards: list[list] = [[]]
+    size = 0
+    for name, shape in entries:
+        nbytes = int(np.prod(shape)) * itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    return shards
+
+
+def write_synthetic(
+    spec: ModelSpec,
+    path: str | os.PathLike,
+    *,
+    seed: int = 0,
+    dtype: str = "float32",
+    router_skew: float = 0.0,
+    shard_bytes: int = SHARD_BYTES,
+) -> "Checkpoint":
+    """Write a deterministic synthetic checkpoint of `spec` to the new folder `path`.
+
+    Same (spec, seed, dtype, router_skew) -> byte-identical files. Written to a temporary
+    sibling folder first and renamed, so an interrupted write leaves nothing half-made.
+    """
+    if dtype not in _NAMES:
+        raise ConfigError(f"checkpoint dtype must be one of {', '.join(_NAMES)}, got {dtype!r}")
+    if router_skew < 0:
+        raise ConfigError(f"router_skew must be >= 0, got {router_skew}")
+    path = Path(path)
+    if path.exists():
+        raise CheckpointError(f"{path} already exists")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        st = _NAMES[dtype]
+        entries = list(spec.tensor_shapes())
+        shards = _shards(entries, _DTYPES[st][1], shard_bytes)
+        files = (
+            ["model.safetensors"]
+            if len(shards) == 1
+            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        )
+        weight_map, total = {}, 0
+        for fname, shard in zip(files, shards):
+            head, nbytes = _header(shard, st)
+            total += nbytes
+            with open(tmp / fname, "wb") as f:
+                f.write(head)
+                for name, shape in shard:
+                    weight_map[name] = fname
+                    for block in synthetic_tensor_blocks(name, shape, spec, seed, router_skew):
+                        if st == "BF16":
+                            block = _to_bf16_bits(block)
+                        elif st == "F16":
+                            block = block.astype(np.float16)
+                        f.write(block.tobytes())
+        if len(files) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        config = spec.to_hf_config()
+        config["torch_dtype"] = dtype
+        config["moerun_synthetic"] = {"seed": seed, "router_skew": router_skew}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Checkpoint.open(path)
+
+
+class _SafetensorsFile:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                raw = f.read(8)
+                if len(raw) < 8:
+                    raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
+                (hlen,) = struct.unpack("<Q", raw)
+                if hlen > min(size - 8, 100 << 20):
+                    raise CheckpointError(f"{path}: corrupt safetensors header (length {hlen}, file {size} bytes)")
+                header = json.loads(f.read(hlen))
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: unreadable safetensors file: {exc}") from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + hlen
+        self.tensors: dict[str, dict] = header
+        end = max((t["data_offsets"][1] for t in header.values()), default=0)
+        if self.data_start + end > size:
+            raise CheckpointError(
+                f"{path}: truncated: tensors need {self.data_start + end} bytes, file has {size}"
+            )
+        self._mm: mmap.mmap | None = None
+
+    def read(self, name: str) -> np.ndarray:
+        t = self.tensors[name]
+        if t["dtype"] not in _DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {t['dtype']}")
+        if self._mm is None:
+            with open(self.path, "rb") as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        np_dtype, size = _DTYPES[t["dtype"]]
+        start, end = t["data_offsets"]
+        count = (end - start) // size
+        if count != int(np.prod(t["shape"])):
+            raise CheckpointError(f"{self.path}: tensor {name}: offsets do not match shape {t['shape']}")
+        raw = np.frombuffer(self._mm, dtype=np_dtype, count=count, offset=self.data_start + start)
+        if t["dtype"] == "BF16":
+            out = _bf16_bits_to_f32(raw)
+        else:
+            out = raw.astype(np.float32)
+        return out.reshape(t["shape"])
+
+
+@attrs.define
+class Checkpoint:
+    """A checkpoint folder: its spec (from config.json) and lazily opened tensor files."""
+
+    path: Path
+    spec: ModelSpec
+    weight_map: dict[str, str]
+    _files: dict[str, _SafetensorsFile] = attrs.field(factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, name: str | None = None) -> "Checkpoint":
+        """Open a HF-layout folder; CheckpointError/ConfigError if it is not a usable one."""
+        path = Path(path)
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise CheckpointError(f"{path}: no config.json (not a Hugging Face checkpoint folder)")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except ValueError as exc:
+            raise CheckpointError(f"{cfg_path}: invalid JSON: {exc}") from None
+        spec = ModelSpec.from_hf_config(cfg, name=name)
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise CheckpointError(f"{index}: invalid index: {exc}") from None
+        else:
+            files = sorted(p.name for p in path.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{path}: no .safetensors files")
+            weight_map = {}
+            for fname in files:
+                for tname in _SafetensorsFile(path / fname).tensors:
+                    weight_map[tname] = fname
+        ckpt = cls(path=path, spec=spec, weight_map=weight_map)
+        ckpt.validate()
+        return ckpt
+
+    def validate(self) -> None:
+        """Every tensor the spec needs is present with its shape, and files are whole."""
+        for name, shape in self.spec.tensor_shapes():
+            if name not in self.weight_map:
+                raise CheckpointError(f"{self.path}: missing tensor {name}")
+            got = tuple(self._file(name).tensors[name]["shape"])
+            if got != shape:
+                raise CheckpointError(f"{self.path}: tensor {name} has shape {got}, config.json implies {shape}")
+
+    def _file(self, name: str) -> _SafetensorsFile:
+        fname = self.weight_map[name]
+        if fname not in self._files:
+            fpath = self.path / fname
+            if not fpath.is_file():
+                raise CheckpointError(f"{self.path}: missing file {fname}")
+            self._files[fname] = _SafetensorsFile(fpath)
+        return self._files[fname]
+
+    def read(self, name: str) -> np.ndarray:
+        """One tensor as a float32 array (bf16/fp16 converted)."""
+        if name not in self.weight_map:
+            raise CheckpointError(f"{self.path}: no tensor {name}")
+        return self._file(name).read(name)
+
+    def files(self) -> list[Path]:
+        return sorted({self.path / f for f in self.weight_map.values()}) + [self.path / "config.json"]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files())
+
+    def content_hash(self) -> str:
+        """sha256 over config.json and the tensor files (memoised by path, size and mtime)."""
+        stat_key = hashlib.sha256()
+        for p in self.files():
+            st = p.stat()
+            stat_key.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        memo = self.path / ".moerun-content-hash"
+        try:
+            saved_key, saved = memo.read_text().split()
+            if saved_key == stat_key.hexdigest():
+                return saved
+        except (OSError, ValueError):
+            pass
+        h = hashlib.sha256()
+        for p in self.files():
+            h.update(p.name.encode())
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+        digest = h.hexdigest()[:32]
+        try:
+            memo.write_text(f"{stat_key.hexdigest()} {digest}\n")
+        except OSError:
+            pass
+        return digest
+
+
+def synthetic_checkpoint(
+    spec: ModelSpec,
+    cache: "Cache",
+    *,
+    seed: int = 0,
+    dtype: str = "float32",
+    router_skew: float = 0.0,
+) -> Checkpoint:
+    """The synthetic checkpoint of (spec, seed, dtype, skew) in the cache, written if absent."""
+    key = f"{spec.fingerprint}-s{seed}-{dtype}" + (f"-skew{router_skew:g}" if router_skew else "")
+    path = cache.root / "checkpoints" / key
+    if path.is_dir():
+        return Checkpoint.open(path, name=spec.name)
+    try:
+        write_synthetic(spec, path, seed=seed, dtype=dtype, router_skew=router_skew)
+    except CheckpointError:
+        if not path.is_dir():  # another process finished it first: fine
+            raise
+    return Checkpoint.open(path, name=spec.name)

@@ -1,0 +1,320 @@
+"""The ``moerun`` command line.
+
+``moerun`` alone runs the default study: the `small-moe` preset and its two dense twins on
+every available backend. Errors print one line and exit with code 2 (``--debug`` for the
+traceback); a study in which some point failed exits with code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+from .errors import ConfigError, MoerunError
+
+DEFAULT_MODEL = "small-moe"
+DEFAULT_OUTPUT_DIR = "moerun-results"
+
+DESCRIPTION = """\
+Does Mixture-of-Experts actually help inference on this hardware? moerun runs identical
+dense and MoE workloads (same shapes, weights and token ids) on every installed engine and
+reports speed, memory and MoE-versus-dense ratios.
+
+With no command it measures: by default the small-moe preset and its active- and
+total-matched dense twins on every available backend.
+"""
+
+EPILOG = """\
+commands:
+  backends   list backends: installed, available, why not
+  models     list model presets with total/active parameters
+  plugins    list loaded plugins and plugins that failed to load
+
+examples:
+  moerun
+  moerun --backend torch --model tiny-moe --precision bf16 --prompt-tokens 128 --new-tokens 64
+  moerun --model olmoe-1b-7b --no-twins --precision bf16
+  moerun models --json
+
+exit codes: 0 all points ran (or are unsupported), 1 some point failed, 2 bad input.
+"""
+
+
+def _csv_list(values: Sequence[str] | None) -> list[str]:
+    out: list[str] = []
+    for v in values or ():
+        out.extend(x.strip() for x in v.split(",") if x.strip())
+    return out
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _options(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--option takes KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except ValueError:
+            out[key.strip()] = raw
+    return out
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        self.exit(2, f"moerun: error: {message} (see 'moerun --help')\n")
+
+
+def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
+    parser = _Parser(prog="moerun", description=DESCRIPTION, epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"moerun {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="")
+    for name, help_text in (("backends", "list backends: installed, available, why not"),
+                            ("models", "list model presets with total/active parameters"),
+                            ("plugins", "list loaded plugins and load errors")):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--json", action="store_true", help="print JSON for scripts")
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+
+    run = parser.add_argument_group("measuring (the default command)")
+    run.add_argument("-b", "--backend", action="append", metavar="NAME",
+                     help="backend(s) to run, repeatable or comma-separated (default: every available one)")
+    run.add_argument("-m", "--model", action="append", metavar="NAME",
+                     help=f"preset, twin (NAME:dense-active, NAME:dense-total) or checkpoint folder; "
+                          f"repeatable (default: {DEFAULT_MODEL})")
+    run.add_argument("-p", "--precision", action="append", metavar="NAME",
+                     help="precision(s), repeatable or comma-separated (default: each backend's own)")
+    run.add_argument("--prompt-tokens", type=_positive_int, default=64, metavar="N",
+                     help="prompt length for the timed prefill (default: 64)")
+    run.add_argument("--new-tokens", type=_non_negative_int, default=32, metavar="N",
+                     help="tokens decoded one at a time after the prefill (default: 32)")
+    run.add_argument("--repetitions", type=_positive_int, default=3, metavar="N",
+                     help="timed repetitions of prefill + decode (default: 3)")
+    run.add_argument("--warmup", type=_non_negative_int, default=1, metavar="N",
+                     help="untimed warm-up runs (default: 1)")
+    run.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                     help="engine threads (default: the engine's choice)")
+    run.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights and token ids (default: 0)")
+    run.add_argument("--router-skew", type=float, default=0.0, metavar="S",
+                     help="unequal expert popularity in synthetic routers, 0 = none (default: 0)")
+    run.add_argument("--compile", action="store_true", help="torch.compile where the backend supports it")
+    run.add_argument("-O", "--option", action="append", metavar="KEY=VALUE", default=[],
+                     help="backend option, repeatable; VALUE is read as JSON when it parses (e.g. -O repack=true)")
+    run.add_argument("--no-twins", action="store_true", help="do not add the dense twins of MoE models")
+    run.add_argument("-o", "--output", type=Path, metavar="PATH",
+                     help=f"results JSONL; an existing file is resumed, finished points are not rerun "
+                          f"(default: {DEFAULT_OUTPUT_DIR}/run-DATE-TIME.jsonl)")
+    run.add_argument("--report", default="table", metavar="NAME",
+                     help="reporter for the summary: table, json, csv or a plugin's (default: table)")
+    run.add_argument("--json", action="store_true", help="shorthand for --report json")
+    run.add_argument("--timeout", type=float, default=600.0, metavar="S",
+                     help="seconds before a point is killed and recorded as failed (default: 600)")
+    run.add_argument("--no-isolate", action="store_true",
+                     help="run points in this process (no crash isolation or timeout)")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    if plugins is not None:
+        plugins.hook.moerun_add_cli_options(parser=parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        from .manager import get_plugin_manager
+
+        plugins = get_plugin_manager()
+        args = build_parser(plugins).parse_args(argv)
+        if args.command == "backends":
+            return cmd_backends(plugins, args)
+        if args.command == "models":
+            return cmd_models(plugins, args)
+        if args.command == "plugins":
+            return cmd_plugins(plugins, args)
+        return cmd_run(plugins, args)
+    except MoerunError as exc:
+        if debug:
+            raise
+        print(f"moerun: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moerun: interrupted; finished points are saved, rerun with the same --output to resume",
+              file=sys.stderr)
+        return 130
+
+
+# ------------------------------------------------------------------ listing commands
+def cmd_backends(plugins: Any, args: argparse.Namespace) -> int:
+    rows = []
+    for name in plugins.backends.primary_names():
+        cls = plugins.backends.get(name)
+        av = cls().availability()
+        rows.append({"name": name, "aliases": list(cls.aliases), "plugin": plugins.backends.owner(name),
+                     "description": cls.description, "capabilities": cls.capabilities.to_dict(),
+                     **av.to_dict()})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="backends", header_style="bold")
+    for h in ("name", "available", "version", "precisions", "MoE", "devices", "why not / install"):
+        t.add_column(h)
+    for r in rows:
+        caps = r["capabilities"]
+        why = "" if r["available"] else f"{r['reason']}; {r['install_hint']}".strip("; ")
+        t.add_row(r["name"], "yes" if r["available"] else "no", r["version"] or "-", ", ".join(caps["precisions"]),
+                  "yes" if caps["supports_moe"] else "no", ", ".join(r["devices"] or caps["devices"]), why)
+    Console(width=140).print(t)
+    return 0
+
+
+def cmd_models(plugins: Any, args: argparse.Namespace) -> int:
+    rows = []
+    for name in plugins.models.names():
+        pre = plugins.models.preset(name)
+        s = pre.spec
+        rows.append({"name": name, "family": s.family, "moe": s.is_moe, "total_params": s.total_params,
+                     "active_params": s.active_params, "layers": s.num_layers, "hidden": s.hidden_size,
+                     "experts": s.num_experts, "top_k": s.top_k,
+                     "published_total_params": pre.published_total_params, "description": pre.description,
+                     "spec": s.to_dict()})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    from .analysis import human_count
+
+    t = Table(title="model presets (twins: NAME:dense-active, NAME:dense-total)", header_style="bold")
+    for h in ("name", "family", "total", "active", "layers", "hidden", "experts", "description"):
+        t.add_column(h, justify="right" if h in ("total", "active", "layers", "hidden") else "left")
+    for r in rows:
+        t.add_row(r["name"], r["family"], human_count(r["total_params"]), human_count(r["active_params"]),
+                  str(r["layers"]), str(r["hidden"]),
+                  f"{r['experts']} top-{r['top_k']}" if r["moe"] else "-", r["description"])
+    Console(width=160).print(t)
+    return 0
+
+
+def cmd_plugins(plugins: Any, args: argparse.Namespace) -> int:
+    ok = [{"name": p.name, "source": p.source, "distribution": p.distribution, "version": p.version,
+           "hooks": list(p.hooks)} for p in plugins.plugins]
+    bad = [{"name": e.name, "source": e.source, "error": e.error} for e in plugins.load_errors]
+    if args.json:
+        print(json.dumps({"plugins": ok, "errors": bad}, indent=2))
+        return 0
+    for p in ok:
+        dist = f" ({p['distribution']} {p['version']})" if p["distribution"] else ""
+        print(f"{p['name']}{dist} [{p['source']}]: {', '.join(p['hooks'])}")
+    for e in bad:
+        print(f"FAILED {e['name']} [{e['source']}]: {e['error']}")
+    return 0
+
+
+# ------------------------------------------------------------------ measuring
+def cmd_run(plugins: Any, args: argparse.Namespace) -> int:
+    from .cache import Cache
+    from .environment import capture
+    from .study import LocalExecutor, build_points, run_study, select_backends
+
+    backends, skipped = select_backends(plugins, _csv_list(args.backend))
+    if not backends:
+        raise ConfigError("no backend is available here; see 'moerun backends'")
+    models = _csv_list(args.model) or [DEFAULT_MODEL]
+    for m in models:  # fail on a typo before anything runs
+        if not Path(m).exists():
+            plugins.models.resolve(m)
+    precisions: list[str | None] = _csv_list(args.precision) or [None]
+    points = build_points(
+        plugins, models=models, backends=backends, precisions=precisions, twins=not args.no_twins,
+        prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repetitions=args.repetitions,
+        warmup=args.warmup, threads=args.threads, seed=args.seed, router_skew=args.router_skew,
+        compile=args.compile, timeout_s=args.timeout, options=_options(args.option),
+    )
+    output = args.output or Path(DEFAULT_OUTPUT_DIR) / f"run-{datetime.now():%Y%m%d-%H%M%S}.jsonl"
+    if output.exists() and output.is_dir():
+        raise ConfigError(f"--output {output} is a folder; give a .jsonl file path")
+    reporter = plugins.reporters.get("json" if args.json else args.report)
+    err = sys.stderr
+    for name, reason in skipped:
+        print(f"moerun: skipping backend {name}: {reason}", file=err)
+    if not args.quiet:
+        print("moerun: measuring memory bandwidth", file=err)
+    env = capture()
+    executor = LocalExecutor(plugins=plugins, cache=Cache(), env=env, isolate=not args.no_isolate)
+    with _Progress(len(points), enabled=not args.quiet) as progress:
+        results = run_study(points, plugins, output=output, executor=executor,
+                            on_start=progress.start, on_result=progress.done)
+    reporter(results, sys.stdout)
+    print(f"moerun: {len(results)} results in {output}", file=err)
+    return 1 if any(r.get("status") == "failed" for r in results) else 0
+
+
+class _Progress:
+    """A rich progress bar on stderr: the point being run and an estimate of time left."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled and sys.stderr.isatty()
+        self.plain = enabled and not self.enabled
+        self.t0 = time.perf_counter()
+
+    def __enter__(self) -> "_Progress":
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), transient=True)
+            self.bar.__enter__()
+            self.task = self.bar.add_task("starting", total=self.total)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.__exit__(*exc)
+
+    def start(self, i: int, point: Any) -> None:
+        label = f"{point.model} on {point.backend} {point.precision or ''}".strip()
+        if self.enabled:
+            self.bar.update(self.task, description=label)
+        elif self.plain:
+            print(f"moerun: [{i + 1}/{self.total}] {label}", file=sys.stderr, flush=True)
+
+    def done(self, i: int, point: Any, result: dict[str, Any]) -> None:
+        if self.enabled:
+            self.bar.update(self.task, completed=i + 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

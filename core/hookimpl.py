@@ -1,0 +1,5 @@
+"""The marker plugin authors use: ``from moerun import hookimpl``."""
+
+import pluggy
+
+hookimpl = pluggy.HookimplMarker("moerun")

@@ -1,0 +1,78 @@
+"""Results: one JSON object per measurement, appended atomically to a JSONL file."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def dumps(result: dict[str, Any]) -> str:
+    return json.dumps(result, default=_default, sort_keys=True, allow_nan=False)
+
+
+def append_result(path: str | os.PathLike, result: dict[str, Any]) -> None:
+    """Append one result as a single line with one O_APPEND write, then fsync.
+
+    If an earlier writer was killed mid-line (the file does not end in a newline), the
+    new record starts on a fresh line so that only the torn line is lost.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (dumps(result) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            with open(path, "rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    line = b"\n" + line
+        view = memoryview(line)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every complete record of a JSONL results file; a torn line is skipped with a warning."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                out.append(json.loads(raw))
+            except ValueError:
+                warnings.warn(f"{path}:{lineno}: skipping an incomplete record (interrupted write)", stacklevel=2)
+    return out
+
+
+def completed_keys(results: Iterable[dict[str, Any]]) -> set[str]:
+    """Keys of points that need no re-run: those that finished, ok or not, and were not
+    interrupted by the user."""
+    return {r["key"] for r in results if r.get("status") in ("ok", "failed", "unsupported", "unavailable")}

@@ -1,0 +1,372 @@
+"""The runner: the one place that reads the clock.
+
+A `Point` is a self-contained, serialisable description of one measurement. `measure()`
+runs it in this process; `run_isolated()` runs it in a child process with a timeout so a
+crash, hang or out-of-memory kill becomes that point's `failed` result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import numpy as np
+
+from .backend import LoadSettings
+from .cache import Cache
+from .checkpoint import Checkpoint, synthetic_checkpoint
+from .convert import structure, unstructure
+from .errors import BackendUnavailableError, ConfigError, MoerunError, UnsupportedError
+from .precision import get_precision
+from .results import SCHEMA_VERSION
+from .spec import ModelSpec
+from .stats import summarize
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .manager import MoerunPlugins
+
+
+def _positive(instance: Any, attribute: attrs.Attribute, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{attribute.name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def _non_negative(instance: Any, attribute: attrs.Attribute, value: int) -> None:
+    if value < 0:
+        raise ConfigError(f"{attribute.name.replace('_', '-')} must be >= 0, got {value}")
+
+
+@attrs.frozen(kw_only=True)
+class Point:
+    """One measurement: a model on a backend at a precision with a workload shape."""
+
+    model: str
+    backend: str
+    precision: str | None = None  # None: the backend's default
+    prompt_tokens: int = attrs.field(default=64, validator=_positive)
+    new_tokens: int = attrs.field(default=32, validator=_non_negative)
+    repetitions: int = attrs.field(default=3, validator=_positive)
+    warmup: int = attrs.field(default=1, validator=_non_negative)
+    seed: int = 0
+    threads: int | None = None
+    compile: bool = False
+    router_skew: float = 0.0
+    checkpoint_dtype: str = "float32"
+    role: str = ""  # "moe", "dense-active", "dense-total", "" (table grouping only)
+    group: str = ""  # the MoE model a twin belongs to
+    timeout_s: float = 600.0
+    options: dict[str, Any] = attrs.field(factory=dict, hash=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return unstructure(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Point":
+        return structure(data, cls, where="point")
+
+    @property
+    def key(self) -> str:
+        """Identity for resume: everything that changes what is measured."""
+        d = self.to_dict()
+        for k in ("timeout_s", "role", "group"):
+            d.pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def token_ids(vocab_size: int, count: int, seed: int) -> list[int]:
+    """The workload's token ids: the same for every backend given (vocab, count, seed)."""
+    rng = np.random.default_rng([seed, 0x6D6F65])
+    return rng.integers(0, vocab_size, size=count).tolist()
+
+
+def resolve_checkpoint(point: Point, plugins: "MoerunPlugins", cache: Cache) -> Checkpoint:
+    """A preset / twin name -> its synthetic checkpoint; a folder -> that checkpoint."""
+    path = Path(point.model)
+    if path.is_dir():
+        return Checkpoint.open(path)
+    if path.suffix in (".json", ".safetensors") or os.sep in point.model:
+        if not path.exists():
+            raise ConfigError(f"model path {point.model} does not exist")
+    spec = plugins.models.resolve(point.model)
+    return synthetic_checkpoint(
+        spec, cache, seed=point.seed, dtype=point.checkpoint_dtype, router_skew=point.router_skew
+    )
+
+
+def model_record(spec: ModelSpec, precision: str) -> dict[str, Any]:
+    return {
+        "spec": spec.to_dict(),
+        "is_moe": spec.is_moe,
+        "total_params": spec.total_params,
+        "active_params": spec.active_params,
+        "weight_bytes_per_token": spec.weight_bytes_per_token(precision),
+        "flops_per_token": spec.flops_per_token(),
+    }
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _peak_rss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def base_result(point: Point, env: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA_VERSION,
+        "key": point.key,
+        "point": point.to_dict(),
+        "backend": point.backend,
+        "model_name": point.model,
+        "role": point.role,
+        "group": point.group,
+        "precision": point.precision,
+        "status": "failed",
+        "error": None,
+        "env": env or {},
+        "started_at": _now(),
+    }
+
+
+def measure(point: Point, plugins: "MoerunPlugins", cache: Cache | None = None,
+            env: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run `point` in this process and return its result dict (never raises MoerunError:
+    unsupported/unavailable/failed are statuses)."""
+    cache = cache or Cache()
+    result = base_result(point, env)
+    session = None
+    try:
+        backend_cls = plugins.backends.get(point.backend)
+        backend = backend_cls()
+        av = backend.availability()
+        result["backend"] = backend.name
+        result["backend_version"] = av.version
+        if not av.available:
+            raise BackendUnavailableError(f"backend {backend.name} unavailable: {av.reason}. {av.install_hint}".strip())
+        precision = point.precision or backend.capabilities.default_precision
+        get_precision(precision)
+        result["precision"] = precision
+
+        t0 = time.perf_counter()
+        ckpt = resolve_checkpoint(point, plugins, cache)
+        spec = ckpt.spec
+        result["model"] = model_record(spec, precision)
+        result["model_name"] = spec.name
+        context = point.prompt_tokens + point.new_tokens
+        if context > spec.max_position_embeddings:
+            raise ConfigError(
+                f"prompt-tokens + new-tokens = {context} exceeds the model's "
+                f"max_position_embeddings ({spec.max_position_embeddings})"
+            )
+        backend.check(spec, precision)
+        t1 = time.perf_counter()
+        artifact = backend.prepare(ckpt, precision, cache)
+        t2 = time.perf_counter()
+        settings = LoadSettings(
+            threads=point.threads, max_context=context, compile=point.compile, options=dict(point.options)
+        )
+        session = backend.load(artifact, settings)
+        t3 = time.perf_counter()
+        result["artifact"] = {"path": str(artifact.path), "size_bytes": artifact.size_bytes, **artifact.meta}
+        result["phases_s"] = {"checkpoint": t1 - t0, "prepare": t2 - t1, "load": t3 - t2}
+        rss_after_load = _peak_rss_bytes()
+        plugins.hook.moerun_measurement_start(point=point.to_dict())
+
+        ids = token_ids(spec.vocab_size, context, point.seed)
+        prompt, follow = ids[: point.prompt_tokens], ids[point.prompt_tokens:]
+        timings = _time_workload(session, prompt, follow, point.repetitions, point.warmup)
+        result["timings"] = timings
+        counts = session.expert_counts()
+        result["metrics"] = derive_metrics(spec, precision, point, timings, result["env"], session)
+        if counts is not None:
+            result["metrics"]["expert_counts"] = np.asarray(counts).tolist()
+            result["metrics"].update(routing_stats(np.asarray(counts)))
+        engine = session.engine_timings()
+        if engine:
+            result["engine_timings"] = engine
+        result["memory"] = {"peak_rss_bytes": _peak_rss_bytes(), "rss_after_load_bytes": rss_after_load}
+        result["status"] = "ok"
+    except UnsupportedError as exc:
+        result["status"], result["error"] = "unsupported", str(exc)
+    except BackendUnavailableError as exc:
+        result["status"], result["error"] = "unavailable", str(exc)
+    except MoerunError as exc:
+        result["status"], result["error"] = "failed", str(exc)
+    except Exception as exc:  # an engine's own error: recorded, the study goes on
+        result["status"] = "failed"
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        result["traceback"] = traceback.format_exc(limit=8)
+    finally:
+        if session is not None:
+            try:
+                session.close()
+            except Exception:  # noqa: BLE001 - closing must not mask the result
+                pass
+    result["finished_at"] = _now()
+    return result
+
+
+def _time_workload(session: Any, prompt: list[int], follow: list[int], reps: int, warmup: int) -> dict[str, Any]:
+    """Warm-up (excluded, reported), then `reps` x (timed prefill, per-token timed decode).
+
+    Decode feeds the predetermined `follow` ids, not the argmax, so every backend and
+    precision runs exactly the same token sequence whatever its numerics.
+    """
+    clock = time.perf_counter_ns
+    warm_ns = []
+    for _ in range(warmup):
+        session.reset()
+        session.synchronize()
+        t = clock()
+        session.prefill(prompt)
+        for tok in follow[: min(4, len(follow))]:
+            session.decode(tok)
+        session.synchronize()
+        warm_ns.append(clock() - t)
+    prefill_ns, decode_rep_ns, token_ns = [], [], []
+    for _ in range(reps):
+        session.reset()
+        session.synchronize()
+        t = clock()
+        session.prefill(prompt)
+        session.synchronize()
+        prefill_ns.append(clock() - t)
+        rep_tokens = []
+        for tok in follow:
+            t = clock()
+            session.decode(tok)
+            session.synchronize()
+            rep_tokens.append(clock() - t)
+        token_ns.extend(rep_tokens)
+        decode_rep_ns.append(sum(rep_tokens))
+    n_prompt, n_new = len(prompt), len(follow)
+    out: dict[str, Any] = {
+        "warmup_s": [w / 1e9 for w in warm_ns],
+        "prefill_ms": summarize([x / 1e6 for x in prefill_ns]),
+        "prefill_tok_s": summarize([n_prompt / (x / 1e9) for x in prefill_ns]),
+        "ttft_ms": float(np.median(prefill_ns) / 1e6),
+    }
+    if n_new:
+        out["decode_token_ms"] = summarize([x / 1e6 for x in token_ns])
+        out["decode_tok_s"] = summarize([n_new / (x / 1e9) for x in decode_rep_ns])
+    return out
+
+
+def derive_metrics(spec: ModelSpec, precision: str, point: Point, timings: dict[str, Any],
+                   env: dict[str, Any], session: Any) -> dict[str, Any]:
+    """Bandwidth and MBU: bytes actually read per decoded token x tokens/s."""
+    m: dict[str, Any] = {
+        "prefill_tok_s": timings["prefill_tok_s"]["median"],
+        "weight_bytes_per_token": spec.weight_bytes_per_token(precision),
+    }
+    if "decode_tok_s" not in timings:
+        return m
+    tok_s = timings["decode_tok_s"]["median"]
+    mean_context = point.prompt_tokens + (point.new_tokens - 1) / 2
+    kv = spec.kv_bytes_per_token(mean_context, getattr(session, "kv_bytes_per_value", 2.0))
+    bytes_per_token = m["weight_bytes_per_token"] + kv
+    m.update(
+        decode_tok_s=tok_s,
+        kv_bytes_per_token=kv,
+        bytes_per_token=bytes_per_token,
+        achieved_bandwidth_bytes_s=bytes_per_token * tok_s,
+        decode_flops_s=spec.flops_per_token(int(mean_context)) * tok_s,
+    )
+    bw = env.get("bandwidth_bytes_s")
+    if bw:
+        m["mbu"] = bytes_per_token * tok_s / bw
+    return m
+
+
+def routing_stats(counts: np.ndarray) -> dict[str, Any]:
+    """Load imbalance over experts: max/mean tokens per expert, averaged over layers."""
+    if counts.ndim != 2 or counts.sum() == 0:
+        return {}
+    per_layer = counts.max(axis=1) / np.maximum(counts.mean(axis=1), 1e-12)
+    share = counts.sum(axis=0) / counts.sum()
+    return {"load_imbalance": float(per_layer.mean()), "expert_share": share.tolist()}
+
+
+# ------------------------------------------------------------------ isolation
+_SIGNAL_HINTS = {
+    signal.SIGSEGV: "segmentation fault",
+    signal.SIGKILL: "killed (the out-of-memory killer, or a kill from outside)",
+    signal.SIGABRT: "aborted",
+    signal.SIGBUS: "bus error",
+    signal.SIGILL: "illegal instruction (a binary built for another CPU?)",
+    signal.SIGFPE: "floating-point exception",
+}
+
+
+def run_isolated(point: Point, *, cache: Cache | None = None, env: dict[str, Any] | None = None,
+                 python: str | None = None) -> dict[str, Any]:
+    """Run `point` in a child process (`python -m moerun.worker`) with `point.timeout_s`.
+
+    A segfault, hang or kill becomes a `failed` result with the reason and the tail of the
+    child's stderr; the caller's process is never at risk.
+    """
+    cache = cache or Cache()
+    with tempfile.TemporaryDirectory(prefix="moerun-point-") as tmp:
+        job = Path(tmp) / "job.json"
+        out = Path(tmp) / "result.json"
+        errlog = Path(tmp) / "stderr.txt"
+        job.write_text(json.dumps({"point": point.to_dict(), "cache": str(cache.root), "env": env or {}}))
+        with open(errlog, "wb") as err:
+            proc = subprocess.Popen(
+                [python or sys.executable, "-m", "moerun.worker", str(job), str(out)],
+                stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True,
+            )
+            reason = None
+            try:
+                proc.wait(timeout=point.timeout_s)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                reason = f"timed out after {point.timeout_s:g} s (hung or too slow); killed"
+            except BaseException:  # Ctrl-C: take the child down with us
+                _kill_group(proc)
+                raise
+        if reason is None and out.exists():
+            return json.loads(out.read_text())
+        result = base_result(point, env)
+        if reason is None:
+            rc = proc.returncode
+            if rc < 0:
+                sig = signal.Signals(-rc)
+                reason = f"crashed: {_SIGNAL_HINTS.get(sig, 'signal')} ({sig.name})"
+            else:
+                reason = f"worker exited with code {rc} without a result"
+        tail = _tail(errlog)
+        result["error"] = reason + (f"; stderr: {tail}" if tail else "")
+        result["finished_at"] = _now()
+        return result
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _tail(path: Path, limit: int = 600) -> str:
+    try:
+        text = path.read_text(errors="replace").strip()
+    except OSError:
+        return ""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return " | ".join(lines[-4:])[-limit:]

@@ -1,0 +1,36 @@
+"""Child-process entry point: ``python -m moerun.worker JOB.json RESULT.json``.
+
+Runs one measurement point and writes its result; the parent treats a missing result
+file (crash, kill) or a timeout as the point's failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    job_path, out_path = Path(argv[0]), Path(argv[1])
+    job = json.loads(job_path.read_text())
+
+    from .cache import Cache
+    from .manager import get_plugin_manager
+    from .results import dumps
+    from .runner import Point, measure
+
+    point = Point.from_dict(job["point"])
+    plugins = get_plugin_manager()
+    result = measure(point, plugins, Cache(job["cache"]), job.get("env") or {})
+    result["isolated"] = True
+    tmp = out_path.with_suffix(".tmp")
+    tmp.write_text(dumps(result))
+    os.replace(tmp, out_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Built-in reporters: table (rich), json, csv. A plugin like any other."""
+
+from __future__ import annotations
+
+import csv as _csv
+import json as _json
+from typing import Any, TextIO
+
+from moerun import hookimpl
+from moerun.analysis import human_count, verdicts
+
+COLUMNS = [
+    # (header, getter, format)
+    ("model", lambda r: r.get("model_name", ""), "{}"),
+    ("role", lambda r: r.get("role", ""), "{}"),
+    ("backend", lambda r: r.get("backend", ""), "{}"),
+    ("prec", lambda r: r.get("precision") or "", "{}"),
+    ("status", lambda r: r.get("status", ""), "{}"),
+    ("params", lambda r: _params(r), "{}"),
+    ("prefill tok/s", lambda r: _m(r, "prefill_tok_s"), "{:,.0f}"),
+    ("decode tok/s", lambda r: _m(r, "decode_tok_s"), "{:,.1f}"),
+    ("decode p90 ms", lambda r: r.get("timings", {}).get("decode_token_ms", {}).get("p90"), "{:.2f}"),
+    ("GB/s", lambda r: _gb(_m(r, "achieved_bandwidth_bytes_s")), "{:.1f}"),
+    ("MBU", lambda r: _m(r, "mbu"), "{:.0%}"),
+    ("peak RSS MiB", lambda r: _mib(r.get("memory", {}).get("peak_rss_bytes")), "{:,.0f}"),
+]
+
+
+def _m(r: dict[str, Any], key: str) -> Any:
+    return r.get("metrics", {}).get(key)
+
+
+def _gb(x: float | None) -> float | None:
+    return None if x is None else x / 1e9
+
+
+def _mib(x: float | None) -> float | None:
+    return None if x is None else x / 2**20
+
+
+def _params(r: dict[str, Any]) -> str:
+    m = r.get("model")
+    if not m:
+        return ""
+    t, a = m["total_params"], m["active_params"]
+    return human_count(t) if t == a else f"{human_count(t)}/{human_count(a)}"
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    if value is None or value == "":
+        return "-"
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def table(results: list[dict[str, Any]], stream: TextIO) -> None:
+    """Results and the MoE-vs-dense verdict as rich tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=stream, width=200 if not stream.isatty() else None)
+    t = Table(title="moerun results", header_style="bold")
+    for i, (header, _, _) in enumerate(COLUMNS):
+        t.add_column(header, justify="left" if i < 6 else "right", no_wrap=i < 6)
+    for r in results:
+        t.add_row(*[_fmt(get(r), fmt) for _, get, fmt in COLUMNS])
+    console.print(t)
+    failures = [r for r in results if r.get("status") not in ("ok",)]
+    for r in failures:
+        console.print(f"[bold]{r.get('status')}[/]: {r.get('model_name')} on {r.get('backend')}: {r.get('error')}",
+                      highlight=False, markup=True)
+    rows = verdicts(results)
+    if rows:
+        v = Table(title="MoE / dense twin (tokens/s ratio; > 1 means the MoE is faster)", header_style="bold")
+        for h in ("model", "backend", "precision", "decode vs active", "prefill vs active",
+                  "decode vs total", "prefill vs total", "ideal decode vs total", "realised"):
+            v.add_column(h, justify="left" if h in ("model", "backend", "precision") else "right")
+        for row in rows:
+            v.add_row(row["group"], row["backend"], row["precision"] or "",
+                      *[_fmt(row.get(k), "{:.2f}x") for k in ("decode_vs_active", "prefill_vs_active",
+                                                              "decode_vs_total", "prefill_vs_total",
+                                                              "ideal_decode_vs_total")],
+                      _fmt(row.get("realised_share_decode"), "{:.0%}"))
+        console.print(v)
+    env = next((r.get("env") for r in results if r.get("env")), None)
+    if env and env.get("bandwidth_bytes_s"):
+        console.print(f"machine: {env.get('cpu_model')}, {env.get('cores')} cores, measured read bandwidth "
+                      f"{env['bandwidth_bytes_s'] / 1e9:.1f} GB/s (MBU = achieved / measured)", highlight=False)
+
+
+def json_report(results: list[dict[str, Any]], stream: TextIO) -> None:
+    """Results and verdicts as one JSON document."""
+    _json.dump({"results": results, "verdicts": verdicts(results)}, stream, indent=2, default=str)
+    stream.write("\n")
+
+
+CSV_FIELDS = ["model_name", "role", "group", "backend", "precision", "status", "total_params", "active_params",
+              "prefill_tok_s", "decode_tok_s", "decode_p50_ms", "decode_p90_ms", "decode_p99_ms",
+              "bytes_per_token", "achieved_bandwidth_bytes_s", "mbu", "peak_rss_bytes", "error"]
+
+
+def csv_report(results: list[dict[str, Any]], stream: TextIO) -> None:
+    """One row per result with the headline metrics, for spreadsheets and pandas."""
+    w = _csv.DictWriter(stream, fieldnames=CSV_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for r in results:
+        m, tok = r.get("metrics", {}), r.get("timings", {}).get("decode_token_ms", {})
+        w.writerow({
+            "model_name": r.get("model_name"), "role": r.get("role"), "group": r.get("group"),
+            "backend": r.get("backend"), "precision": r.get("precision"), "status": r.get("status"),
+            "total_params": (r.get("model") or {}).get("total_params"),
+            "active_params": (r.get("model") or {}).get("active_params"),
+            "prefill_tok_s": m.get("prefill_tok_s"), "decode_tok_s": m.get("decode_tok_s"),
+            "decode_p50_ms": tok.get("median"), "decode_p90_ms": tok.get("p90"), "decode_p99_ms": tok.get("p99"),
+            "bytes_per_token": m.get("bytes_per_token"),
+            "achieved_bandwidth_bytes_s": m.get("achieved_bandwidth_bytes_s"), "mbu": m.get("mbu"),
+            "peak_rss_bytes": (r.get("memory") or {}).get("peak_rss_bytes"), "error": r.get("error"),
+        })
+
+
+@hookimpl
+def moerun_register_reporters(registry):
+    registry.add("table", table)
+    registry.add("json", json_report)
+    registry.add("csv", csv_report)

@@ -1,0 +1,41 @@
+"""A backend that misbehaves on purpose: segfault, hang, raise, or run like torch.
+
+Selected per point with the option ``mode`` (``-O mode=segfault``). Loaded through
+``MOERUN_PLUGINS=moerun_fault`` so that child processes load it too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+
+from moerun import hookimpl
+from moerun.backends.torch.backend import TorchBackend
+
+
+class FaultBackend(TorchBackend):
+    name = "fault"
+    aliases = ()
+    description = "test backend that crashes, hangs or raises on request"
+
+    def load(self, artifact, settings):
+        mode = settings.options.get("mode", "ok")
+        if mode == "segfault":
+            ctypes.string_at(0)  # SIGSEGV in this process
+        if mode == "hang":
+            time.sleep(3600)
+        if mode == "raise":
+            raise RuntimeError("engine exploded on purpose")
+        if mode == "exit":
+            import os
+
+            os._exit(3)
+        options = {k: v for k, v in settings.options.items() if k != "mode"}
+        import attrs
+
+        return super().load(artifact, attrs.evolve(settings, options=options))
+
+
+@hookimpl
+def moerun_register_backends(registry):
+    registry.add(FaultBackend)
