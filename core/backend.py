@@ -102,6 +102,11 @@ class Session(abc.ABC):
         backend does not expose routing."""
         return None
 
+    def describe(self) -> dict[str, Any]:
+        """Facts about how the engine runs this model (kernels, threads, options), stored
+        with the result."""
+        return {}
+
     def engine_timings(self) -> dict[str, Any] | None:
         """The engine's own perf counters for the calls since reset, if it has any."""
         return None

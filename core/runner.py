@@ -183,6 +183,7 @@ def measure(point: Point, plugins: "MoerunPlugins", cache: Cache | None = None,
         t3 = time.perf_counter()
         result["artifact"] = {"path": str(artifact.path), "size_bytes": artifact.size_bytes, **artifact.meta}
         result["phases_s"] = {"checkpoint": t1 - t0, "prepare": t2 - t1, "load": t3 - t2}
+        result["session"] = session.describe()
         rss_after_load = _peak_rss_bytes()
         plugins.hook.moerun_measurement_start(point=point.to_dict())
 

@@ -121,6 +121,11 @@ class TorchSession(Session):
         if self.model.device.type == "cuda":
             self.torch.cuda.synchronize(self.model.device)
 
+    def describe(self) -> dict[str, Any]:
+        return {"linear_kernel": self.model.linear_kernel, "threads": self.torch.get_num_threads(),
+                "dtype": str(self.model.dtype).removeprefix("torch."), "device": str(self.model.device),
+                "compiled": self._forward is not self.model.forward}
+
     def expert_counts(self) -> np.ndarray | None:
         return self.model.expert_counts.copy() if self.model.spec.is_moe else None
 
