@@ -108,3 +108,20 @@ def test_unsupported_precision_is_unsupported_not_a_crash(plugins):
 def test_availability_reports_version_and_devices(plugins):
     av = plugins.backends.get("torch")().availability()
     assert av.available and av.version == torch.__version__ and "cpu" in av.devices
+
+
+def test_compiled_session_matches_eager(plugins, cache):
+    """--compile: torch.compile over the same model (plain weights; routing counted outside
+    the graph) gives the eager logits."""
+    spec = plugins.models.resolve("tiny-moe")
+    ck = synthetic_checkpoint(spec, cache, seed=0)
+    backend = plugins.backends.get("torch")()
+    art = backend.prepare(ck, "fp32", cache)
+    eager = backend.load(art, LoadSettings(max_context=32))
+    compiled = backend.load(art, LoadSettings(max_context=32, compile=True))
+    assert compiled.describe()["compiled"] and not eager.describe()["compiled"]
+    ids = token_ids(spec.vocab_size, 12, seed=2)
+    a = np.concatenate([eager.prefill(ids[:8]), np.stack([eager.decode(t) for t in ids[8:]])])
+    b = np.concatenate([compiled.prefill(ids[:8]), np.stack([compiled.decode(t) for t in ids[8:]])])
+    assert np.abs(a - b).max() < 1e-4
+    assert compiled.expert_counts().sum() == eager.expert_counts().sum() == (8 + 4) * spec.top_k * spec.num_layers

@@ -70,8 +70,9 @@ class TorchBackend(Backend):
         dtype = getattr(torch, _DTYPES[artifact.precision])
         ckpt = Checkpoint.open(artifact.path, name=artifact.spec.name)
         try:
+            # inductor cannot lower oneDNN-packed weights: compiled models keep plain ones
             model = Model(ckpt.spec, ckpt, dtype=dtype, device=torch.device(device),
-                          max_context=settings.max_context)
+                          max_context=settings.max_context, pack=not settings.compile)
         except RuntimeError as exc:
             raise BackendRuntimeError(f"torch could not load {artifact.path}: {exc}") from exc
         return TorchSession(model, compile=settings.compile, compile_mode=settings.options.get("compile_mode"))
@@ -86,6 +87,7 @@ class TorchSession(Session):
         self.pos = 0
         self.kv_bytes_per_value = model.k_cache[0].element_size()
         self._forward = model.forward
+        self.compiled = compile
         if compile:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "moerun", "inductor"))
             self._forward = torch.compile(model.forward, dynamic=True, mode=compile_mode)
@@ -124,7 +126,7 @@ class TorchSession(Session):
     def describe(self) -> dict[str, Any]:
         return {"linear_kernel": self.model.linear_kernel, "threads": self.torch.get_num_threads(),
                 "dtype": str(self.model.dtype).removeprefix("torch."), "device": str(self.model.device),
-                "compiled": self._forward is not self.model.forward}
+                "compiled": self.compiled}
 
     def expert_counts(self) -> np.ndarray | None:
         return self.model.expert_counts.copy() if self.model.spec.is_moe else None

@@ -281,13 +281,18 @@ class Model:
         weights, ids = route(self.spec, x, layer.router)
         if x.shape[0] == 1:
             chosen = ids[0].tolist()
-            self.expert_counts[i, chosen] += 1
+            self._count(i, chosen, 1)
             out = moe_decode(layer, x, weights, chosen)
         else:
             counts = torch.bincount(ids.flatten(), minlength=self.spec.num_experts).tolist()
-            self.expert_counts[i] += counts
+            self._count(i, slice(None), counts)
             out = moe_prefill(layer, x, weights, ids, counts)
         return out + shared_expert(layer, x)
+
+    @torch.compiler.disable
+    def _count(self, layer: int, experts: list[int] | slice, n: int | list[int]) -> None:
+        """Routing histogram, kept in numpy outside any compiled graph."""
+        self.expert_counts[layer, experts] += n
 
     # whole model ------------------------------------------------------------
     @torch.inference_mode()
