@@ -32,11 +32,6 @@ total-matched dense twins on every available backend.
 """
 
 EPILOG = """\
-commands:
-  backends   list backends: installed, available, why not
-  models     list model presets with total/active parameters
-  plugins    list loaded plugins and plugins that failed to load
-
 examples:
   moerun
   moerun --backend torch --model tiny-moe --precision bf16 --prompt-tokens 128 --new-tokens 64
@@ -97,10 +92,10 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"moerun {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", metavar="")
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     for name, help_text in (("backends", "list backends: installed, available, why not"),
                             ("models", "list model presets with total/active parameters"),
-                            ("plugins", "list loaded plugins and load errors")):
+                            ("plugins", "list loaded plugins and plugins that failed to load")):
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--json", action="store_true", help="print JSON for scripts")
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")

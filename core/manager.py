@@ -28,6 +28,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "moerun.presets",
     "moerun.backends.torch",
     "moerun.plugins.reporters",
+    "moerun.plugins.trackers",
 )
 
 

@@ -189,7 +189,9 @@ def measure(point: Point, plugins: "MoerunPlugins", cache: Cache | None = None,
 
         ids = token_ids(spec.vocab_size, context, point.seed)
         prompt, follow = ids[: point.prompt_tokens], ids[point.prompt_tokens:]
+        trackers = _start_trackers(plugins)
         timings = _time_workload(session, prompt, follow, point.repetitions, point.warmup)
+        result["trackers"] = _stop_trackers(trackers)
         result["timings"] = timings
         counts = session.expert_counts()
         result["metrics"] = derive_metrics(spec, precision, point, timings, result["env"], session)
@@ -219,6 +221,32 @@ def measure(point: Point, plugins: "MoerunPlugins", cache: Cache | None = None,
                 pass
     result["finished_at"] = _now()
     return result
+
+
+def _start_trackers(plugins: "MoerunPlugins") -> dict[str, Any]:
+    """Instantiate and start every registered tracker; one that fails is reported, not fatal."""
+    started: dict[str, Any] = {}
+    for name in plugins.trackers:
+        try:
+            tracker = plugins.trackers.get(name)()
+            tracker.start()
+            started[name] = tracker
+        except Exception as exc:  # noqa: BLE001
+            started[name] = exc
+    return started
+
+
+def _stop_trackers(started: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, tracker in started.items():
+        if isinstance(tracker, Exception):
+            out[name] = {"available": False, "reason": f"start failed: {type(tracker).__name__}: {tracker}"}
+            continue
+        try:
+            out[name] = tracker.stop()
+        except Exception as exc:  # noqa: BLE001
+            out[name] = {"available": False, "reason": f"stop failed: {type(exc).__name__}: {exc}"}
+    return out
 
 
 def _time_workload(session: Any, prompt: list[int], follow: list[int], reps: int, warmup: int) -> dict[str, Any]:

@@ -15,6 +15,7 @@ def test_defaults_register_torch_presets_and_reporters(plugins):
     assert plugins.backends.primary_names() == ["torch"]
     assert "tiny-moe" in plugins.models and "olmoe-1b-7b" in plugins.models
     assert {"table", "json", "csv"} <= set(plugins.reporters)
+    assert {"rss", "rapl"} <= set(plugins.trackers)
     assert plugins.load_errors == []
     assert plugins.backends.owner("torch") == "moerun.backends.torch"
 
