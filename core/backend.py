@@ -47,6 +47,7 @@ class Capabilities:
     families: tuple[str, ...] | None = None  # None: every family moerun knows
     devices: tuple[str, ...] = ("cpu",)
     routing_stats: bool = False  # Session.expert_counts() returns data
+    artifact_suffixes: tuple[str, ...] = ()  # engine files `prepare_file` accepts (".gguf")
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -151,6 +152,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def prepare(self, checkpoint: "Checkpoint", precision: str, cache: "Cache") -> Artifact:
         """Convert a checkpoint into what the engine loads (cached by content hash)."""
+
+    def prepare_file(self, path: Path) -> Artifact:
+        """An existing engine file (one of `capabilities.artifact_suffixes`) as an artifact,
+        its spec read from the file. Backends without such files do not override this."""
+        raise UnsupportedError(f"backend {self.name} cannot load {path.name} directly")
 
     @abc.abstractmethod
     def load(self, artifact: Artifact, settings: LoadSettings) -> Session:

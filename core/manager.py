@@ -27,6 +27,7 @@ ENTRY_POINT_GROUP = "moerun"
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "moerun.presets",
     "moerun.backends.torch",
+    "moerun.backends.llamacpp",
     "moerun.plugins.reporters",
     "moerun.plugins.trackers",
 )

@@ -85,6 +85,13 @@ class Point:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _nominal(precision: str) -> str:
+    """The precision whose nominal bits predict bytes per token (an unknown file type: f16)."""
+    from .precision import PRECISIONS
+
+    return precision if precision in PRECISIONS else "f16"
+
+
 def token_ids(vocab_size: int, count: int, seed: int) -> list[int]:
     """The workload's token ids: the same for every backend given (vocab, count, seed)."""
     rng = np.random.default_rng([seed, 0x6D6F65])
@@ -157,25 +164,36 @@ def measure(point: Point, plugins: "MoerunPlugins", cache: Cache | None = None,
         result["backend_version"] = av.version
         if not av.available:
             raise BackendUnavailableError(f"backend {backend.name} unavailable: {av.reason}. {av.install_hint}".strip())
-        precision = point.precision or backend.capabilities.default_precision
-        get_precision(precision)
-        result["precision"] = precision
-
+        model_path = Path(point.model)
         t0 = time.perf_counter()
-        ckpt = resolve_checkpoint(point, plugins, cache)
-        spec = ckpt.spec
-        result["model"] = model_record(spec, precision)
-        result["model_name"] = spec.name
+        if model_path.is_file() and model_path.suffix in backend.capabilities.artifact_suffixes:
+            # an engine file (e.g. a GGUF): its own spec and precision
+            artifact = backend.prepare_file(model_path)
+            spec, precision = artifact.spec, artifact.precision
+            if point.precision and point.precision != precision:
+                raise UnsupportedError(f"{model_path.name} is {precision}; its precision cannot be changed")
+            result["precision"] = precision
+            result["model"] = model_record(spec, _nominal(precision))
+            result["model_name"] = spec.name
+            t1 = t2 = time.perf_counter()
+        else:
+            precision = point.precision or backend.capabilities.default_precision
+            get_precision(precision)
+            result["precision"] = precision
+            ckpt = resolve_checkpoint(point, plugins, cache)
+            spec = ckpt.spec
+            result["model"] = model_record(spec, precision)
+            result["model_name"] = spec.name
+            backend.check(spec, precision)
+            t1 = time.perf_counter()
+            artifact = backend.prepare(ckpt, precision, cache)
+            t2 = time.perf_counter()
         context = point.prompt_tokens + point.new_tokens
         if context > spec.max_position_embeddings:
             raise ConfigError(
                 f"prompt-tokens + new-tokens = {context} exceeds the model's "
                 f"max_position_embeddings ({spec.max_position_embeddings})"
             )
-        backend.check(spec, precision)
-        t1 = time.perf_counter()
-        artifact = backend.prepare(ckpt, precision, cache)
-        t2 = time.perf_counter()
         settings = LoadSettings(
             threads=point.threads, max_context=context, compile=point.compile, options=dict(point.options)
         )
@@ -194,7 +212,7 @@ def measure(point: Point, plugins: "MoerunPlugins", cache: Cache | None = None,
         result["trackers"] = _stop_trackers(trackers)
         result["timings"] = timings
         counts = session.expert_counts()
-        result["metrics"] = derive_metrics(spec, precision, point, timings, result["env"], session)
+        result["metrics"] = derive_metrics(spec, _nominal(precision), point, timings, result["env"], session)
         if counts is not None:
             result["metrics"]["expert_counts"] = np.asarray(counts).tolist()
             result["metrics"].update(routing_stats(np.asarray(counts)))
@@ -289,6 +307,9 @@ def _time_workload(session: Any, prompt: list[int], follow: list[int], reps: int
         "prefill_tok_s": summarize([n_prompt / (x / 1e9) for x in prefill_ns]),
         "ttft_ms": float(np.median(prefill_ns) / 1e6),
     }
+    # the last repetition alone, to set beside an engine's own counters (reset with it)
+    out["last_rep"] = {"prefill_ms": prefill_ns[-1] / 1e6, "decode_ms": decode_rep_ns[-1] / 1e6,
+                       "prompt_tokens": n_prompt, "new_tokens": n_new}
     if n_new:
         out["decode_token_ms"] = summarize([x / 1e6 for x in token_ns])
         out["decode_tok_s"] = summarize([n_new / (x / 1e9) for x in decode_rep_ns])

@@ -28,6 +28,7 @@ from moerun.environment import capture
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="tiny-moe,small-moe", help="MoE presets, comma-separated")
+    ap.add_argument("--dense", default="", help="dense presets measured on their own, comma-separated")
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--layers", type=int, default=None, help="cut every model to N layers")
     ap.add_argument("--prompt-tokens", type=int, default=128)
@@ -45,28 +46,36 @@ def main() -> int:
           f"{bw / 1e9:.1f} GB/s (best of {len(env.get('bandwidth_samples_bytes_s', []))}: "
           f"{', '.join(f'{s / 1e9:.1f}' for s in env.get('bandwidth_samples_bytes_s', []))})")
     rows = []
-    for name in args.models.split(","):
+
+    def run(spec, precision):
+        dtype = "bfloat16" if precision != "fp32" else "float32"
+        ck = synthetic_checkpoint(spec, cache, seed=0, dtype=dtype)
+        p = Point(model=str(ck.path), backend="torch", precision=precision, prompt_tokens=args.prompt_tokens,
+                  new_tokens=args.new_tokens, repetitions=args.repetitions, warmup=2, threads=args.threads,
+                  compile=args.compile, timeout_s=3600)
+        r = run_isolated(p, cache=cache, env=env)
+        if r["status"] != "ok":
+            print(f"{spec.name} {precision}: {r['status']}: {r['error']}", file=sys.stderr)
+            return None
+        m = r["metrics"]
+        rows.append((spec.name, precision, m["decode_tok_s"], m["bytes_per_token"] / 1e6,
+                     m["achieved_bandwidth_bytes_s"] / 1e9, m["mbu"], m["prefill_tok_s"],
+                     r["timings"]["decode_tok_s"]["cv"], r.get("session", {}).get("linear_kernel", "")))
+        return r
+
+    for name in filter(None, args.dense.split(",")):
+        spec = plugins.models.resolve(name)
+        if args.layers:
+            spec = attrs.evolve(spec, name=f"{name}[{args.layers}L]", num_layers=args.layers)
+        for precision in args.precisions.split(","):
+            run(spec, precision)
+    for name in filter(None, args.models.split(",")):
         moe = plugins.models.resolve(name)
         if args.layers:
             moe = attrs.evolve(moe, name=f"{name}[{args.layers}L]", num_layers=args.layers)
         twin = moe.dense_twin("active")
         for precision in args.precisions.split(","):
-            dtype = "bfloat16" if precision != "fp32" else "float32"
-            res = {}
-            for role, spec in (("moe", moe), ("dense-active", twin)):
-                ck = synthetic_checkpoint(spec, cache, seed=0, dtype=dtype)
-                p = Point(model=str(ck.path), backend="torch", precision=precision, prompt_tokens=args.prompt_tokens,
-                          new_tokens=args.new_tokens, repetitions=args.repetitions, warmup=2, threads=args.threads,
-                          compile=args.compile, timeout_s=3600)
-                r = run_isolated(p, cache=cache, env=env)
-                if r["status"] != "ok":
-                    print(f"{spec.name} {precision}: {r['status']}: {r['error']}", file=sys.stderr)
-                    continue
-                res[role] = r
-                m = r["metrics"]
-                rows.append((spec.name, precision, m["decode_tok_s"], m["bytes_per_token"] / 1e6,
-                             m["achieved_bandwidth_bytes_s"] / 1e9, m["mbu"], m["prefill_tok_s"],
-                             r["timings"]["decode_tok_s"]["cv"], r.get("session", {}).get("linear_kernel", "")))
+            res = {role: r for role, spec in (("moe", moe), ("dense-active", twin)) if (r := run(spec, precision))}
             if len(res) == 2:
                 ratio = res["moe"]["metrics"]["prefill_tok_s"] / res["dense-active"]["metrics"]["prefill_tok_s"]
                 dec = res["moe"]["metrics"]["decode_tok_s"] / res["dense-active"]["metrics"]["decode_tok_s"]

@@ -1,0 +1,339 @@
+"""The llama.cpp backend, through llama-cpp-python's low-level (ctypes) API.
+
+Token ids go in through llama_batch, logits come out of llama_get_logits_ith: no
+tokenizer, no sampling, no Python-level wrapper between moerun's clock and llama_decode.
+
+Quantized weights and the AMX repack crash: on CPUs with AMX, llama.cpp 0.3.36 repacks
+quantized weights into "extra" buffer types and segfaults in ggml_backend_amx_mul_mat for
+every type except Q8_0. moerun loads with ``use_extra_bufts=False`` (llama-bench's
+``--repack 0``) by default, records the setting in every result, and ``-O repack=true``
+turns repacking back on where it works.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from moerun import (
+    Artifact,
+    Availability,
+    Backend,
+    BackendRuntimeError,
+    Cache,
+    Capabilities,
+    Checkpoint,
+    CheckpointError,
+    ConfigError,
+    LoadSettings,
+    Session,
+    UnsupportedError,
+)
+
+from .gguf_export import unsupported_reason, write_gguf
+
+# moerun precision -> (GGUF file type written by moerun, or llama.cpp quantize ftype name)
+FLOAT_TYPES = {"f32": "f32", "fp32": "f32", "f16": "f16", "fp16": "f16", "bf16": "bf16"}
+QUANT_TYPES = {
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+    "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+    "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K",
+}
+OPTIONS = {"repack", "flash_attn", "type_k", "type_v", "mmap", "n_batch"}
+EXPORT_VERSION = "gguf-export-1"
+
+
+def _lib():
+    import llama_cpp
+
+    return llama_cpp
+
+
+_LOG_LOCK = threading.Lock()
+_LOG_TAIL: list[str] = []
+_LOG_CB = None  # keep the ctypes callback alive
+_INIT = False
+
+
+def _init_llama() -> None:
+    """Backend init once per process; llama.cpp's log goes to a small ring buffer (its last
+    errors explain a failed load) instead of flooding stderr."""
+    global _INIT, _LOG_CB
+    if _INIT:
+        return
+    lib = _lib()
+
+    @lib.llama_log_callback
+    def _log(level: int, text: bytes, _user: Any) -> None:
+        if text:
+            with _LOG_LOCK:
+                _LOG_TAIL.append(text.decode(errors="replace").rstrip())
+                del _LOG_TAIL[:-40]
+
+    _LOG_CB = _log
+    if not os.environ.get("MOERUN_LLAMA_LOG"):
+        lib.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
+    lib.llama_backend_init()
+    _INIT = True
+
+
+def _log_tail(n: int = 3) -> str:
+    with _LOG_LOCK:
+        lines = [ln for ln in _LOG_TAIL if ln.strip()]
+    return " | ".join(lines[-n:])
+
+
+def check_gguf_file(path: Path) -> None:
+    """Refuse files llama.cpp would choke on, with a one-line reason: not GGUF, or
+    truncated (tensor data beyond the end of the file)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc}") from None
+    if len(head) < 8 or head[:4] != b"GGUF":
+        raise CheckpointError(f"{path}: not a GGUF file (bad magic {head[:4]!r})")
+    (version,) = struct.unpack("<I", head[4:8])
+    if version not in (2, 3):
+        raise CheckpointError(f"{path}: unsupported GGUF version {version}")
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # noqa: BLE001 - the reader raises many kinds on bad files
+        raise CheckpointError(f"{path}: corrupt or truncated GGUF ({type(exc).__name__}: {exc})") from None
+    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    if end > size:
+        raise CheckpointError(f"{path}: truncated GGUF: tensor data needs {end} bytes, file has {size}")
+
+
+class LlamaCppBackend(Backend):
+    name = "llamacpp"
+    aliases = ("llama.cpp", "llama-cpp")
+    description = "llama.cpp through llama-cpp-python's low-level API (GGUF; llama.cpp's own quantizer)"
+    capabilities = Capabilities(
+        precisions=tuple(FLOAT_TYPES) + tuple(QUANT_TYPES),
+        default_precision="f16",
+        supports_moe=True,
+        devices=("cpu",),
+        artifact_suffixes=(".gguf",),
+    )
+    install_hint = "pip install 'moerun[llamacpp]'"
+
+    def availability(self) -> Availability:
+        try:
+            import gguf  # noqa: F401
+            import llama_cpp
+        except Exception as exc:  # noqa: BLE001
+            return Availability(available=False, reason=f"llama-cpp-python or gguf not importable ({exc})",
+                                install_hint=self.install_hint)
+        return Availability(available=True, version=getattr(llama_cpp, "__version__", "?"), devices=("cpu",))
+
+    def check(self, spec, precision):
+        super().check(spec, precision)
+        reason = unsupported_reason(spec)
+        if reason:
+            raise UnsupportedError(reason)
+
+    # ------------------------------------------------------------------ artifacts
+    def _base(self, checkpoint: Checkpoint, base_type: str, cache: Cache) -> Path:
+        folder = cache.artifact_dir(self.name, EXPORT_VERSION, checkpoint.content_hash(), base_type)
+        target = folder / f"model-{base_type}.gguf"
+        if not target.exists():
+            with cache.building(folder) as tmp:
+                write_gguf(checkpoint, tmp / target.name, base_type)
+        return target
+
+    def prepare(self, checkpoint: Checkpoint, precision: str, cache: Cache) -> Artifact:
+        if precision in FLOAT_TYPES:
+            path = self._base(checkpoint, FLOAT_TYPES[precision], cache)
+            return self._artifact(checkpoint, precision, path, {"gguf_type": FLOAT_TYPES[precision]})
+        # quantize from a float GGUF: bf16 where the checkpoint is bf16 (nothing to gain
+        # from f32), f32 otherwise
+        with open(checkpoint.path / "config.json") as f:
+            import json
+
+            stored = json.load(f).get("torch_dtype", "float32")
+        base_type = "bf16" if stored == "bfloat16" else "f32"
+        base = self._base(checkpoint, base_type, cache)
+        folder = cache.artifact_dir(self.name, EXPORT_VERSION, checkpoint.content_hash(), base_type, precision)
+        target = folder / f"model-{precision}.gguf"
+        if not target.exists():
+            with cache.building(folder) as tmp:
+                self._quantize(base, tmp / target.name, precision)
+        return self._artifact(checkpoint, precision, target, {"gguf_type": precision, "quantized_from": base_type})
+
+    def _artifact(self, checkpoint: Checkpoint, precision: str, path: Path, meta: dict[str, Any]) -> Artifact:
+        size = path.stat().st_size
+        return Artifact(backend=self.name, precision=precision, spec=checkpoint.spec, path=path,
+                        size_bytes=size, meta={"format": "gguf", "bits_per_weight": size * 8 / checkpoint.spec.total_params,
+                                               **meta})
+
+    def _quantize(self, src: Path, dst: Path, precision: str) -> None:
+        lib = _lib()
+        _init_llama()
+        params = lib.llama_model_quantize_default_params()
+        params.ftype = getattr(lib, QUANT_TYPES[precision])
+        params.nthread = os.cpu_count() or 1
+        rc = lib.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+        if rc != 0 or not dst.exists():
+            raise BackendRuntimeError(f"llama.cpp failed to quantize to {precision} (code {rc}): {_log_tail()}")
+
+    def prepare_file(self, path: Path) -> Artifact:
+        """An existing GGUF file as an artifact (its spec read from the metadata)."""
+        from .gguf_import import spec_from_gguf
+
+        check_gguf_file(path)
+        spec, gguf_type = spec_from_gguf(path)
+        size = path.stat().st_size
+        return Artifact(backend=self.name, precision=gguf_type, spec=spec, path=path, size_bytes=size,
+                        meta={"format": "gguf", "gguf_type": gguf_type, "external": True,
+                              "bits_per_weight": size * 8 / spec.total_params})
+
+    # ------------------------------------------------------------------ loading
+    def load(self, artifact: Artifact, settings: LoadSettings) -> Session:
+        unknown = set(settings.options) - OPTIONS
+        if unknown:
+            raise ConfigError(f"llamacpp backend: unknown option(s) {', '.join(sorted(unknown))}; "
+                              f"known: {', '.join(sorted(OPTIONS))}")
+        if settings.device != "cpu":
+            raise UnsupportedError("this llama.cpp build runs on the CPU only")
+        check_gguf_file(artifact.path)
+        return LlamaCppSession(artifact, settings)
+
+
+_KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2, "bf16": 30}
+
+
+class LlamaCppSession(Session):
+    def __init__(self, artifact: Artifact, settings: LoadSettings) -> None:
+        lib = self.lib = _lib()
+        _init_llama()
+        opts = settings.options
+        self.spec = artifact.spec
+        self.repack = bool(opts.get("repack", False))
+        mparams = lib.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        mparams.use_extra_bufts = self.repack
+        mparams.load_mode = lib.LLAMA_LOAD_MODE_MMAP if opts.get("mmap", True) else lib.LLAMA_LOAD_MODE_NONE
+        self.model = lib.llama_model_load_from_file(str(artifact.path).encode(), mparams)
+        if not self.model:
+            raise BackendRuntimeError(f"llama.cpp could not load {artifact.path}: {_log_tail()}")
+        self.ctx = None
+        self.batch = None
+        try:
+            n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
+            if n_vocab != self.spec.vocab_size:
+                raise BackendRuntimeError(f"llama.cpp sees {n_vocab} tokens, the spec says {self.spec.vocab_size}")
+            cparams = lib.llama_context_default_params()
+            self.n_ctx = max(256, settings.max_context)
+            self.n_batch = int(opts.get("n_batch", max(512, min(self.n_ctx, 4096))))
+            cparams.n_ctx = self.n_ctx
+            cparams.n_batch = self.n_batch
+            cparams.n_ubatch = self.n_batch
+            cparams.n_seq_max = 1
+            self.threads = settings.threads or len(os.sched_getaffinity(0))
+            cparams.n_threads = self.threads
+            cparams.n_threads_batch = self.threads
+            fa = opts.get("flash_attn", "auto")
+            cparams.flash_attn_type = {"auto": lib.LLAMA_FLASH_ATTN_TYPE_AUTO, True: lib.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                                       False: lib.LLAMA_FLASH_ATTN_TYPE_DISABLED}[fa]
+            self.kv_types = (opts.get("type_k", "f16"), opts.get("type_v", "f16"))
+            for t in self.kv_types:
+                if t not in _KV_TYPES:
+                    raise ConfigError(f"llamacpp: KV cache type must be one of {', '.join(_KV_TYPES)}, got {t!r}")
+            cparams.type_k, cparams.type_v = (_KV_TYPES[t] for t in self.kv_types)
+            cparams.no_perf = False
+            self.flash_attn = fa
+            self.ctx = lib.llama_init_from_model(self.model, cparams)
+            if not self.ctx:
+                raise BackendRuntimeError(f"llama.cpp could not create a context: {_log_tail()}")
+            self.batch = lib.llama_batch_init(self.n_batch, 0, 1)
+        except BaseException:
+            self.close()
+            raise
+        self.vocab = n_vocab
+        self.pos = 0
+        self.kv_bytes_per_value = 4.0 if self.kv_types[0] == "f32" else 2.0
+
+    # ------------------------------------------------------------------ running
+    def _decode(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
+        n = len(ids)
+        if n == 0:
+            raise ConfigError("prefill needs at least one token id")
+        if self.pos + n > self.n_ctx:
+            raise ConfigError(f"context full: {self.pos} cached + {n} new tokens > n_ctx {self.n_ctx}")
+        if min(ids) < 0 or max(ids) >= self.vocab:
+            raise ConfigError(f"token ids must be in [0, {self.vocab}), got {min(ids)}..{max(ids)}")
+        lib, b = self.lib, self.batch
+        out = []
+        for start in range(0, n, self.n_batch):
+            chunk = ids[start : start + self.n_batch]
+            last_chunk = start + len(chunk) == n
+            b.n_tokens = len(chunk)
+            for i, tok in enumerate(chunk):
+                b.token[i] = tok
+                b.pos[i] = self.pos + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = 0
+                b.logits[i] = 1 if (all_logits or (last_chunk and i == len(chunk) - 1)) else 0
+            rc = lib.llama_decode(self.ctx, b)
+            if rc != 0:
+                raise BackendRuntimeError(f"llama_decode returned {rc}: {_log_tail()}")
+            self.pos += len(chunk)
+            rows = range(len(chunk)) if all_logits else ([len(chunk) - 1] if last_chunk else [])
+            for i in rows:
+                ptr = lib.llama_get_logits_ith(self.ctx, i)
+                out.append(np.ctypeslib.as_array(ptr, shape=(self.vocab,)).copy())
+        return np.stack(out)
+
+    def prefill(self, token_ids: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
+        return self._decode([int(t) for t in token_ids], all_logits)
+
+    def decode(self, token_id: int) -> np.ndarray:
+        return self._decode([int(token_id)], False)[0]
+
+    def reset(self) -> None:
+        lib = self.lib
+        lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
+        lib.llama_perf_context_reset(self.ctx)
+        self.pos = 0
+
+    def synchronize(self) -> None:
+        self.lib.llama_synchronize(self.ctx)
+
+    def describe(self) -> dict[str, Any]:
+        lib = self.lib
+        return {"repack": self.repack, "use_extra_bufts": self.repack, "threads": self.threads,
+                "n_ctx": self.n_ctx, "n_batch": self.n_batch, "flash_attn": self.flash_attn,
+                "type_k": self.kv_types[0], "type_v": self.kv_types[1],
+                "model_size_bytes": lib.llama_model_size(self.model),
+                "model_n_params": lib.llama_model_n_params(self.model)}
+
+    def engine_timings(self) -> dict[str, Any] | None:
+        d = self.lib.llama_perf_context(self.ctx)
+        return {"prompt_eval_ms": d.t_p_eval_ms, "prompt_tokens": d.n_p_eval,
+                "eval_ms": d.t_eval_ms, "eval_tokens": d.n_eval}
+
+    def close(self) -> None:
+        lib = self.lib
+        if self.batch is not None:
+            lib.llama_batch_free(self.batch)
+            self.batch = None
+        if self.ctx:
+            lib.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            lib.llama_model_free(self.model)
+            self.model = None
