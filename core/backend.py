@@ -109,7 +109,8 @@ class Session(abc.ABC):
         return {}
 
     def engine_timings(self) -> dict[str, Any] | None:
-        """The engine's own perf counters for the calls since reset, if it has any."""
+        """The engine's own perf counters for the calls since the last reset(), if it has any;
+        the runner reads them after every repetition."""
         return None
 
     def __enter__(self) -> "Session":

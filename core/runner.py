@@ -216,9 +216,6 @@ def measure(point: Point, plugins: "MoerunPlugins", cache: Cache | None = None,
         if counts is not None:
             result["metrics"]["expert_counts"] = np.asarray(counts).tolist()
             result["metrics"].update(routing_stats(np.asarray(counts)))
-        engine = session.engine_timings()
-        if engine:
-            result["engine_timings"] = engine
         result["memory"] = {"peak_rss_bytes": _peak_rss_bytes(), "rss_after_load_bytes": rss_after_load}
         result["status"] = "ok"
     except UnsupportedError as exc:
@@ -285,6 +282,7 @@ def _time_workload(session: Any, prompt: list[int], follow: list[int], reps: int
         session.synchronize()
         warm_ns.append(clock() - t)
     prefill_ns, decode_rep_ns, token_ns = [], [], []
+    engine_reps: list[dict[str, Any]] = []
     for _ in range(reps):
         session.reset()
         session.synchronize()
@@ -300,6 +298,10 @@ def _time_workload(session: Any, prompt: list[int], follow: list[int], reps: int
             rep_tokens.append(clock() - t)
         token_ns.extend(rep_tokens)
         decode_rep_ns.append(sum(rep_tokens))
+        engine = session.engine_timings()  # the engine's own counters for this repetition
+        if engine:
+            engine_reps.append({**engine, "moerun_prefill_ms": prefill_ns[-1] / 1e6,
+                                "moerun_decode_ms": decode_rep_ns[-1] / 1e6})
     n_prompt, n_new = len(prompt), len(follow)
     out: dict[str, Any] = {
         "warmup_s": [w / 1e9 for w in warm_ns],
@@ -307,9 +309,8 @@ def _time_workload(session: Any, prompt: list[int], follow: list[int], reps: int
         "prefill_tok_s": summarize([n_prompt / (x / 1e9) for x in prefill_ns]),
         "ttft_ms": float(np.median(prefill_ns) / 1e6),
     }
-    # the last repetition alone, to set beside an engine's own counters (reset with it)
-    out["last_rep"] = {"prefill_ms": prefill_ns[-1] / 1e6, "decode_ms": decode_rep_ns[-1] / 1e6,
-                       "prompt_tokens": n_prompt, "new_tokens": n_new}
+    if engine_reps:
+        out["engine_per_rep"] = engine_reps
     if n_new:
         out["decode_token_ms"] = summarize([x / 1e6 for x in token_ns])
         out["decode_tok_s"] = summarize([n_new / (x / 1e9) for x in decode_rep_ns])

@@ -138,7 +138,10 @@ def test_measurement_records_engine_counters_and_settings(backends, cache, plugi
     r = measure(Point(model="tiny-moe", backend="llamacpp", precision="q4_k_m", prompt_tokens=16, new_tokens=8,
                       repetitions=2), plugins, cache, {"bandwidth_bytes_s": 20e9})
     assert r["status"] == "ok", r.get("error")
-    e = r["engine_timings"]
-    assert e["prompt_tokens"] == 16 and e["eval_tokens"] == 8  # the last repetition's counters
-    assert 0 < e["eval_ms"] <= r["timings"]["last_rep"]["decode_ms"] * 1.05
+    reps = r["timings"]["engine_per_rep"]
+    assert len(reps) == 2
+    for e in reps:  # llama.cpp's own counters, reset with the KV cache every repetition
+        assert e["prompt_tokens"] == 16 and e["eval_tokens"] == 8
+        assert 0 < e["eval_ms"] <= e["moerun_decode_ms"] * 1.05
+        assert 0 < e["prompt_eval_ms"] <= e["moerun_prefill_ms"] * 1.05
     assert r["session"]["repack"] is False and r["artifact"]["gguf_type"] == "q4_k_m"

@@ -260,10 +260,20 @@ class LlamaCppSession(Session):
             if not self.ctx:
                 raise BackendRuntimeError(f"llama.cpp could not create a context: {_log_tail()}")
             self.batch = lib.llama_batch_init(self.n_batch, 0, 1)
+            # numpy views of the batch arrays: a prefill fills them with three vector writes;
+            # every token belongs to sequence 0, set once
+            b, n = self.batch, self.n_batch
+            self._tok = np.ctypeslib.as_array(b.token, shape=(n,))
+            self._pos = np.ctypeslib.as_array(b.pos, shape=(n,))
+            self._out = np.ctypeslib.as_array(b.logits, shape=(n,))
+            np.ctypeslib.as_array(b.n_seq_id, shape=(n,))[:] = 1
+            for i in range(n):
+                b.seq_id[i][0] = 0
         except BaseException:
             self.close()
             raise
         self.vocab = n_vocab
+        self._logit_bytes = 4 * n_vocab
         self.pos = 0
         self.kv_bytes_per_value = 4.0 if self.kv_types[0] == "f32" else 2.0
 
@@ -280,29 +290,48 @@ class LlamaCppSession(Session):
         out = []
         for start in range(0, n, self.n_batch):
             chunk = ids[start : start + self.n_batch]
-            last_chunk = start + len(chunk) == n
-            b.n_tokens = len(chunk)
-            for i, tok in enumerate(chunk):
-                b.token[i] = tok
-                b.pos[i] = self.pos + i
-                b.n_seq_id[i] = 1
-                b.seq_id[i][0] = 0
-                b.logits[i] = 1 if (all_logits or (last_chunk and i == len(chunk) - 1)) else 0
+            m = len(chunk)
+            last_chunk = start + m == n
+            b.n_tokens = m
+            self._tok[:m] = chunk
+            self._pos[:m] = np.arange(self.pos, self.pos + m, dtype=np.int32)
+            self._out[:m] = 1 if all_logits else 0
+            if last_chunk:
+                self._out[m - 1] = 1
             rc = lib.llama_decode(self.ctx, b)
             if rc != 0:
                 raise BackendRuntimeError(f"llama_decode returned {rc}: {_log_tail()}")
             self.pos += len(chunk)
             rows = range(len(chunk)) if all_logits else ([len(chunk) - 1] if last_chunk else [])
             for i in rows:
-                ptr = lib.llama_get_logits_ith(self.ctx, i)
-                out.append(np.ctypeslib.as_array(ptr, shape=(self.vocab,)).copy())
+                row = np.empty(self.vocab, dtype=np.float32)
+                ctypes.memmove(row.ctypes.data, lib.llama_get_logits_ith(self.ctx, i), self._logit_bytes)
+                out.append(row)
         return np.stack(out)
 
     def prefill(self, token_ids: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
         return self._decode([int(t) for t in token_ids], all_logits)
 
     def decode(self, token_id: int) -> np.ndarray:
-        return self._decode([int(token_id)], False)[0]
+        """One token, on a lean path: per-call Python work is what moerun adds on top of
+        llama.cpp's own time here (examples/benchmarks/bench_llamacpp_overhead.py)."""
+        tok = int(token_id)
+        if not 0 <= tok < self.vocab:
+            raise ConfigError(f"token ids must be in [0, {self.vocab}), got {tok}")
+        if self.pos >= self.n_ctx:
+            raise ConfigError(f"context full: {self.pos} cached + 1 new token > n_ctx {self.n_ctx}")
+        b = self.batch
+        b.n_tokens = 1
+        self._tok[0] = tok
+        self._pos[0] = self.pos
+        self._out[0] = 1
+        rc = self.lib.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise BackendRuntimeError(f"llama_decode returned {rc}: {_log_tail()}")
+        self.pos += 1
+        out = np.empty(self.vocab, dtype=np.float32)
+        ctypes.memmove(out.ctypes.data, self.lib.llama_get_logits_ith(self.ctx, 0), self._logit_bytes)
+        return out
 
     def reset(self) -> None:
         lib = self.lib
@@ -311,7 +340,9 @@ class LlamaCppSession(Session):
         self.pos = 0
 
     def synchronize(self) -> None:
-        self.lib.llama_synchronize(self.ctx)
+        # Nothing to wait for: prefill() and decode() return only after reading the logits,
+        # and llama_get_logits_ith waits for the computation (llama_context::synchronize).
+        pass
 
     def describe(self) -> dict[str, Any]:
         lib = self.lib
