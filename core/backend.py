@@ -48,6 +48,7 @@ class Capabilities:
     devices: tuple[str, ...] = ("cpu",)
     routing_stats: bool = False  # Session.expert_counts() returns data
     artifact_suffixes: tuple[str, ...] = ()  # engine files `prepare_file` accepts (".gguf")
+    in_default_study: bool = True  # False: runs only when named with --backend (examples)
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)

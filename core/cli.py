@@ -119,6 +119,9 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
     run.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                      help="engine threads (default: the engine's choice)")
     run.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights and token ids (default: 0)")
+    run.add_argument("--checkpoint-dtype", choices=("float32", "bfloat16"), default="float32",
+                     help="dtype of synthetic checkpoints; bfloat16 halves the disk for real shapes "
+                          "(default: float32)")
     run.add_argument("--router-skew", type=float, default=0.0, metavar="S",
                      help="unequal expert popularity in synthetic routers, 0 = none (default: 0)")
     run.add_argument("--compile", action="store_true", help="torch.compile where the backend supports it")
@@ -129,7 +132,7 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
                      help=f"results JSONL; an existing file is resumed, finished points are not rerun "
                           f"(default: {DEFAULT_OUTPUT_DIR}/run-DATE-TIME.jsonl)")
     run.add_argument("--report", default="table", metavar="NAME",
-                     help="reporter for the summary: table, json, csv or a plugin's (default: table)")
+                     help="reporter for the summary: table, json, csv, markdown or a plugin's (default: table)")
     run.add_argument("--json", action="store_true", help="shorthand for --report json")
     run.add_argument("--timeout", type=float, default=600.0, metavar="S",
                      help="seconds before a point is killed and recorded as failed (default: 600)")
@@ -256,6 +259,7 @@ def cmd_run(plugins: Any, args: argparse.Namespace) -> int:
         plugins, models=models, backends=backends, precisions=precisions, twins=not args.no_twins,
         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repetitions=args.repetitions,
         warmup=args.warmup, threads=args.threads, seed=args.seed, router_skew=args.router_skew,
+        checkpoint_dtype=args.checkpoint_dtype,
         compile=args.compile, timeout_s=args.timeout, options=_options(args.option),
     )
     output = args.output or Path(DEFAULT_OUTPUT_DIR) / f"run-{datetime.now():%Y%m%d-%H%M%S}.jsonl"

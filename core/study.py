@@ -49,7 +49,10 @@ def select_backends(plugins: "MoerunPlugins", names: Iterable[str] | None) -> tu
         return chosen, []
     chosen, skipped = [], []
     for name in plugins.backends.primary_names():
-        av = plugins.backends.get(name)().availability()
+        cls = plugins.backends.get(name)
+        if not cls.capabilities.in_default_study:
+            continue
+        av = cls().availability()
         if av.available:
             chosen.append(name)
         else:

@@ -1,4 +1,4 @@
-"""Built-in reporters: table (rich), json, csv. A plugin like any other."""
+"""Built-in reporters: table (rich), json, csv, markdown. A plugin like any other."""
 
 from __future__ import annotations
 
@@ -120,8 +120,35 @@ def csv_report(results: list[dict[str, Any]], stream: TextIO) -> None:
         })
 
 
+def markdown_report(results: list[dict[str, Any]], stream: TextIO) -> None:
+    """GitHub-flavoured Markdown: the results table, failures and the verdict table."""
+    def row(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |\n"
+
+    stream.write("## moerun results\n\n")
+    stream.write(row([h for h, _, _ in COLUMNS]))
+    stream.write(row(["---"] * len(COLUMNS)))
+    for r in results:
+        stream.write(row([_fmt(get(r), fmt) for _, get, fmt in COLUMNS]))
+    failures = [r for r in results if r.get("status") != "ok"]
+    if failures:
+        stream.write("\n")
+        for r in failures:
+            stream.write(f"- **{r.get('status')}**: {r.get('model_name')} on {r.get('backend')}: {r.get('error')}\n")
+    rows = verdicts(results)
+    if rows:
+        keys = ("decode_vs_active", "prefill_vs_active", "decode_vs_total", "prefill_vs_total", "ideal_decode_vs_total")
+        stream.write("\n## MoE / dense twin (tokens/s ratio; > 1 means the MoE is faster)\n\n")
+        stream.write(row(["model", "backend", "precision", *(k.replace("_", " ") for k in keys), "realised"]))
+        stream.write(row(["---"] * (len(keys) + 4)))
+        for v in rows:
+            stream.write(row([v["group"], v["backend"], v["precision"] or "",
+                              *(_fmt(v.get(k), "{:.2f}x") for k in keys), _fmt(v.get("realised_share_decode"), "{:.0%}")]))
+
+
 @hookimpl
 def moerun_register_reporters(registry):
     registry.add("table", table)
     registry.add("json", json_report)
     registry.add("csv", csv_report)
+    registry.add("markdown", markdown_report)

@@ -5,12 +5,22 @@
 - ``rapl``: CPU package energy from Linux powercap (``/sys/class/powercap/intel-rapl:*``),
   joules per timed phase; "not available" with the reason where the counter is absent or
   unreadable (most VMs, non-root on recent kernels).
+- ``nvml``: NVIDIA board energy and memory in use (nvidia-ml-py).
+- ``torch_cuda``: torch's peak CUDA memory.
+- ``tegrastats``: Jetson board input power (VDD_IN), integrated.
+- ``powermetrics``: macOS CPU+GPU+ANE power (root), integrated.
+
+Each reports ``{"available": False, "reason": ...}`` where it cannot work.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import re
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -111,7 +121,179 @@ class RaplTracker:
                 "watts": total / seconds if seconds else None}
 
 
+
+
+# ---------------------------------------------------------------- power from sampling tools
+_TEGRA_RAIL = re.compile(r"\b(VDD_[A-Z0-9_]+|POM_5V_[A-Z0-9_]+|VIN_SYS_5V0)\s+(\d+)(?:mW)?(?:/(\d+)(?:mW)?)?")
+_POWERMETRICS = re.compile(r"^(Combined Power \(CPU \+ GPU \+ ANE\)|CPU Power|GPU Power|ANE Power):\s*([\d.]+)\s*mW",
+                           re.M)
+# the rail that is the whole board's input, in order of preference
+_TEGRA_TOTAL = ("VDD_IN", "POM_5V_IN", "VIN_SYS_5V0")
+
+
+def parse_tegrastats(line: str) -> dict[str, float]:
+    """Instantaneous power per rail in mW from one tegrastats line: Orin's
+    ``VDD_IN 4396mW/4396mW``, Xavier's ``VDD_IN 5113/5113``, Nano's ``POM_5V_IN 1138/1138``
+    (current/average; the current reading is taken)."""
+    return {m.group(1): float(m.group(2)) for m in _TEGRA_RAIL.finditer(line)}
+
+
+def parse_powermetrics(text: str) -> dict[str, float]:
+    """Power in mW from one macOS ``powermetrics --samplers cpu_power`` sample."""
+    return {m.group(1): float(m.group(2)) for m in _POWERMETRICS.finditer(text)}
+
+
+class _SampledPower:
+    """Runs a sampling tool, integrates its power readings over the timed phase."""
+
+    command: tuple[str, ...] = ()
+    total_keys: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.readings: list[tuple[float, float]] = []  # (time, mW)
+        self.reason: str | None = None
+        self.proc: subprocess.Popen | None = None
+        self.thread: threading.Thread | None = None
+
+    def parse(self, chunk: str) -> dict[str, float]:
+        raise NotImplementedError
+
+    def feed(self, chunk: str, now: float) -> None:
+        values = self.parse(chunk)
+        total = next((values[k] for k in self.total_keys if k in values), None)
+        if total is not None:
+            self.readings.append((now, total))
+
+    def start(self) -> None:
+        exe = shutil.which(self.command[0])
+        if exe is None:
+            self.reason = f"{self.command[0]} not found on PATH"
+            return
+        try:
+            self.proc = subprocess.Popen([exe, *self.command[1:]], stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True)
+        except OSError as exc:
+            self.reason = f"{self.command[0]} could not start: {exc}"
+            return
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.feed(line, time.perf_counter())
+
+    def stop(self) -> dict[str, Any]:
+        if self.reason:
+            return {"available": False, "reason": self.reason}
+        assert self.proc is not None
+        self.proc.terminate()
+        try:
+            _, err = self.proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            err = ""
+        if self.thread:
+            self.thread.join(timeout=5)
+        return integrate(self.readings, err)
+
+
+def integrate(readings: list[tuple[float, float]], err: str = "") -> dict[str, Any]:
+    """Energy from (time s, power mW) samples: trapezoids between samples."""
+    if len(readings) < 2:
+        why = err.strip().splitlines()[-1] if err and err.strip() else "fewer than 2 power samples"
+        return {"available": False, "reason": why}
+    joules = sum((t1 - t0) * (p0 + p1) / 2 / 1000 for (t0, p0), (t1, p1) in zip(readings, readings[1:]))
+    seconds = readings[-1][0] - readings[0][0]
+    return {"available": True, "joules": joules, "seconds": seconds, "watts": joules / seconds if seconds else None,
+            "samples": len(readings)}
+
+
+class TegrastatsTracker(_SampledPower):
+    """Jetson boards: the board's input rail (VDD_IN) sampled every 100 ms."""
+
+    command = ("tegrastats", "--interval", "100")
+    total_keys = _TEGRA_TOTAL
+
+    def parse(self, chunk: str) -> dict[str, float]:
+        return parse_tegrastats(chunk)
+
+
+class PowermetricsTracker(_SampledPower):
+    """macOS: CPU + GPU + ANE power from powermetrics (needs root), sampled every 100 ms."""
+
+    command = ("powermetrics", "-i", "100", "--samplers", "cpu_power")
+    total_keys = ("Combined Power (CPU + GPU + ANE)", "CPU Power")
+
+    def start(self) -> None:
+        if sys.platform != "darwin":
+            self.reason = "powermetrics exists on macOS only"
+            return
+        if os.geteuid() != 0:
+            self.reason = "powermetrics needs root (run moerun with sudo for energy on macOS)"
+            return
+        super().start()
+
+    def parse(self, chunk: str) -> dict[str, float]:
+        return parse_powermetrics(chunk)
+
+
+class NvmlTracker:
+    """NVIDIA GPUs: board energy counter and memory in use, through NVML (nvidia-ml-py)."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.handle = None
+        self.e0 = 0
+
+    def start(self) -> None:
+        try:
+            import pynvml
+        except ImportError:
+            self.reason = "pynvml not installed (pip install nvidia-ml-py)"
+            return
+        try:
+            pynvml.nvmlInit()
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self.e0 = pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
+            self.t0 = time.perf_counter()
+        except pynvml.NVMLError as exc:
+            self.reason = f"NVML: {exc}"
+
+    def stop(self) -> dict[str, Any]:
+        if self.reason:
+            return {"available": False, "reason": self.reason}
+        import pynvml
+
+        e1 = pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
+        mem = pynvml.nvmlDeviceGetMemoryInfo(self.handle)
+        seconds = time.perf_counter() - self.t0
+        joules = (e1 - self.e0) / 1000
+        return {"available": True, "joules": joules, "seconds": seconds, "watts": joules / seconds if seconds else None,
+                "device_memory_used_bytes": mem.used}
+
+
+class TorchCudaMemoryTracker:
+    """Peak device memory allocated by torch on CUDA during the timed phase."""
+
+    def start(self) -> None:
+        torch = sys.modules.get("torch")  # never import an engine just to look
+        self.torch = torch if torch is not None and torch.cuda.is_available() else None
+        if self.torch is not None:
+            self.torch.cuda.reset_peak_memory_stats()
+
+    def stop(self) -> dict[str, Any]:
+        if self.torch is None:
+            return {"available": False, "reason": "no CUDA device in use by torch in this measurement"}
+        return {"available": True, "peak_allocated_bytes": self.torch.cuda.max_memory_allocated(),
+                "peak_reserved_bytes": self.torch.cuda.max_memory_reserved()}
+
+
 @hookimpl
 def moerun_register_trackers(registry):
     registry.add("rss", RssTracker)
     registry.add("rapl", RaplTracker)
+    registry.add("nvml", NvmlTracker)
+    registry.add("torch_cuda", TorchCudaMemoryTracker)
+    registry.add("tegrastats", TegrastatsTracker)
+    registry.add("powermetrics", PowermetricsTracker)

@@ -65,6 +65,15 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message):
     assert "Traceback" not in out.stderr
 
 
+def test_a_broken_plugin_does_not_stop_a_measuring_run(tmp_path):
+    from conftest import TEST_PLUGINS
+
+    env = {"MOERUN_PLUGINS": "moerun_broken", "PYTHONPATH": str(TEST_PLUGINS)}
+    out = run_cli("-b", "torch", "-m", "tiny-dense", "-o", str(tmp_path / "b.jsonl"), *SMALL, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout
+
+
 def test_plugins_command_shows_a_broken_plugin(monkeypatch):
     from conftest import TEST_PLUGINS
 

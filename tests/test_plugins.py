@@ -94,3 +94,16 @@ def test_unknown_backend_error_lists_available_ones(plugins):
     with pytest.raises(UnknownBackendError) as exc:
         plugins.backends.get("nope")
     assert "available: torch" in str(exc.value)
+
+
+def test_example_third_party_backend_registers_through_its_entry_point():
+    pytest.importorskip("moerun_example_backend", reason="examples/moerun-example-backend is not installed")
+    pm = get_plugin_manager(entrypoints=True)
+    (row,) = [p for p in pm.plugins if p.name == "example-numpy"]
+    assert (row.source, row.distribution) == ("entrypoint", "moerun-example-backend")
+    assert "numpy" in pm.backends
+    assert not pm.backends.get("numpy").capabilities.in_default_study
+    from moerun.study import select_backends
+
+    chosen, _ = select_backends(pm, None)
+    assert "numpy" not in chosen and select_backends(pm, ["numpy"])[0] == ["numpy"]

@@ -68,5 +68,73 @@ def test_measurement_carries_tracker_results(plugins, cache):
                 plugins, cache, {"bandwidth_bytes_s": 20e9})
     assert r["status"] == "ok"
     assert r["trackers"]["rss"]["available"] and r["trackers"]["rss"]["peak_bytes"] > 0
-    assert set(r["trackers"]) == {"rss", "rapl"}
+    assert {"rss", "rapl", "nvml", "tegrastats", "powermetrics", "torch_cuda"} == set(r["trackers"])
     assert "available" in r["trackers"]["rapl"]
+
+
+# Lines as the tools print them (Jetson Orin Nano / JetPack 6, Xavier NX / JetPack 5,
+# Nano / JetPack 4; macOS powermetrics --samplers cpu_power).
+ORIN = ("08-23-2023 10:42:21 RAM 2348/7620MB (lfb 1185x4MB) SWAP 0/3810MB (cached 0MB) "
+        "CPU [1%@729,0%@729,0%@729,0%@729,off,off] EMC_FREQ 0%@2133 GR3D_FREQ 0%@[305] VIC_FREQ 729 "
+        "APE 200 CV0@44.5C CPU@45.968C SOC2@44.562C GPU@44.375C tj@46.031C VDD_IN 4396mW/4396mW "
+        "VDD_CPU_GPU_CV 477mW/477mW VDD_SOC 1392mW/1392mW")
+XAVIER = ("RAM 3012/7765MB (lfb 1005x4MB) SWAP 0/3882MB (cached 0MB) CPU [3%@1190,2%@1190] "
+          "EMC_FREQ 0% GR3D_FREQ 0% AUX@31C CPU@33.5C thermal@32.3C VDD_IN 5113/5113 "
+          "VDD_CPU_GPU_CV 1012/1012 VDD_SOC 1318/1318")
+NANO = ("RAM 1500/3956MB (lfb 176x4MB) SWAP 0/1978MB (cached 0MB) CPU [2%@102,1%@102,0%@102,0%@102] "
+        "EMC_FREQ 0% GR3D_FREQ 0% PLL@25C CPU@28.5C PMIC@100C GPU@27C AO@35C thermal@27.75C "
+        "POM_5V_IN 1138/1138 POM_5V_GPU 0/0 POM_5V_CPU 153/153")
+POWERMETRICS = """*** Sampled system activity (Mon Mar  4 10:00:00 2024 +0100) (102.51ms elapsed) ***
+
+**** Processor usage ****
+
+E-Cluster HW active frequency: 1075 MHz
+CPU 0 frequency: 1209 MHz
+
+CPU Power: 1425 mW
+GPU Power: 38 mW
+ANE Power: 0 mW
+Combined Power (CPU + GPU + ANE): 1463 mW
+"""
+
+
+def test_tegrastats_formats_parse_to_rails():
+    from moerun.plugins.trackers import parse_tegrastats
+
+    orin = parse_tegrastats(ORIN)
+    assert orin == {"VDD_IN": 4396.0, "VDD_CPU_GPU_CV": 477.0, "VDD_SOC": 1392.0}
+    assert parse_tegrastats(XAVIER)["VDD_IN"] == 5113.0
+    nano = parse_tegrastats(NANO)
+    assert nano == {"POM_5V_IN": 1138.0, "POM_5V_GPU": 0.0, "POM_5V_CPU": 153.0}
+
+
+def test_powermetrics_sample_parses():
+    from moerun.plugins.trackers import parse_powermetrics
+
+    p = parse_powermetrics(POWERMETRICS)
+    assert p["Combined Power (CPU + GPU + ANE)"] == 1463.0 and p["CPU Power"] == 1425.0
+
+
+def test_sampled_power_integrates_the_board_rail():
+    from moerun.plugins.trackers import TegrastatsTracker
+
+    t = TegrastatsTracker()
+    for i, line in enumerate([ORIN, ORIN.replace("VDD_IN 4396mW", "VDD_IN 5396mW"), NANO]):
+        t.feed(line, now=float(i) * 0.1)
+    from moerun.plugins.trackers import integrate
+
+    out = integrate(t.readings)
+    # 0.1 s at (4.396+5.396)/2 W, then 0.1 s at (5.396+1.138)/2 W (the Nano line's POM_5V_IN)
+    assert out["available"] and out["samples"] == 3
+    assert out["joules"] == pytest.approx(0.1 * (4.396 + 5.396) / 2 + 0.1 * (5.396 + 1.138) / 2)
+
+
+def test_absent_power_tools_say_why():
+    from moerun.plugins.trackers import NvmlTracker, PowermetricsTracker, TegrastatsTracker, TorchCudaMemoryTracker
+
+    for cls in (TegrastatsTracker, PowermetricsTracker, NvmlTracker, TorchCudaMemoryTracker):
+        t = cls()
+        t.start()
+        out = t.stop()
+        if not out["available"]:
+            assert out["reason"], cls.__name__

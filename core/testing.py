@@ -1,0 +1,186 @@
+"""moerun's backend conformance suite, for in-tree and third-party backends alike.
+
+Subclass it in a pytest test module and name the backend::
+
+    from moerun.testing import BackendConformance
+
+    class TestMyBackend(BackendConformance):
+        backend_name = "mine"          # as registered by your plugin
+        precision = "fp32"             # the precision held to the reference (default: the
+                                       # backend's default precision)
+        parity_atol = 1e-3             # max |logit difference| allowed against PyTorch fp32
+
+Every test skips, with the reason, when the backend is unavailable here (its
+``availability()`` says why); the availability report itself is always checked. Parity
+runs against the PyTorch fp32 reference on the same synthetic checkpoint and token ids,
+and skips when torch is not installed. Tiny dense and MoE presets keep the suite to
+seconds.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+
+from .backend import Availability, Backend, LoadSettings
+from .cache import Cache
+from .checkpoint import synthetic_checkpoint
+from .errors import ConfigError, MoerunError, UnsupportedError
+from .manager import get_plugin_manager
+from .precision import PRECISIONS
+from .runner import token_ids
+
+
+class BackendConformance:
+    """Mix into a ``Test*`` class; set ``backend_name``."""
+
+    backend_name: ClassVar[str] = ""
+    precision: ClassVar[str | None] = None
+    parity_atol: ClassVar[float] = 1e-3
+    parity_min_top1: ClassVar[float] = 0.95
+    models: ClassVar[tuple[str, ...]] = ("tiny-dense", "tiny-moe")
+    load_options: ClassVar[dict[str, Any]] = {}
+
+    # ------------------------------------------------------------------ fixtures
+    @pytest.fixture(scope="class")
+    def plugins(self):
+        return get_plugin_manager()
+
+    @pytest.fixture(scope="class")
+    def backend(self, plugins) -> Backend:
+        if not self.backend_name:
+            pytest.fail("set backend_name on the conformance test class")
+        return plugins.backends.get(self.backend_name)()
+
+    @pytest.fixture(scope="class")
+    def available(self, backend) -> Backend:
+        av = backend.availability()
+        if not av.available:
+            pytest.skip(f"backend {backend.name} unavailable here: {av.reason}")
+        return backend
+
+    @pytest.fixture(scope="class")
+    def conformance_cache(self, tmp_path_factory) -> Cache:
+        return Cache(tmp_path_factory.mktemp("moerun-conformance"))
+
+    def _precision(self, backend: Backend) -> str:
+        return self.precision or backend.capabilities.default_precision
+
+    def _session(self, plugins, backend, cache, model, max_context=64):
+        spec = plugins.models.resolve(model)
+        ck = synthetic_checkpoint(spec, cache, seed=0)
+        precision = self._precision(backend)
+        backend.check(spec, precision)
+        art = backend.prepare(ck, precision, cache)
+        return spec, ck, backend.load(art, LoadSettings(max_context=max_context, options=dict(self.load_options)))
+
+    # ------------------------------------------------------------------ always
+    def test_availability_is_reported(self, backend):
+        av = backend.availability()
+        assert isinstance(av, Availability)
+        if av.available:
+            assert av.version, "an available backend reports its engine version"
+        else:
+            assert av.reason, "an unavailable backend says why"
+            assert av.install_hint or backend.install_hint, "and how to install it"
+
+    def test_capabilities_are_consistent(self, backend):
+        caps = backend.capabilities
+        assert caps.default_precision in caps.precisions
+        unknown = [p for p in caps.precisions if p not in PRECISIONS]
+        assert not unknown, f"precisions moerun does not know: {unknown}"
+        assert backend.name and all(isinstance(a, str) for a in backend.aliases)
+
+    # ------------------------------------------------------------------ when available
+    @pytest.mark.parametrize("model", ["tiny-dense", "tiny-moe"])
+    def test_prefill_and_decode_shapes(self, plugins, available, conformance_cache, model):
+        spec, _, s = self._session(plugins, available, conformance_cache, model)
+        try:
+            ids = token_ids(spec.vocab_size, 12, seed=1)
+            last = s.prefill(ids[:8])
+            assert last.shape == (1, spec.vocab_size) and last.dtype == np.float32
+            assert np.isfinite(last).all()
+            s.reset()
+            every = s.prefill(ids[:8], all_logits=True)
+            assert every.shape == (8, spec.vocab_size)
+            np.testing.assert_allclose(every[-1], last[0], atol=self.parity_atol)
+            one = s.decode(ids[8])
+            assert one.shape == (spec.vocab_size,) and one.dtype == np.float32
+            s.synchronize()
+        finally:
+            s.close()
+
+    def test_reset_restarts_the_sequence(self, plugins, available, conformance_cache):
+        spec, _, s = self._session(plugins, available, conformance_cache, "tiny-moe")
+        try:
+            ids = token_ids(spec.vocab_size, 10, seed=2)
+            a = np.concatenate([s.prefill(ids[:6]), np.stack([s.decode(t) for t in ids[6:]])])
+            s.reset()
+            b = np.concatenate([s.prefill(ids[:6]), np.stack([s.decode(t) for t in ids[6:]])])
+            np.testing.assert_allclose(a, b, atol=1e-5)
+        finally:
+            s.close()
+
+    def test_decode_continues_the_prefill(self, plugins, available, conformance_cache):
+        spec, _, s = self._session(plugins, available, conformance_cache, "tiny-moe")
+        try:
+            ids = token_ids(spec.vocab_size, 12, seed=3)
+            whole = s.prefill(ids, all_logits=True)
+            s.reset()
+            s.prefill(ids[:7])
+            steps = np.stack([s.decode(t) for t in ids[7:]])
+            np.testing.assert_allclose(steps, whole[7:], atol=self.parity_atol)
+        finally:
+            s.close()
+
+    @pytest.mark.parametrize("model", ["tiny-dense", "tiny-moe"])
+    def test_parity_with_the_pytorch_reference(self, plugins, available, conformance_cache, model):
+        try:
+            reference = plugins.backends.get("torch")()
+        except MoerunError:
+            pytest.skip("the torch reference backend is not registered")
+        if not reference.availability().available:
+            pytest.skip("torch is not installed: no reference to compare with")
+        spec, ck, s = self._session(plugins, available, conformance_cache, model)
+        ref = reference.load(reference.prepare(ck, "fp32", conformance_cache), LoadSettings(max_context=64))
+        try:
+            ids = token_ids(spec.vocab_size, 20, seed=4)
+            got = np.concatenate([s.prefill(ids[:14], all_logits=True), np.stack([s.decode(t) for t in ids[14:]])])
+            want = np.concatenate([ref.prefill(ids[:14], all_logits=True),
+                                   np.stack([ref.decode(t) for t in ids[14:]])])
+            diff = float(np.abs(got - want).max())
+            top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
+            print(f"{self.backend_name} {self._precision(available)} {model}: max abs diff {diff:.2e}, "
+                  f"top-1 agreement {top1:.0%}")
+            assert diff <= self.parity_atol, f"max abs diff {diff:.3g} > {self.parity_atol}"
+            assert top1 >= self.parity_min_top1
+        finally:
+            s.close()
+            ref.close()
+
+    def test_unsupported_precision_is_refused(self, plugins, available):
+        spec = plugins.models.resolve("tiny-dense")
+        missing = next((p for p in PRECISIONS if p not in available.capabilities.precisions), None)
+        if missing is None:
+            pytest.skip("the backend supports every precision moerun knows")
+        with pytest.raises(UnsupportedError):
+            available.check(spec, missing)
+        with pytest.raises(ConfigError):
+            available.check(spec, "not-a-precision")
+
+    def test_bad_token_ids_are_rejected(self, plugins, available, conformance_cache):
+        spec, _, s = self._session(plugins, available, conformance_cache, "tiny-dense")
+        try:
+            with pytest.raises(MoerunError):
+                s.prefill([0, spec.vocab_size])
+            with pytest.raises(MoerunError):
+                s.prefill([])
+        finally:
+            s.close()
+
+    def test_close_is_idempotent(self, plugins, available, conformance_cache):
+        _, _, s = self._session(plugins, available, conformance_cache, "tiny-dense")
+        s.close()
+        s.close()

@@ -1,0 +1,15 @@
+"""The shared conformance suite (moerun.testing) run against every in-tree backend."""
+
+from moerun.testing import BackendConformance
+
+
+class TestTorchConformance(BackendConformance):
+    backend_name = "torch"
+    parity_atol = 1e-4
+
+
+class TestLlamaCppConformance(BackendConformance):
+    backend_name = "llamacpp"
+    precision = "f32"
+    parity_atol = 1e-4
+    load_options = {"type_k": "f32", "type_v": "f32", "flash_attn": False}
