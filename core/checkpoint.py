@@ -17,7 +17,7 @@ import struct
 import tempfile
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import attrs
 import numpy as np
@@ -130,8 +130,11 @@ def write_synthetic(
     dtype: str = "float32",
     router_skew: float = 0.0,
     shard_bytes: int = SHARD_BYTES,
+    progress: Callable[[int, int], None] | None = None,
 ) -> "Checkpoint":
     """Write a deterministic synthetic checkpoint of `spec` to the new folder `path`.
+
+    `progress(bytes_written, total_bytes)` is called as tensor data is written.
 
     Same (spec, seed, dtype, router_skew) -> byte-identical files. Written to a temporary
     sibling folder first and renamed, so an interrupted write leaves nothing half-made.
@@ -154,7 +157,8 @@ def write_synthetic(
             if len(shards) == 1
             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         )
-        weight_map, total = {}, 0
+        weight_map, total, done = {}, 0, 0
+        grand_total = sum(int(np.prod(shape)) for _, shape in entries) * _DTYPES[st][1]
         for fname, shard in zip(files, shards):
             head, nbytes = _header(shard, st)
             total += nbytes
@@ -168,6 +172,9 @@ def write_synthetic(
                         elif st == "F16":
                             block = block.astype(np.float16)
                         f.write(block.tobytes())
+                        done += block.nbytes
+                        if progress:
+                            progress(done, grand_total)
         if len(files) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
@@ -331,6 +338,7 @@ def synthetic_checkpoint(
     seed: int = 0,
     dtype: str = "float32",
     router_skew: float = 0.0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Checkpoint:
     """The synthetic checkpoint of (spec, seed, dtype, skew) in the cache, written if absent."""
     key = f"{spec.fingerprint}-s{seed}-{dtype}" + (f"-skew{router_skew:g}" if router_skew else "")
@@ -338,7 +346,7 @@ def synthetic_checkpoint(
     if path.is_dir():
         return Checkpoint.open(path, name=spec.name)
     try:
-        write_synthetic(spec, path, seed=seed, dtype=dtype, router_skew=router_skew)
+        write_synthetic(spec, path, seed=seed, dtype=dtype, router_skew=router_skew, progress=progress)
     except CheckpointError:
         if not path.is_dir():  # another process finished it first: fine
             raise

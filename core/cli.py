@@ -272,13 +272,47 @@ def cmd_run(plugins: Any, args: argparse.Namespace) -> int:
     if not args.quiet:
         print("moerun: measuring memory bandwidth", file=err)
     env = capture()
-    executor = LocalExecutor(plugins=plugins, cache=Cache(), env=env, isolate=not args.no_isolate)
+    cache = Cache()
+    _write_checkpoints(plugins, points, cache, quiet=args.quiet)
+    executor = LocalExecutor(plugins=plugins, cache=cache, env=env, isolate=not args.no_isolate)
     with _Progress(len(points), enabled=not args.quiet) as progress:
         results = run_study(points, plugins, output=output, executor=executor,
                             on_start=progress.start, on_result=progress.done)
     reporter(results, sys.stdout)
     print(f"moerun: {len(results)} results in {output}", file=err)
     return 1 if any(r.get("status") == "failed" for r in results) else 0
+
+
+def _write_checkpoints(plugins: Any, points: Sequence[Any], cache: Any, *, quiet: bool) -> None:
+    """Write missing synthetic checkpoints here, with a progress bar, before the measured
+    points start (real shapes take minutes; a child process would show nothing)."""
+    from .checkpoint import synthetic_checkpoint
+
+    seen = set()
+    for p in points:
+        if Path(p.model).exists():
+            continue
+        key = (p.model, p.seed, p.checkpoint_dtype, p.router_skew)
+        if key in seen:
+            continue
+        seen.add(key)
+        spec = plugins.models.resolve(p.model)
+        size = spec.total_params * (2 if p.checkpoint_dtype == "bfloat16" else 4)
+        if quiet or size < (256 << 20):
+            synthetic_checkpoint(spec, cache, seed=p.seed, dtype=p.checkpoint_dtype, router_skew=p.router_skew)
+            continue
+        label = f"checkpoint {p.model} ({size / 1e9:.1f} GB, {p.checkpoint_dtype})"
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+            with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                          transient=True) as bar:
+                task = bar.add_task(label, total=size)
+                synthetic_checkpoint(spec, cache, seed=p.seed, dtype=p.checkpoint_dtype, router_skew=p.router_skew,
+                                     progress=lambda done, total: bar.update(task, completed=done))
+        else:
+            print(f"moerun: writing {label} if not cached", file=sys.stderr, flush=True)
+            synthetic_checkpoint(spec, cache, seed=p.seed, dtype=p.checkpoint_dtype, router_skew=p.router_skew)
 
 
 class _Progress:

@@ -413,6 +413,11 @@ class ModelSpec:
             else:
                 inter = int(cfg["intermediate_size"])
             experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0) if fam.moe else 0
+            if cfg.get("rope_scaling"):
+                raise ConfigError(
+                    f"config.json: rope_scaling={cfg['rope_scaling']!r} is not implemented yet; moerun would "
+                    "compute different RoPE frequencies than the model was trained with"
+                )
             for key in ("mlp_only_layers",):
                 if cfg.get(key):
                     raise ConfigError(f"config.json: {key}={cfg[key]!r} (dense layers inside an MoE) is not supported")

@@ -123,3 +123,12 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_synthetic(TINY_MOE, tmp_path / "x", seed=0, dtype="bfloat16")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_reports_every_byte(tmp_path):
+    seen = []
+    ck = write_synthetic(TINY_MOE, tmp_path / "p", seed=0, progress=lambda done, total: seen.append((done, total)))
+    data = (ck.path / "model.safetensors").stat().st_size
+    assert seen and seen[-1][0] == seen[-1][1]
+    assert all(a[0] < b[0] for a, b in zip(seen, seen[1:]))
+    assert data - seen[-1][1] < 64 << 10  # the rest is the JSON header

@@ -52,7 +52,7 @@ def test_f32_matches_the_pytorch_reference(backends, cache, name):
 
 
 @pytest.mark.parametrize("name", ["tiny-dense", "tiny-moe"])
-@pytest.mark.parametrize("precision, min_top1", [("f16", 0.95), ("q8_0", 0.8), ("q4_k_m", 0.5)])
+@pytest.mark.parametrize("precision, min_top1", [("f16", 0.95), ("bf16", 0.9), ("q8_0", 0.8), ("q4_k_m", 0.5)])
 def test_reduced_precisions_agree_on_top1(backends, cache, name, precision, min_top1):
     pm, tb, lb = backends
     spec = pm.models.resolve(name)

@@ -104,5 +104,8 @@ def test_hf_config_round_trip_for_every_family():
 def test_hf_config_of_unsupported_family_is_a_clear_error():
     with pytest.raises(ConfigError, match="unsupported model_type 'gpt2'"):
         ModelSpec.from_hf_config({"model_type": "gpt2"})
+    cfg = TINY[0][0].to_hf_config() | {"rope_scaling": {"rope_type": "llama3", "factor": 32.0}}
+    with pytest.raises(ConfigError, match="rope_scaling=.*not implemented yet"):
+        ModelSpec.from_hf_config(cfg)
     with pytest.raises(ConfigError, match="lacks 'hidden_size'"):
         ModelSpec.from_hf_config({"model_type": "llama", "num_attention_heads": 4})
