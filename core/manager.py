@@ -28,6 +28,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "moerun.presets",
     "moerun.backends.torch",
     "moerun.backends.llamacpp",
+    "moerun.backends.onnxruntime",
     "moerun.plugins.reporters",
     "moerun.plugins.trackers",
 )

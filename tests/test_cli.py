@@ -49,7 +49,7 @@ def test_unsupported_precision_is_reported_not_fatal(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--backend", "nope"], "unknown backend 'nope'; available: torch, llamacpp"),
+    (["--backend", "nope"], "unknown backend 'nope'; available: torch, llamacpp, onnxruntime"),
     (["--backend", "torch", "--precision", "fp5"], "unknown precision 'fp5'"),
     (["--model", "tiny-mo"], "unknown model preset 'tiny-mo'"),
     (["--model", "tiny-dense:dense-active"], "is dense: only MoE models have dense twins"),

@@ -13,3 +13,13 @@ class TestLlamaCppConformance(BackendConformance):
     precision = "f32"
     parity_atol = 1e-4
     load_options = {"type_k": "f32", "type_v": "f32", "flash_attn": False}
+
+
+class TestOnnxRuntimeConformance(BackendConformance):
+    backend_name = "onnxruntime"
+    parity_atol = 1e-4
+
+
+class TestOnnxRuntimeContribConformance(BackendConformance):
+    backend_name = "onnxruntime-contrib"
+    parity_atol = 1e-4

@@ -1,0 +1,369 @@
+"""Build an ONNX decoder graph from a moerun checkpoint, with the KV cache as inputs and
+outputs: one graph serves prefill (T tokens) and decode (T = 1) at any past length.
+
+Engine-neutral: only `onnx` is imported; ONNX Runtime and TensorRT consume the same file.
+Opset 17, plain ops (RMSNorm as Pow/ReduceMean/Add/Sqrt/Div/Mul, the form ONNX Runtime
+fuses). Two MoE formulations:
+
+- ``standard``: ops every runtime has. An ``If`` on the token count picks, for one token,
+  a Gather of only the k selected experts' weights and a batched MatMul over them (bytes
+  read = k experts); for several tokens, every expert on every token combined with the
+  sparse routing weights (ONNX has no grouped GEMM; E/k times the expert FLOPs).
+- ``contrib``: ONNX Runtime's ``com.microsoft`` MoE op (softmax, top-k, optional
+  renormalisation and the experts in one kernel; fused interleaved SwiGLU layout), or QMoE
+  with 8- or 4-bit block-quantised experts.
+
+Graph I/O: ``input_ids`` int64 [1, T]; ``logits_from`` int64 [1] (logits are produced for
+positions logits_from..T-1: T-1 for a prefill that needs only the last, 0 for all);
+``past_key_i`` / ``past_value_i`` float [1, kv_heads, P, head_dim]; outputs ``logits``
+[1, T - logits_from, vocab] and ``present_key_i`` / ``present_value_i`` [1, kv, P+T, hd].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from moerun import Checkpoint, ModelSpec
+
+OPSET = 17
+FORMULATIONS = ("standard", "contrib")
+
+
+class _G:
+    """A tiny graph-building helper: unique names, initializers, nodes."""
+
+    def __init__(self) -> None:
+        from onnx import helper, numpy_helper
+
+        self.helper, self.numpy_helper = helper, numpy_helper
+        self.nodes: list = []
+        self.inits: list = []
+        self.count = 0
+
+    def name(self, base: str) -> str:
+        self.count += 1
+        return f"{base}_{self.count}"
+
+    def const(self, value: Any, name: str | None = None, dtype=None) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        n = name or self.name("c")
+        self.inits.append(self.numpy_helper.from_array(arr, n))
+        return n
+
+    def op(self, op_type: str, inputs: list[str], *, outputs: int = 1, name: str | None = None,
+           domain: str | None = None, **attrs: Any) -> Any:
+        base = name or op_type.lower()
+        outs = [self.name(base) for _ in range(outputs)]
+        self.nodes.append(self.helper.make_node(op_type, inputs, outs, name=self.name(base + "_node"),
+                                                domain=domain, **attrs))
+        return outs[0] if outputs == 1 else outs
+
+
+class OnnxDecoderBuilder:
+    def __init__(self, ckpt: Checkpoint, *, formulation: str = "standard", expert_bits: int | None = None,
+                 block_size: int = 32, int8_experts: bool = False) -> None:
+        if formulation not in FORMULATIONS:
+            raise ValueError(f"MoE formulation must be one of {FORMULATIONS}, got {formulation!r}")
+        if expert_bits is not None and formulation != "contrib":
+            raise ValueError("quantised experts need the contrib (QMoE) formulation")
+        self.ckpt, self.spec = ckpt, ckpt.spec
+        if int8_experts and formulation != "standard":
+            raise ValueError("int8_experts is the standard formulation's quantisation (contrib: expert_bits)")
+        self.formulation, self.expert_bits, self.block_size = formulation, expert_bits, block_size
+        self.int8_experts = int8_experts
+        self.g = _G()
+        self.node_categories: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ pieces
+    def w(self, name: str, transpose: bool = False) -> str:
+        x = self.ckpt.read(name)
+        return self.g.const(np.ascontiguousarray(x.T if transpose else x), name=name + (".T" if transpose else ""))
+
+    def rms(self, x: str, weight: str) -> str:
+        g = self.g
+        sq = g.op("Pow", [x, self.two])
+        mean = g.op("ReduceMean", [sq], axes=[-1], keepdims=1)
+        std = g.op("Sqrt", [g.op("Add", [mean, self.eps])])
+        return g.op("Mul", [g.op("Div", [x, std]), weight])
+
+    def _rope(self, x: str, cos: str, sin: str) -> str:
+        g = self.g
+        x1, x2 = g.op("Split", [x, self.rope_halves], outputs=2, axis=-1)
+        rot = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
+        return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rot, sin])])
+
+    # ------------------------------------------------------------------ graph
+    def build(self):
+        from onnx import TensorProto, helper
+
+        s, g = self.spec, self.g
+        self.two = g.const(np.float32(2.0), "two")
+        self.eps = g.const(np.float32(s.rms_norm_eps), "eps")
+        self.rope_halves = g.const(np.array([s.head_dim // 2] * 2, np.int64), "rope_halves")
+        hd, nh, nkv = s.head_dim, s.num_heads, s.num_kv_heads
+        group = nh // nkv
+
+        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "T"]),
+                  helper.make_tensor_value_info("logits_from", TensorProto.INT64, [1])]
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "L", s.vocab_size])]
+
+        # positions P..P+T-1 from the past length
+        shape_ids = g.op("Shape", ["input_ids"])
+        T = g.op("Gather", [shape_ids, g.const(np.array([1], np.int64))], axis=0)
+        past_shape = g.op("Shape", ["past_key_0"])
+        P = g.op("Gather", [past_shape, g.const(np.array([2], np.int64))], axis=0)
+        P_s = g.op("Squeeze", [P, g.const(np.array([0], np.int64))])
+        T_s = g.op("Squeeze", [T, g.const(np.array([0], np.int64))])
+        end = g.op("Add", [P_s, T_s])
+        one = g.const(np.int64(1))
+        positions = g.op("Range", [P_s, end, one])  # [T]
+        cos_t = g.const(self._rope_table(np.cos), "rope_cos")
+        sin_t = g.const(self._rope_table(np.sin), "rope_sin")
+        cos = g.op("Gather", [cos_t, positions], axis=0)  # [T, hd]
+        sin = g.op("Gather", [sin_t, positions], axis=0)
+        # causal mask [T, P+T]: key j visible to query i iff j <= P + i
+        keys_idx = g.op("Range", [g.const(np.int64(0)), end, one])
+        q_pos = g.op("Unsqueeze", [positions, g.const(np.array([1], np.int64))])
+        k_pos = g.op("Unsqueeze", [keys_idx, g.const(np.array([0], np.int64))])
+        masked = g.op("Greater", [k_pos, q_pos])
+        mask = g.op("Where", [masked, g.const(np.float32(-1e30)), g.const(np.float32(0.0))])
+        # query rows come grouped by head within each KV head (row = g * T + t): tile the mask
+        mask = g.op("Tile", [mask, g.const(np.array([group, 1], np.int64))])
+
+        x = g.op("Gather", [self.w("model.embed_tokens.weight"), "input_ids"], axis=0)  # [1, T, H]
+        scale = g.const(np.float32(1.0 / np.sqrt(hd)))
+        for i in range(s.num_layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            inputs += [helper.make_tensor_value_info(f"past_key_{i}", TensorProto.FLOAT, [1, nkv, "P", hd]),
+                       helper.make_tensor_value_info(f"past_value_{i}", TensorProto.FLOAT, [1, nkv, "P", hd])]
+            outputs += [helper.make_tensor_value_info(f"present_key_{i}", TensorProto.FLOAT, [1, nkv, "S", hd]),
+                        helper.make_tensor_value_info(f"present_value_{i}", TensorProto.FLOAT, [1, nkv, "S", hd])]
+            h = self.rms(x, self.w(p + "input_layernorm.weight"))
+            wqkv = np.concatenate([self.ckpt.read(a + f"{n}_proj.weight") for n in "qkv"]).T
+            qkv = g.op("MatMul", [h, g.const(np.ascontiguousarray(wqkv), a + "qkv.T")], name=f"l{i}_attn_qkv")
+            if s.attention_bias:
+                b = np.concatenate([self.ckpt.read(a + f"{n}_proj.bias") for n in "qkv"])
+                qkv = g.op("Add", [qkv, g.const(b, a + "qkv.bias")])
+            q, k, v = g.op("Split", [qkv, g.const(np.array([s.q_dim, s.kv_dim, s.kv_dim], np.int64))],
+                           outputs=3, axis=-1)
+            if s.qk_norm == "full":
+                q = self.rms(q, self.w(a + "q_norm.weight"))
+                k = self.rms(k, self.w(a + "k_norm.weight"))
+            q = g.op("Transpose", [g.op("Reshape", [q, g.const(np.array([1, -1, nh, hd], np.int64))])],
+                     perm=[0, 2, 1, 3])
+            k = g.op("Transpose", [g.op("Reshape", [k, g.const(np.array([1, -1, nkv, hd], np.int64))])],
+                     perm=[0, 2, 1, 3])
+            v = g.op("Transpose", [g.op("Reshape", [v, g.const(np.array([1, -1, nkv, hd], np.int64))])],
+                     perm=[0, 2, 1, 3])
+            if s.qk_norm == "head":
+                q = self.rms(q, self.w(a + "q_norm.weight"))
+                k = self.rms(k, self.w(a + "k_norm.weight"))
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            keys = g.op("Concat", [f"past_key_{i}", k], axis=2)
+            vals = g.op("Concat", [f"past_value_{i}", v], axis=2)
+            g.nodes.append(helper.make_node("Identity", [keys], [f"present_key_{i}"], name=f"l{i}_present_key"))
+            g.nodes.append(helper.make_node("Identity", [vals], [f"present_value_{i}"], name=f"l{i}_present_value"))
+            # grouped-query attention without copying K/V: q [1, kv, group*T, hd]
+            qg = g.op("Reshape", [q, g.const(np.array([1, nkv, -1, hd], np.int64))])
+            scores = g.op("Mul", [g.op("MatMul", [qg, g.op("Transpose", [keys], perm=[0, 1, 3, 2])],
+                                       name=f"l{i}_attn_scores"), scale])
+            scores = g.op("Add", [scores, mask])
+            probs = g.op("Softmax", [scores], axis=-1, name=f"l{i}_attn_softmax")
+            ctx = g.op("MatMul", [probs, vals], name=f"l{i}_attn_context")  # [1, kv, group*T, hd]
+            ctx = g.op("Reshape", [ctx, g.const(np.array([1, nh, -1, hd], np.int64))])
+            ctx = g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 2, 1, 3]),
+                                   g.const(np.array([1, -1, s.q_dim], np.int64))])
+            x = g.op("Add", [x, g.op("MatMul", [ctx, self.w(a + "o_proj.weight", transpose=True)],
+                                     name=f"l{i}_attn_out")])
+            h = self.rms(x, self.w(p + "post_attention_layernorm.weight"))
+            x = g.op("Add", [x, self.ffn(i, h)])
+        x = self.rms(x, self.w("model.norm.weight"))
+        x = g.op("Slice", [x, "logits_from", g.const(np.array([2**62], np.int64)), g.const(np.array([1], np.int64))])
+        head = "model.embed_tokens.weight" if s.tie_word_embeddings else "lm_head.weight"
+        g.nodes.append(helper.make_node("MatMul", [x, self.w(head, transpose=True)], ["logits"], name="lm_head"))
+        graph = helper.make_graph(g.nodes, f"moerun-{s.family}", inputs, outputs, initializer=g.inits)
+        opsets = [helper.make_opsetid("", OPSET)]
+        if self.formulation == "contrib":
+            opsets.append(helper.make_opsetid("com.microsoft", 1))
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="moerun")
+        model.ir_version = 8
+        return model
+
+    def _rope_table(self, fn) -> np.ndarray:
+        s = self.spec
+        half = s.head_dim // 2
+        inv = 1.0 / (s.rope_theta ** (np.arange(half, dtype=np.float64) / half))
+        ang = np.outer(np.arange(s.max_position_embeddings, dtype=np.float64), inv)
+        return fn(np.concatenate([ang, ang], -1)).astype(np.float32)
+
+    # ------------------------------------------------------------------ FFN / MoE
+    def _expert_names(self, i: int) -> tuple[str, Any]:
+        s = self.spec
+        if s.family == "mixtral":
+            m = f"model.layers.{i}.block_sparse_moe."
+            return m, lambda e, kind: f"{m}experts.{e}.{ {'gate': 'w1', 'up': 'w3', 'down': 'w2'}[kind]}.weight"
+        m = f"model.layers.{i}.mlp."
+        return m, lambda e, kind: f"{m}experts.{e}.{kind}_proj.weight"
+
+    def _dense_swiglu(self, x: str, gate: str, up: str, down: str, tag: str) -> str:
+        g, r = self.g, self.ckpt.read
+        gu = g.const(np.ascontiguousarray(np.concatenate([r(gate), r(up)]).T), name=gate + "+up.T")
+        inter = r(gate).shape[0]
+        y = g.op("MatMul", [x, gu], name=f"{tag}_gate_up")
+        gt, upv = g.op("Split", [y, g.const(np.array([inter, inter], np.int64))], outputs=2, axis=-1)
+        act = g.op("Mul", [g.op("Mul", [gt, g.op("Sigmoid", [gt])]), upv])
+        return g.op("MatMul", [act, self.w(down, transpose=True)], name=f"{tag}_down")
+
+    def ffn(self, i: int, h: str) -> str:
+        s, g = self.spec, self.g
+        if not s.is_moe:
+            m = f"model.layers.{i}.mlp."
+            return self._dense_swiglu(h, m + "gate_proj.weight", m + "up_proj.weight", m + "down_proj.weight",
+                                      f"l{i}_ffn")
+        m, name = self._expert_names(i)
+        router = g.op("MatMul", [h, self.w(m + "gate.weight", transpose=True)], name=f"l{i}_router_gate")
+        if self.formulation == "contrib":
+            out = self._contrib_moe(i, h, router, name)
+        else:
+            out = self._standard_moe(i, h, router, name)
+        if s.shared_expert_intermediate_size:
+            sh = m + "shared_expert."
+            shared = self._dense_swiglu(h, sh + "gate_proj.weight", sh + "up_proj.weight", sh + "down_proj.weight",
+                                        f"l{i}_shared")
+            gate = g.op("Sigmoid", [g.op("MatMul", [h, self.w(m + "shared_expert_gate.weight", transpose=True)],
+                                         name=f"l{i}_shared_gate")])
+            out = g.op("Add", [out, g.op("Mul", [shared, gate])])
+        return out
+
+    def _stack(self, name, kind: str, transpose: bool) -> np.ndarray:
+        s = self.spec
+        mats = [self.ckpt.read(name(e, kind)) for e in range(s.num_experts)]
+        return np.stack([m.T if transpose else m for m in mats])
+
+    def _standard_moe(self, i: int, h: str, router: str, name) -> str:
+        from onnx import helper
+
+        s, g = self.spec, self.g
+        I = s.intermediate_size
+        probs = g.op("Softmax", [router], axis=-1, name=f"l{i}_router_softmax")
+        topv, topi = g.op("TopK", [probs, g.const(np.array([s.top_k], np.int64))], outputs=2, axis=-1,
+                          name=f"l{i}_router_topk")
+        if s.renormalize_topk:
+            topv = g.op("Div", [topv, g.op("ReduceSum", [topv, g.const(np.array([-1], np.int64))], keepdims=1)])
+        gu_np = np.concatenate([self._stack(name, "gate", True), self._stack(name, "up", True)], axis=2)  # [E,H,2I]
+        d_np = self._stack(name, "down", True)  # [E, I, H]
+        if self.int8_experts:  # int8 codes + one scale per (expert, output channel)
+            (gu_q, gu_s), (d_q, d_s) = quantize_per_channel(gu_np), quantize_per_channel(d_np)
+            w_gu, s_gu = g.const(gu_q, f"l{i}.experts.gate_up.T.q"), g.const(gu_s, f"l{i}.experts.gate_up.T.s")
+            w_d, s_d = g.const(d_q, f"l{i}.experts.down.T.q"), g.const(d_s, f"l{i}.experts.down.T.s")
+        else:
+            w_gu = g.const(np.ascontiguousarray(gu_np), f"l{i}.experts.gate_up.T")
+            w_d = g.const(np.ascontiguousarray(d_np), f"l{i}.experts.down.T")
+            s_gu = s_d = None
+        split = g.const(np.array([I, I], np.int64))
+
+        def weights(gr: _G, w: str, scale: str | None, idx: str | None) -> str:
+            """Expert weights, gathered for `idx` (or all), dequantised when int8."""
+            if idx is not None:
+                w = gr.op("Gather", [w, idx], axis=0, name=f"l{i}_experts_gather")
+            if scale is None:
+                return w
+            sc = gr.op("Gather", [scale, idx], axis=0) if idx is not None else scale
+            return gr.op("Mul", [gr.op("Cast", [w], to=1), sc], name=f"l{i}_experts_dequant")
+
+        def act(gr: _G, y: str) -> str:
+            gt, up = gr.op("Split", [y, split], outputs=2, axis=-1)
+            return gr.op("Mul", [gr.op("Mul", [gt, gr.op("Sigmoid", [gt])]), up])
+
+        # one token: gather only the k selected experts ([k, H, 2I]) and run them batched
+        sub = _G()
+        sub.count = g.count + 100000
+        sub.helper, sub.numpy_helper = g.helper, g.numpy_helper
+        saved = self.g
+        self.g = g2 = sub
+        idx = g2.op("Reshape", [topi, g2.const(np.array([-1], np.int64))])  # [k]
+        x1 = g2.op("Reshape", [h, g2.const(np.array([1, 1, s.hidden_size], np.int64))])  # [1, 1, H]
+        gu = g2.op("MatMul", [x1, weights(g2, w_gu, s_gu, idx)], name=f"l{i}_experts_gate_up")  # [k, 1, 2I]
+        y = g2.op("MatMul", [act(g2, gu), weights(g2, w_d, s_d, idx)], name=f"l{i}_experts_down")  # [k,1,H]
+        wts = g2.op("Reshape", [topv, g2.const(np.array([-1, 1, 1], np.int64))])
+        one_out = g2.op("Reshape", [g2.op("ReduceSum", [g2.op("Mul", [y, wts]), g2.const(np.array([0], np.int64))],
+                                          keepdims=0), g2.const(np.array([1, 1, s.hidden_size], np.int64))])
+        then_graph = helper.make_graph(g2.nodes, f"l{i}_moe_one_token", [],
+                                       [helper.make_tensor_value_info(one_out, 1, None)], initializer=g2.inits)
+        # several tokens: every expert on every token, weighted by the sparse routing matrix
+        sub2 = _G()
+        sub2.count = sub.count + 100000
+        self.g = g3 = sub2
+        xt = g3.op("Unsqueeze", [g3.op("Squeeze", [h, g3.const(np.array([0], np.int64))]),
+                                 g3.const(np.array([0], np.int64))])  # [1, T, H]
+        gu = g3.op("MatMul", [xt, weights(g3, w_gu, s_gu, None)], name=f"l{i}_experts_all_gate_up")  # [E,T,2I]
+        y = g3.op("MatMul", [act(g3, gu), weights(g3, w_d, s_d, None)], name=f"l{i}_experts_all_down")  # [E,T,H]
+        dense = g3.op("ScatterElements", [g3.op("Mul", [probs, g3.const(np.float32(0.0))]), topi, topv], axis=-1)
+        dense = g3.op("Transpose", [g3.op("Squeeze", [dense, g3.const(np.array([0], np.int64))])], perm=[1, 0])
+        many = g3.op("ReduceSum", [g3.op("Mul", [y, g3.op("Unsqueeze", [dense, g3.const(np.array([2], np.int64))])]),
+                                   g3.const(np.array([0], np.int64))], keepdims=1)  # [1, T, H]
+        else_graph = helper.make_graph(g3.nodes, f"l{i}_moe_many_tokens", [],
+                                       [helper.make_tensor_value_info(many, 1, None)], initializer=g3.inits)
+        self.g = saved
+        saved.count = sub2.count
+        T = g.op("Gather", [g.op("Shape", [h]), g.const(np.array([1], np.int64))], axis=0)
+        is_one = g.op("Equal", [T, g.const(np.array([1], np.int64))])
+        is_one = g.op("Squeeze", [is_one, g.const(np.array([0], np.int64))])
+        return g.op("If", [is_one], then_branch=then_graph, else_branch=else_graph, name=f"l{i}_moe_experts")
+
+    def _contrib_moe(self, i: int, h: str, router: str, name) -> str:
+        s, g = self.spec, self.g
+        E, I, H = s.num_experts, s.intermediate_size, s.hidden_size
+        gate, up, down = (self._stack(name, k, False) for k in ("gate", "up", "down"))  # [E,I,H],[E,I,H],[E,H,I]
+        fc1 = np.empty((E, 2 * I, H), np.float32)
+        fc1[:, 0::2], fc1[:, 1::2] = gate, up  # interleaved rows: gate_0, up_0, gate_1, ...
+        x2 = g.op("Reshape", [h, g.const(np.array([-1, H], np.int64))])
+        r2 = g.op("Reshape", [router, g.const(np.array([-1, E], np.int64))])
+        attrs = dict(k=s.top_k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
+                     activation_beta=0.0, normalize_routing_weights=int(s.renormalize_topk))
+        if self.expert_bits is None:
+            out = g.op("MoE", [x2, r2, g.const(fc1, f"l{i}.moe.fc1"), "", g.const(down, f"l{i}.moe.fc2")],
+                       domain="com.microsoft", name=f"l{i}_experts_moe", **attrs)
+        else:
+            q1, s1 = quantize_blockwise(fc1, self.expert_bits, self.block_size)
+            q2, s2 = quantize_blockwise(down, self.expert_bits, self.block_size)
+            out = g.op("QMoE", [x2, r2, g.const(q1, f"l{i}.qmoe.fc1"), g.const(s1, f"l{i}.qmoe.fc1_scales"), "",
+                                g.const(q2, f"l{i}.qmoe.fc2"), g.const(s2, f"l{i}.qmoe.fc2_scales")],
+                       domain="com.microsoft", name=f"l{i}_experts_qmoe", expert_weight_bits=self.expert_bits,
+                       block_size=self.block_size, **attrs)
+        return g.op("Reshape", [out, g.const(np.array([1, -1, H], np.int64))])
+
+
+def quantize_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per (expert, output channel) for weights laid out [E, K, N]:
+    codes int8 [E, K, N], scales float [E, 1, N]."""
+    scale = np.abs(w).max(axis=1, keepdims=True) / 127.0
+    scale[scale == 0] = 1.0
+    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    return q, scale.astype(np.float32)
+
+
+def quantize_blockwise(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric block quantisation along K (the last axis) as QMoE reads it: uint8 codes with
+    the default zero point 2^(bits-1), two 4-bit codes per byte (low nibble = even K), float
+    scales [E, N, K/block]."""
+    E, N, K = w.shape
+    if K % block:
+        raise ValueError(f"QMoE needs K ({K}) divisible by block_size ({block})")
+    levels = 2 ** (bits - 1)
+    blocks = w.reshape(E, N, K // block, block)
+    scale = np.abs(blocks).max(-1) / (levels - 1)
+    scale[scale == 0] = 1.0
+    q = np.clip(np.rint(blocks / scale[..., None]), -levels, levels - 1).astype(np.int32) + levels
+    q = q.reshape(E, N, K).astype(np.uint8)
+    if bits == 4:
+        q = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    return q, scale.astype(np.float32)
+
+
+def build_onnx(ckpt: Checkpoint, **kwargs: Any):
+    """The ModelProto for `ckpt` (see the module docstring for the I/O)."""
+    return OnnxDecoderBuilder(ckpt, **kwargs).build()

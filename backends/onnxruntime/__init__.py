@@ -1,0 +1,11 @@
+"""ONNX Runtime backend plugin: two backends, one per MoE formulation, on the shared builder."""
+
+from moerun import hookimpl
+
+
+@hookimpl
+def moerun_register_backends(registry):
+    from .backend import OnnxRuntimeBackend, OnnxRuntimeContribBackend
+
+    registry.add(OnnxRuntimeBackend)
+    registry.add(OnnxRuntimeContribBackend)

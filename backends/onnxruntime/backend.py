@@ -1,0 +1,239 @@
+"""The ONNX Runtime backend: graphs from the shared builder (backends/onnxgraph), the KV
+cache kept in ONNX Runtime's own OrtValues between steps (IO binding), two MoE
+formulations selected with ``-O moe=standard|contrib``.
+
+Precisions: fp32; int8 (attention/FFN/head MatMuls by ``quantize_dynamic``, per channel;
+experts as int8 with per-channel scales: Cast+Mul of the gathered experts in the standard
+formulation, QMoE 8-bit in the contrib one); int4 (MatMulNBits, block 32, accuracy level
+4; experts QMoE 4-bit, contrib formulation only: opset 17 has no 4-bit type). Routers stay
+fp32 in every precision, as llama.cpp keeps them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from moerun import (
+    Artifact,
+    Availability,
+    Backend,
+    BackendRuntimeError,
+    Cache,
+    Capabilities,
+    Checkpoint,
+    CheckpointError,
+    ConfigError,
+    LoadSettings,
+    Session,
+    UnsupportedError,
+)
+
+BUILD_VERSION = "onnx-builder-1"
+OPTIONS = {"provider", "profile", "opt_level", "spinning"}
+EXTERNAL_DATA_BYTES = 1 << 30  # protobuf stops at 2 GiB: larger models keep weights beside the graph
+
+
+class OnnxRuntimeBackend(Backend):
+    """MoE as standard ONNX ops (what any runtime, TensorRT included, accepts)."""
+
+    name = "onnxruntime"
+    aliases = ("ort",)
+    formulation = "standard"
+    description = "ONNX Runtime, MoE as standard ONNX ops (TopK, Gather of the selected experts, MatMul)"
+    capabilities = Capabilities(precisions=("fp32", "int8", "int4"), default_precision="fp32", supports_moe=True,
+                                devices=("cpu", "cuda"))
+    install_hint = "pip install 'moerun[onnxruntime]'"
+
+    def availability(self) -> Availability:
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime as ort
+        except Exception as exc:  # noqa: BLE001
+            return Availability(available=False, reason=f"onnxruntime or onnx not importable ({exc})",
+                                install_hint=self.install_hint)
+        providers = ort.get_available_providers()
+        devices = ("cpu",) + (("cuda",) if "CUDAExecutionProvider" in providers else ())
+        return Availability(available=True, version=ort.__version__, devices=devices)
+
+    # ------------------------------------------------------------------ artifacts
+    def prepare(self, checkpoint: Checkpoint, precision: str, cache: Cache) -> Artifact:
+        spec, formulation = checkpoint.spec, self.formulation
+        expert_bits = None
+        if spec.is_moe and precision in ("int8", "int4"):
+            if formulation == "contrib":
+                if not spec.renormalize_topk:
+                    raise UnsupportedError(
+                        "onnxruntime 1.32's QMoE CPU kernel renormalises the top-k weights whatever "
+                        "normalize_routing_weights says (measured against the MoE op); this family does not")
+                expert_bits = 8 if precision == "int8" else 4
+            elif precision == "int4":
+                raise UnsupportedError("int4 experts need the contrib formulation (backend onnxruntime-contrib): "
+                                       "opset 17 standard ops have no 4-bit type")
+        folder = cache.artifact_dir(self.name, BUILD_VERSION, checkpoint.content_hash(), formulation, precision)
+        target = folder / "model.onnx"
+        if not target.exists():
+            with cache.building(folder) as tmp:
+                self._build(checkpoint, tmp / "model.onnx", precision, formulation, expert_bits)
+        size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+        return Artifact(backend=self.name, precision=precision, spec=spec, path=target, size_bytes=size,
+                        meta={"format": "onnx", "moe_formulation": formulation if spec.is_moe else None,
+                              "expert_weights": (f"int{expert_bits} (QMoE)" if expert_bits else
+                                                 "int8 (Cast+Mul)" if spec.is_moe and precision == "int8" else
+                                                 "fp32" if spec.is_moe else None),
+                              "bits_per_weight": size * 8 / spec.total_params})
+
+    def _build(self, ckpt: Checkpoint, path: Path, precision: str, formulation: str, expert_bits: int | None) -> None:
+        import onnx
+
+        from moerun.backends.onnxgraph.builder import build_onnx
+
+        int8_experts = precision == "int8" and formulation == "standard"
+        model = build_onnx(ckpt, formulation=formulation, expert_bits=expert_bits, int8_experts=int8_experts)
+        routers = [n.name for n in model.graph.node if "_router_gate" in n.name]
+        import logging
+
+        logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # quantizer chatter
+        if precision == "int8":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            raw = path.with_name("fp32.onnx")
+            self._save(model, raw)
+            quantize_dynamic(str(raw), str(path), per_channel=True, weight_type=QuantType.QInt8,
+                             op_types_to_quantize=["MatMul"], nodes_to_exclude=routers,
+                             use_external_data_format=raw.with_suffix(".onnx.data").exists())
+            for p in raw.parent.glob("fp32.onnx*"):
+                p.unlink()
+            return
+        if precision == "int4":
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+            q = MatMulNBitsQuantizer(model, bits=4, block_size=32, is_symmetric=True, accuracy_level=4,
+                                     nodes_to_exclude=routers)
+            q.process()
+            model = q.model.model if hasattr(q.model, "model") else q.model
+        onnx.checker.check_model(model) if model.ByteSize() < EXTERNAL_DATA_BYTES else None
+        self._save(model, path)
+
+    @staticmethod
+    def _save(model: Any, path: Path) -> None:
+        import onnx
+
+        if model.ByteSize() >= EXTERNAL_DATA_BYTES:
+            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=path.name + ".data", size_threshold=1024)
+        else:
+            onnx.save_model(model, str(path))
+
+    # ------------------------------------------------------------------ loading
+    def load(self, artifact: Artifact, settings: LoadSettings) -> Session:
+        unknown = set(settings.options) - OPTIONS
+        if unknown:
+            raise ConfigError(f"onnxruntime backend: unknown option(s) {', '.join(sorted(unknown))}; "
+                              f"known: {', '.join(sorted(OPTIONS))}")
+        return OnnxRuntimeSession(artifact, settings)
+
+
+class OnnxRuntimeContribBackend(OnnxRuntimeBackend):
+    """MoE as ONNX Runtime's com.microsoft MoE / QMoE kernels (ONNX Runtime only)."""
+
+    name = "onnxruntime-contrib"
+    aliases = ("ort-contrib",)
+    formulation = "contrib"
+    description = "ONNX Runtime, MoE as the com.microsoft MoE / QMoE contrib ops"
+
+
+class OnnxRuntimeSession(Session):
+    def __init__(self, artifact: Artifact, settings: LoadSettings) -> None:
+        import onnxruntime as ort
+
+        self.ort = ort
+        opts = settings.options
+        so = ort.SessionOptions()
+        levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+        level = opts.get("opt_level", "all")
+        if level not in levels:
+            raise ConfigError(f"onnxruntime: opt_level must be one of {', '.join(levels)}, got {level!r}")
+        so.graph_optimization_level = levels[level]
+        self.threads = settings.threads or len(os.sched_getaffinity(0))
+        so.intra_op_num_threads = self.threads
+        # spinning on: turning it off cost 0.7-2 ms per decode step here (ENGINE-NOTES)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if opts.get("spinning", True) else "0")
+        self.profile = bool(opts.get("profile", False))
+        if self.profile:
+            so.enable_profiling = True
+            so.profile_file_prefix = str(artifact.path.with_name("profile"))
+        device = settings.device
+        provider = opts.get("provider") or ("CUDAExecutionProvider" if device.startswith("cuda") else
+                                            "CPUExecutionProvider")
+        if provider not in ort.get_available_providers():
+            raise UnsupportedError(f"onnxruntime here has no {provider} (available: "
+                                   f"{', '.join(ort.get_available_providers())})")
+        try:
+            self.sess = ort.InferenceSession(str(artifact.path), sess_options=so, providers=[provider])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"onnxruntime could not load {artifact.path}: {msg}") from None
+        self.provider = provider
+        self.spec = artifact.spec
+        self.device = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
+        self.output_names = [o.name for o in self.sess.get_outputs()]
+        self.kv_names = [n for n in self.output_names if n.startswith("present_")]
+        self.max_context = settings.max_context
+        self.kv_bytes_per_value = 4.0
+        self.profile_file: str | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        s = self.spec
+        empty = np.zeros((1, s.num_kv_heads, 0, s.head_dim), np.float32)
+        self.past = {n.replace("present_", "past_"): self.ort.OrtValue.ortvalue_from_numpy(empty, self.device)
+                     for n in self.kv_names}
+        self.pos = 0
+
+    def _run(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise ConfigError("prefill needs at least one token id")
+        if min(ids) < 0 or max(ids) >= self.spec.vocab_size:
+            raise ConfigError(f"token ids must be in [0, {self.spec.vocab_size}), got {min(ids)}..{max(ids)}")
+        if self.pos + len(ids) > self.max_context:
+            raise ConfigError(f"context full: {self.pos} cached + {len(ids)} new tokens > {self.max_context}")
+        io = self.sess.io_binding()
+        io.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
+        io.bind_cpu_input("logits_from", np.asarray([0 if all_logits else len(ids) - 1], dtype=np.int64))
+        for name, value in self.past.items():
+            io.bind_ortvalue_input(name, value)
+        for name in self.output_names:  # a growing cache: outputs are bound afresh every step
+            io.bind_output(name, self.device)
+        try:
+            self.sess.run_with_iobinding(io)
+        except Exception as exc:  # noqa: BLE001
+            raise BackendRuntimeError(f"onnxruntime run failed: {str(exc).splitlines()[0]}") from exc
+        outs = dict(zip(self.output_names, io.get_outputs()))
+        self.past = {n.replace("present_", "past_"): outs[n] for n in self.kv_names}
+        self.pos += len(ids)
+        return outs["logits"].numpy()[0]
+
+    def prefill(self, token_ids: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
+        return self._run(token_ids, all_logits)
+
+    def decode(self, token_id: int) -> np.ndarray:
+        return self._run([token_id], False)[0]
+
+    def describe(self) -> dict[str, Any]:
+        return {"provider": self.provider, "threads": self.threads, "profile": self.profile,
+                "kv_cache": "OrtValues via IO binding"}
+
+    def close(self) -> None:
+        if getattr(self, "sess", None) is not None:
+            if self.profile:
+                self.profile_file = self.sess.end_profiling()
+            self.sess = None
+            self.past = {}
