@@ -118,6 +118,9 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
                      help="untimed warm-up runs (default: 1)")
     run.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                      help="engine threads (default: the engine's choice)")
+    run.add_argument("--device", default=None, metavar="DEV",
+                     help="cpu or cuda (cuda:N); a backend without that device records 'unsupported' "
+                          "(default: cpu, or the backend's only device)")
     run.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights and token ids (default: 0)")
     run.add_argument("--checkpoint-dtype", choices=("float32", "bfloat16"), default="float32",
                      help="dtype of synthetic checkpoints; bfloat16 halves the disk for real shapes "
@@ -183,6 +186,7 @@ def cmd_backends(plugins: Any, args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title="backends", header_style="bold")
@@ -191,8 +195,9 @@ def cmd_backends(plugins: Any, args: argparse.Namespace) -> int:
     for r in rows:
         caps = r["capabilities"]
         why = "" if r["available"] else f"{r['reason']}; {r['install_hint']}".strip("; ")
-        t.add_row(r["name"], "yes" if r["available"] else "no", r["version"] or "-", ", ".join(caps["precisions"]),
-                  "yes" if caps["supports_moe"] else "no", ", ".join(r["devices"] or caps["devices"]), why)
+        t.add_row(r["name"], "yes" if r["available"] else "no", escape(r["version"] or "-"),
+                  ", ".join(caps["precisions"]), "yes" if caps["supports_moe"] else "no",
+                  ", ".join(r["devices"] or caps["devices"]), escape(why))
     Console(width=140).print(t)
     return 0
 
@@ -213,6 +218,8 @@ def cmd_models(plugins: Any, args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from rich.markup import escape
+
     from .analysis import human_count
 
     t = Table(title="model presets (twins: NAME:dense-active, NAME:dense-total)", header_style="bold")
@@ -221,7 +228,7 @@ def cmd_models(plugins: Any, args: argparse.Namespace) -> int:
     for r in rows:
         t.add_row(r["name"], r["family"], human_count(r["total_params"]), human_count(r["active_params"]),
                   str(r["layers"]), str(r["hidden"]),
-                  f"{r['experts']} top-{r['top_k']}" if r["moe"] else "-", r["description"])
+                  f"{r['experts']} top-{r['top_k']}" if r["moe"] else "-", escape(r["description"]))
     Console(width=160).print(t)
     return 0
 
@@ -258,7 +265,7 @@ def cmd_run(plugins: Any, args: argparse.Namespace) -> int:
     points = build_points(
         plugins, models=models, backends=backends, precisions=precisions, twins=not args.no_twins,
         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repetitions=args.repetitions,
-        warmup=args.warmup, threads=args.threads, seed=args.seed, router_skew=args.router_skew,
+        warmup=args.warmup, threads=args.threads, device=args.device, seed=args.seed, router_skew=args.router_skew,
         checkpoint_dtype=args.checkpoint_dtype,
         compile=args.compile, timeout_s=args.timeout, options=_options(args.option),
     )

@@ -29,6 +29,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "moerun.backends.torch",
     "moerun.backends.llamacpp",
     "moerun.backends.onnxruntime",
+    "moerun.backends.tensorrt",
     "moerun.plugins.reporters",
     "moerun.plugins.trackers",
 )

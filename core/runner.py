@@ -61,6 +61,7 @@ class Point:
     warmup: int = attrs.field(default=1, validator=_non_negative)
     seed: int = 0
     threads: int | None = None
+    device: str | None = None  # None: cpu where the backend runs there, else its first device
     compile: bool = False
     router_skew: float = 0.0
     checkpoint_dtype: str = "float32"
@@ -164,6 +165,14 @@ def measure(point: Point, plugins: "MoerunPlugins", cache: Cache | None = None,
         result["backend_version"] = av.version
         if not av.available:
             raise BackendUnavailableError(f"backend {backend.name} unavailable: {av.reason}. {av.install_hint}".strip())
+        devices = backend.capabilities.devices
+        device = point.device or ("cpu" if "cpu" in devices else devices[0])
+        result["device"] = device
+        if device.split(":")[0] not in devices:
+            raise UnsupportedError(f"backend {backend.name} does not run on {device} (devices: {', '.join(devices)})")
+        if av.devices and device.split(":")[0] not in av.devices:
+            raise UnsupportedError(f"no {device} device here for backend {backend.name} "
+                                   f"(present: {', '.join(av.devices)})")
         model_path = Path(point.model)
         t0 = time.perf_counter()
         if model_path.is_file() and model_path.suffix in backend.capabilities.artifact_suffixes:
@@ -195,7 +204,8 @@ def measure(point: Point, plugins: "MoerunPlugins", cache: Cache | None = None,
                 f"max_position_embeddings ({spec.max_position_embeddings})"
             )
         settings = LoadSettings(
-            threads=point.threads, max_context=context, compile=point.compile, options=dict(point.options)
+            threads=point.threads, device=device, max_context=context, compile=point.compile,
+            options=dict(point.options),
         )
         session = backend.load(artifact, settings)
         t3 = time.perf_counter()

@@ -58,6 +58,7 @@ def _fmt(value: Any, fmt: str) -> str:
 def table(results: list[dict[str, Any]], stream: TextIO) -> None:
     """Results and the MoE-vs-dense verdict as rich tables."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(file=stream, width=200 if not stream.isatty() else None)
@@ -65,12 +66,12 @@ def table(results: list[dict[str, Any]], stream: TextIO) -> None:
     for i, (header, _, _) in enumerate(COLUMNS):
         t.add_column(header, justify="left" if i < 6 else "right", no_wrap=i < 6)
     for r in results:
-        t.add_row(*[_fmt(get(r), fmt) for _, get, fmt in COLUMNS])
+        t.add_row(*[escape(_fmt(get(r), fmt)) for _, get, fmt in COLUMNS])
     console.print(t)
     failures = [r for r in results if r.get("status") not in ("ok",)]
     for r in failures:
-        console.print(f"[bold]{r.get('status')}[/]: {r.get('model_name')} on {r.get('backend')}: {r.get('error')}",
-                      highlight=False, markup=True)
+        console.print(f"[bold]{r.get('status')}[/]: "
+                      + escape(f"{r.get('model_name')} on {r.get('backend')}: {r.get('error')}"), highlight=False)
     rows = verdicts(results)
     if rows:
         v = Table(title="MoE / dense twin (tokens/s ratio; > 1 means the MoE is faster)", header_style="bold")

@@ -49,7 +49,7 @@ def test_unsupported_precision_is_reported_not_fatal(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--backend", "nope"], "unknown backend 'nope'; available: torch, llamacpp, onnxruntime"),
+    (["--backend", "nope"], "unknown backend 'nope'; available: torch, llamacpp, onnxruntime, onnxruntime-contrib"),
     (["--backend", "torch", "--precision", "fp5"], "unknown precision 'fp5'"),
     (["--model", "tiny-mo"], "unknown model preset 'tiny-mo'"),
     (["--model", "tiny-dense:dense-active"], "is dense: only MoE models have dense twins"),
@@ -88,3 +88,8 @@ def test_help_lists_commands_and_options():
     out = run_cli("--help")
     for word in ("backends", "models", "plugins", "--backend", "--precision", "--output", "--json"):
         assert word in out.stdout
+
+
+def test_install_hints_survive_table_markup():
+    out = run_cli("backends")
+    assert "moerun[tensorrt]" in out.stdout.replace("│", "").replace("\n", "").replace(" ", "")

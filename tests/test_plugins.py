@@ -12,7 +12,7 @@ from moerun.registry import BackendRegistry
 
 def test_defaults_register_torch_presets_and_reporters(plugins):
     assert "torch" in plugins.backends and "pytorch" in plugins.backends
-    assert plugins.backends.primary_names() == ["torch", "llamacpp", "onnxruntime", "onnxruntime-contrib"]
+    assert plugins.backends.primary_names() == ["torch", "llamacpp", "onnxruntime", "onnxruntime-contrib", "tensorrt"]
     assert "tiny-moe" in plugins.models and "olmoe-1b-7b" in plugins.models
     assert {"table", "json", "csv"} <= set(plugins.reporters)
     assert {"rss", "rapl"} <= set(plugins.trackers)

@@ -1,0 +1,249 @@
+"""The TensorRT backend (TensorRT 10 Python API). UNVERIFIED: no machine this project runs
+on has TensorRT (PyPI ships only the bindings; the runtime libraries come from NVIDIA's
+own index), so this code is written against the documented API and exercised only as far
+as the installed packages allow; tests cover its ONNX input and its availability report.
+
+- Engine: the engine-neutral ONNX graph (backends/onnxgraph, standard-op MoE) through
+  ``trt.OnnxParser``; two optimisation profiles (prefill: T in [1, max_prompt]; decode:
+  T = 1) with the past length in [0, max_context]; fp16 / bf16 builder flags; a timing
+  cache per GPU; the serialized engine cached by checkpoint content, precision, GPU model
+  and TensorRT version.
+- Run: torch CUDA tensors bound with ``set_tensor_address``; ``execute_async_v3`` on a
+  torch stream; one execution context per profile; the KV cache ping-pongs between two
+  device buffers per layer (present of one step is the past of the next, never copied to
+  the host); ``logits_from`` is a shape tensor and lives in host memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from moerun import (
+    Artifact,
+    Availability,
+    Backend,
+    BackendRuntimeError,
+    BackendUnavailableError,
+    Cache,
+    Capabilities,
+    Checkpoint,
+    ConfigError,
+    LoadSettings,
+    Session,
+    UnsupportedError,
+)
+
+BUILD_VERSION = "trt-engine-1"
+MAX_CONTEXT = 4096
+MAX_PROMPT = 2048
+INSTALL_HINT = ("pip install 'moerun[tensorrt]' on a Linux machine with an NVIDIA GPU and driver "
+                "(the runtime wheels come from NVIDIA's package index)")
+
+
+def _trt_and_torch():
+    try:
+        import tensorrt as trt
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a broken native library
+        raise BackendUnavailableError(f"tensorrt not importable ({type(exc).__name__}: {exc})") from None
+    try:
+        import torch
+    except Exception as exc:  # noqa: BLE001
+        raise BackendUnavailableError(f"torch (for CUDA buffers) not importable ({exc})") from None
+    return trt, torch
+
+
+def availability_report() -> Availability:
+    """Why TensorRT can or cannot run here, in the order a user would fix it."""
+    try:
+        trt, torch = _trt_and_torch()
+    except BackendUnavailableError as exc:
+        return Availability(available=False, reason=str(exc), install_hint=INSTALL_HINT)
+    version = getattr(trt, "__version__", "?")
+    major = int(version.split(".")[0]) if version[:1].isdigit() else 0
+    if major < 10:
+        return Availability(available=False, reason=f"TensorRT {version} found; moerun needs TensorRT 10 or newer",
+                            install_hint=INSTALL_HINT, version=version)
+    if not torch.cuda.is_available():
+        why = "no CUDA device visible to torch"
+        if torch.version.cuda is None:
+            why += f" (torch {torch.__version__} is a CPU-only build)"
+        return Availability(available=False, reason=why, install_hint=INSTALL_HINT, version=version)
+    return Availability(available=True, version=version, devices=("cuda",))
+
+
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+    aliases = ("trt",)
+    description = "TensorRT 10 engines from the shared ONNX graph (standard-op MoE); UNVERIFIED here"
+    capabilities = Capabilities(precisions=("fp32", "fp16", "bf16"), default_precision="fp16", supports_moe=True,
+                                devices=("cuda",))
+    install_hint = INSTALL_HINT
+
+    def availability(self) -> Availability:
+        return availability_report()
+
+    def check(self, spec, precision):
+        super().check(spec, precision)
+        if spec.max_position_embeddings < 2:
+            raise UnsupportedError("model context too short")
+
+    def prepare(self, checkpoint: Checkpoint, precision: str, cache: Cache) -> Artifact:
+        trt, torch = _trt_and_torch()
+        import onnx
+
+        from moerun.backends.onnxgraph.builder import build_onnx
+
+        spec = checkpoint.spec
+        gpu = torch.cuda.get_device_name(0)
+        key = (BUILD_VERSION, checkpoint.content_hash(), precision, gpu, trt.__version__)
+        folder = cache.artifact_dir(self.name, *key)
+        engine_path = folder / "model.engine"
+        if not engine_path.exists():
+            with cache.building(folder) as tmp:
+                onnx_path = tmp / "model.onnx"
+                model = build_onnx(checkpoint, formulation="standard")
+                big = model.ByteSize() >= (1 << 30)
+                onnx.save_model(model, str(onnx_path), save_as_external_data=big, all_tensors_to_one_file=True,
+                                location="model.onnx.data" if big else None)
+                del model
+                timing = cache.root / "tensorrt" / f"timing-{hashlib.sha256(gpu.encode()).hexdigest()[:12]}.cache"
+                (tmp / "model.engine").write_bytes(build_engine(trt, onnx_path, spec, precision, timing))
+        return Artifact(backend=self.name, precision=precision, spec=spec, path=engine_path,
+                        size_bytes=engine_path.stat().st_size,
+                        meta={"format": "tensorrt-engine", "gpu": gpu, "tensorrt": trt.__version__,
+                              "max_context": min(MAX_CONTEXT, spec.max_position_embeddings)})
+
+    def load(self, artifact: Artifact, settings: LoadSettings) -> Session:
+        if settings.options:
+            raise ConfigError(f"tensorrt backend takes no options, got {', '.join(sorted(settings.options))}")
+        if not settings.device.startswith("cuda"):
+            raise UnsupportedError("TensorRT runs on CUDA devices only")
+        return TensorRTSession(artifact, settings)
+
+
+def build_engine(trt: Any, onnx_path: Path, spec: Any, precision: str, timing_cache: Path) -> bytes:
+    """Parse the ONNX graph and build a serialized engine with prefill and decode profiles."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BackendRuntimeError(f"TensorRT could not parse the ONNX graph: {errors}")
+    config = builder.create_builder_config()
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif precision == "bf16":
+        config.set_flag(trt.BuilderFlag.BF16)
+    cache_bytes = timing_cache.read_bytes() if timing_cache.exists() else b""
+    timing = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(timing, ignore_mismatch=False)
+    max_ctx = min(MAX_CONTEXT, spec.max_position_embeddings)
+    max_prompt = min(MAX_PROMPT, max_ctx)
+    kv = (spec.num_kv_heads, spec.head_dim)
+    for t_min, t_opt, t_max in ((1, min(128, max_prompt), max_prompt), (1, 1, 1)):  # prefill, decode
+        profile = builder.create_optimization_profile()
+        profile.set_shape("input_ids", (1, t_min), (1, t_opt), (1, t_max))
+        profile.set_shape_input("logits_from", [0], [t_opt - 1], [t_max - 1])
+        for i in range(spec.num_layers):
+            for kind in ("key", "value"):
+                profile.set_shape(f"past_{kind}_{i}", (1, kv[0], 0, kv[1]), (1, kv[0], max_ctx // 2, kv[1]),
+                                  (1, kv[0], max_ctx - t_min, kv[1]))
+        config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BackendRuntimeError("TensorRT failed to build the engine (see the TensorRT log above)")
+    timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    timing_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    return bytes(serialized)
+
+
+class TensorRTSession(Session):
+    def __init__(self, artifact: Artifact, settings: LoadSettings) -> None:
+        trt, torch = _trt_and_torch()
+        self.trt, self.torch = trt, torch
+        self.spec = s = artifact.spec
+        self.device = torch.device(settings.device)
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(artifact.path.read_bytes())
+        if self.engine is None:
+            raise BackendRuntimeError(f"TensorRT could not deserialize {artifact.path} (another GPU or version?)")
+        self.stream = torch.cuda.Stream(device=self.device)
+        self.contexts = []
+        for profile in (0, 1):  # prefill, decode
+            ctx = self.engine.create_execution_context()
+            ctx.set_optimization_profile_async(profile, self.stream.cuda_stream)
+            self.contexts.append(ctx)
+        self.max_context = min(settings.max_context, artifact.meta["max_context"])
+        self.max_prompt = min(MAX_PROMPT, self.max_context)
+        kv_shape = (1, s.num_kv_heads, self.max_context, s.head_dim)
+        # two buffers per cache tensor: step n reads one and writes the other
+        self.kv = {f"{kind}_{i}": [torch.empty(kv_shape, dtype=torch.float32, device=self.device) for _ in range(2)]
+                   for i in range(s.num_layers) for kind in ("key", "value")}
+        self.logits = torch.empty((1, self.max_prompt, s.vocab_size), dtype=torch.float32, device=self.device)
+        self.ids = torch.empty((1, self.max_prompt), dtype=torch.int64, device=self.device)
+        self.logits_from = np.zeros(1, dtype=np.int64)  # a shape tensor: host memory
+        self.kv_bytes_per_value = 4.0
+        self.reset()
+
+    def reset(self) -> None:
+        self.pos = 0
+        self.flip = 0
+
+    def _run(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
+        ids = [int(t) for t in ids]
+        T = len(ids)
+        if T == 0:
+            raise ConfigError("prefill needs at least one token id")
+        if T > self.max_prompt or self.pos + T > self.max_context:
+            raise ConfigError(f"{T} tokens after {self.pos} exceed the engine's profiles "
+                              f"(prompt <= {self.max_prompt}, context <= {self.max_context})")
+        if min(ids) < 0 or max(ids) >= self.spec.vocab_size:
+            raise ConfigError(f"token ids must be in [0, {self.spec.vocab_size})")
+        ctx = self.contexts[1 if T == 1 else 0]
+        s, P = self.spec, self.pos
+        self.ids[0, :T].copy_(self.torch.tensor(ids, dtype=self.torch.int64), non_blocking=True)
+        ctx.set_input_shape("input_ids", (1, T))
+        ctx.set_tensor_address("input_ids", self.ids.data_ptr())
+        self.logits_from[0] = 0 if all_logits else T - 1
+        ctx.set_tensor_address("logits_from", self.logits_from.ctypes.data)
+        src, dst = self.flip, 1 - self.flip
+        for i in range(s.num_layers):
+            for kind in ("key", "value"):
+                bufs = self.kv[f"{kind}_{i}"]
+                ctx.set_input_shape(f"past_{kind}_{i}", (1, s.num_kv_heads, P, s.head_dim))
+                ctx.set_tensor_address(f"past_{kind}_{i}", bufs[src].data_ptr())
+                ctx.set_tensor_address(f"present_{kind}_{i}", bufs[dst].data_ptr())
+        ctx.set_tensor_address("logits", self.logits.data_ptr())
+        if not ctx.execute_async_v3(self.stream.cuda_stream):
+            raise BackendRuntimeError("TensorRT execute_async_v3 failed")
+        self.stream.synchronize()
+        n = T if all_logits else 1
+        self.pos += T
+        self.flip = dst
+        # present is [1, kv, P+T, hd] written contiguously at the start of the buffer, which is
+        # exactly how the next step reads its past
+        return self.logits.view(-1)[: n * s.vocab_size].view(n, s.vocab_size).cpu().numpy()
+
+    def prefill(self, token_ids: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
+        return self._run(token_ids, all_logits)
+
+    def decode(self, token_id: int) -> np.ndarray:
+        return self._run([token_id], False)[0]
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+
+    def describe(self) -> dict[str, Any]:
+        return {"tensorrt": self.trt.__version__, "gpu": self.torch.cuda.get_device_name(self.device),
+                "profiles": ["prefill", "decode"], "max_context": self.max_context}
+
+    def close(self) -> None:
+        self.contexts = []
+        self.engine = None
+        self.kv = {}
