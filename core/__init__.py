@@ -23,7 +23,7 @@ from .errors import (
 from .hookimpl import hookimpl
 from .manager import get_plugin_manager
 from .precision import PRECISIONS, get_precision
-from .runner import Point, measure, run_isolated, token_ids
+from .runner import Point, measure, run_isolated, teacher_forced_logits, token_ids
 from .spec import FAMILIES, ModelSpec
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "Capabilities", "Checkpoint", "CheckpointError", "ConfigError", "FAMILIES", "LoadSettings",
     "ModelSpec", "MoerunError", "PRECISIONS", "PluginLoadError", "Point", "Session",
     "UnknownBackendError", "UnknownModelError", "UnsupportedError", "__version__", "get_plugin_manager",
-    "get_precision", "hookimpl", "measure", "run_isolated", "synthetic_checkpoint", "token_ids",
+    "get_precision", "hookimpl", "measure", "run_isolated", "synthetic_checkpoint", "teacher_forced_logits",
+    "token_ids",
     "write_synthetic",
 ]

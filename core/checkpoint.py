@@ -34,7 +34,7 @@ _BLOCK = 1 << 22  # elements per RNG block: output bytes never depend on memory 
 SHARD_BYTES = 2 << 30
 
 
-def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
+def to_bf16_bits(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns (round to nearest even)."""
     u = x.astype(np.float32, copy=False).view(np.uint32)
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
@@ -168,7 +168,7 @@ def write_synthetic(
                     weight_map[name] = fname
                     for block in synthetic_tensor_blocks(name, shape, spec, seed, router_skew):
                         if st == "BF16":
-                            block = _to_bf16_bits(block)
+                            block = to_bf16_bits(block)
                         elif st == "F16":
                             block = block.astype(np.float16)
                         f.write(block.tobytes())

@@ -19,7 +19,7 @@ import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import attrs
 import numpy as np
@@ -84,6 +84,15 @@ class Point:
         for k in ("timeout_s", "role", "group"):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def teacher_forced_logits(session: Any, ids: Sequence[int], n_prompt: int) -> np.ndarray:
+    """Logits of every position of `ids`: a prefill of the first `n_prompt` ids with all
+    logits, then one decode call per remaining id (the parity workload), [len(ids), vocab]."""
+    session.reset()
+    first = session.prefill(ids[:n_prompt], all_logits=True)
+    rest = [session.decode(t) for t in ids[n_prompt:]]
+    return np.concatenate([first, np.stack(rest)]) if rest else first
 
 
 def _nominal(precision: str) -> str:

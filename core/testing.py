@@ -30,7 +30,7 @@ from .checkpoint import synthetic_checkpoint
 from .errors import ConfigError, MoerunError, UnsupportedError
 from .manager import get_plugin_manager
 from .precision import PRECISIONS
-from .runner import token_ids
+from .runner import teacher_forced_logits, token_ids
 
 
 class BackendConformance:
@@ -116,9 +116,8 @@ class BackendConformance:
         spec, _, s = self._session(plugins, available, conformance_cache, "tiny-moe")
         try:
             ids = token_ids(spec.vocab_size, 10, seed=2)
-            a = np.concatenate([s.prefill(ids[:6]), np.stack([s.decode(t) for t in ids[6:]])])
-            s.reset()
-            b = np.concatenate([s.prefill(ids[:6]), np.stack([s.decode(t) for t in ids[6:]])])
+            a = teacher_forced_logits(s, ids, 6)
+            b = teacher_forced_logits(s, ids, 6)
             np.testing.assert_allclose(a, b, atol=1e-5)
         finally:
             s.close()
@@ -147,9 +146,7 @@ class BackendConformance:
         ref = reference.load(reference.prepare(ck, "fp32", conformance_cache), LoadSettings(max_context=64))
         try:
             ids = token_ids(spec.vocab_size, 20, seed=4)
-            got = np.concatenate([s.prefill(ids[:14], all_logits=True), np.stack([s.decode(t) for t in ids[14:]])])
-            want = np.concatenate([ref.prefill(ids[:14], all_logits=True),
-                                   np.stack([ref.decode(t) for t in ids[14:]])])
+            got, want = teacher_forced_logits(s, ids, 14), teacher_forced_logits(ref, ids, 14)
             diff = float(np.abs(got - want).max())
             top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
             print(f"{self.backend_name} {self._precision(available)} {model}: max abs diff {diff:.2e}, "

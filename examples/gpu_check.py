@@ -13,16 +13,12 @@ import sys
 
 import numpy as np
 
-from moerun import Cache, LoadSettings, Point, get_plugin_manager, measure, synthetic_checkpoint, token_ids
+from moerun import (Cache, LoadSettings, Point, get_plugin_manager, measure, synthetic_checkpoint,
+                    teacher_forced_logits, token_ids)
 
 MODELS = ("tiny-dense", "tiny-moe", "tiny-qwen2-moe")
 CHECKS = [("torch", "fp32", 1e-3), ("torch", "bf16", 0.5), ("onnxruntime", "fp32", 1e-3),
           ("onnxruntime-contrib", "fp32", 1e-3), ("tensorrt", "fp32", 1e-2), ("tensorrt", "fp16", 0.5)]
-
-
-def logits(session, ids, n):
-    session.reset()
-    return np.concatenate([session.prefill(ids[:n], all_logits=True), np.stack([session.decode(t) for t in ids[n:]])])
 
 
 def main() -> int:
@@ -39,7 +35,7 @@ def main() -> int:
         spec = pm.models.resolve(model)
         ck = synthetic_checkpoint(spec, cache, seed=0)
         ids = token_ids(spec.vocab_size, 40, seed=1)
-        ref = logits(ref_backend.load(ref_backend.prepare(ck, "fp32", cache), LoadSettings(max_context=64)), ids, 32)
+        ref = teacher_forced_logits(ref_backend.load(ref_backend.prepare(ck, "fp32", cache), LoadSettings(max_context=64)), ids, 32)
         for name, precision, atol in CHECKS:
             backend = pm.backends.get(name)()
             av = backend.availability()
@@ -48,7 +44,7 @@ def main() -> int:
                 continue
             try:
                 s = backend.load(backend.prepare(ck, precision, cache), LoadSettings(device="cuda", max_context=64))
-                got = logits(s, ids, 32)
+                got = teacher_forced_logits(s, ids, 32)
                 s.close()
             except Exception as exc:  # noqa: BLE001 - report and go on
                 failures += 1

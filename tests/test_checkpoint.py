@@ -119,7 +119,7 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cp, "_to_bf16_bits", boom)
+    monkeypatch.setattr(cp, "to_bf16_bits", boom)
     with pytest.raises(KeyboardInterrupt):
         write_synthetic(TINY_MOE, tmp_path / "x", seed=0, dtype="bfloat16")
     assert list(tmp_path.iterdir()) == []

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moerun import CheckpointError, LoadSettings, Point, UnsupportedError, measure, synthetic_checkpoint, token_ids
+from moerun import (CheckpointError, LoadSettings, Point, UnsupportedError, measure, synthetic_checkpoint,
+                    teacher_forced_logits, token_ids)
 from moerun.presets import TINY
 
 FAMILIES = [s.name for s, _ in TINY if s.name.startswith("tiny-")]
@@ -23,15 +24,9 @@ def backends():
     return pm, pm.backends.get("torch")(), pm.backends.get("llamacpp")()
 
 
-def _logits(session, ids, n_prompt):
-    session.reset()
-    first = session.prefill(ids[:n_prompt], all_logits=True)
-    return np.concatenate([first, np.stack([session.decode(t) for t in ids[n_prompt:]])])
-
-
 def _reference(torch_backend, ck, cache, ids, n_prompt):
     s = torch_backend.load(torch_backend.prepare(ck, "fp32", cache), LoadSettings(max_context=64))
-    return _logits(s, ids, n_prompt)
+    return teacher_forced_logits(s, ids, n_prompt)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -42,7 +37,7 @@ def test_f32_matches_the_pytorch_reference(backends, cache, name):
     ids = token_ids(spec.vocab_size, 24, seed=3)
     ref = _reference(tb, ck, cache, ids, 16)
     s = lb.load(lb.prepare(ck, "f32", cache), LoadSettings(max_context=64, options=EXACT))
-    got = _logits(s, ids, 16)
+    got = teacher_forced_logits(s, ids, 16)
     diff = np.abs(got - ref).max()
     top1 = (got.argmax(-1) == ref.argmax(-1)).mean()
     print(f"{name} f32 (f32 KV, no flash attention): max abs diff {diff:.2e}, top-1 agreement {top1:.0%}")
@@ -61,7 +56,7 @@ def test_reduced_precisions_agree_on_top1(backends, cache, name, precision, min_
     ref = _reference(tb, ck, cache, ids, 32)
     art = lb.prepare(ck, precision, cache)
     s = lb.load(art, LoadSettings(max_context=64))  # defaults: f16 KV, flash attention auto, no repack
-    got = _logits(s, ids, 32)
+    got = teacher_forced_logits(s, ids, 32)
     top1 = (got.argmax(-1) == ref.argmax(-1)).mean()
     print(f"{name} {precision}: top-1 agreement {top1:.0%}, max abs diff {np.abs(got - ref).max():.2f}, "
           f"{art.meta['bits_per_weight']:.2f} bits/weight")

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moerun import CheckpointError, LoadSettings, Point, UnsupportedError, measure, synthetic_checkpoint, token_ids
+from moerun import (CheckpointError, LoadSettings, Point, UnsupportedError, measure, synthetic_checkpoint,
+                    teacher_forced_logits, token_ids)
 from moerun.presets import TINY
 
 FAMILIES = [s.name for s, _ in TINY if s.name.startswith("tiny-")]
@@ -23,15 +24,9 @@ def pm():
     return pm
 
 
-def _logits(session, ids, n_prompt):
-    session.reset()
-    first = session.prefill(ids[:n_prompt], all_logits=True)
-    return np.concatenate([first, np.stack([session.decode(t) for t in ids[n_prompt:]])])
-
-
 def _reference(pm, ck, cache, ids, n_prompt):
     tb = pm.backends.get("torch")()
-    return _logits(tb.load(tb.prepare(ck, "fp32", cache), LoadSettings(max_context=64)), ids, n_prompt)
+    return teacher_forced_logits(tb.load(tb.prepare(ck, "fp32", cache), LoadSettings(max_context=64)), ids, n_prompt)
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "onnxruntime-contrib"])
@@ -46,7 +41,7 @@ def test_fp32_matches_the_pytorch_reference(pm, cache, backend, name):
     onnx.checker.check_model(str(art.path))  # what TensorRT would parse, too (standard formulation)
     ids = token_ids(spec.vocab_size, 24, seed=3)
     ref = _reference(pm, ck, cache, ids, 16)
-    got = _logits(b.load(art, LoadSettings(max_context=64)), ids, 16)
+    got = teacher_forced_logits(b.load(art, LoadSettings(max_context=64)), ids, 16)
     diff, top1 = np.abs(got - ref).max(), (got.argmax(-1) == ref.argmax(-1)).mean()
     print(f"{name} {backend} fp32: max abs diff {diff:.2e}, top-1 agreement {top1:.0%}")
     assert diff < 1e-4 and top1 == 1.0
@@ -87,7 +82,7 @@ def test_quantised_variants_agree_on_top1(pm, cache, backend, name, precision, m
     art = b.prepare(ck, precision, cache)
     ids = token_ids(spec.vocab_size, 48, seed=4)
     ref = _reference(pm, ck, cache, ids, 32)
-    got = _logits(b.load(art, LoadSettings(max_context=64)), ids, 32)
+    got = teacher_forced_logits(b.load(art, LoadSettings(max_context=64)), ids, 32)
     top1 = (got.argmax(-1) == ref.argmax(-1)).mean()
     fp32 = b.prepare(ck, "fp32", cache).size_bytes
     print(f"{name} {backend} {precision}: top-1 agreement {top1:.0%}, max abs diff {np.abs(got - ref).max():.2f}, "
@@ -107,7 +102,7 @@ def test_unsupported_combinations_say_why(pm, cache):
     assert r["status"] == "unsupported"
 
 
-def test_kv_cache_stays_in_ortvalues_and_prefill_can_skip_logits(pm, cache):
+def test_kv_cache_stays_in_ortvalues_and_prefill_can_skipteacher_forced_logits(pm, cache):
     spec = pm.models.resolve("tiny-moe")
     ck = synthetic_checkpoint(spec, cache, seed=0)
     b = pm.backends.get("onnxruntime")()

@@ -21,6 +21,7 @@ from typing import Iterator
 import numpy as np
 
 from moerun import Checkpoint, ModelSpec
+from moerun.checkpoint import to_bf16_bits
 
 # family -> (GGUF arch, llama.cpp renormalises the top-k weights, needs q/k permutation)
 ARCH = {
@@ -188,8 +189,7 @@ def write_gguf(ckpt: Checkpoint, path: Path, out_type: str = "f32") -> None:
         if x.shape != _shape(spec, name):
             raise AssertionError(f"{name}: shape {x.shape} != expected {_shape(spec, name)}")
         if kinds[name] == "bf16":
-            u = x.view(np.uint32)
-            x = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+            x = to_bf16_bits(x)
         elif kinds[name] == "f16":
             x = x.astype(np.float16)
         w.write_tensor_data(x)
