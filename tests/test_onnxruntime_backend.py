@@ -64,7 +64,8 @@ def test_standard_graph_uses_no_contrib_ops(pm, cache):
     assert {d for d, _ in found} == {"ai.onnx"}
     assert {("ai.onnx", "TopK"), ("ai.onnx", "Gather"), ("ai.onnx", "If")} <= found
     contrib = onnx.load(str(pm.backends.get("onnxruntime-contrib")().prepare(ck, "fp32", cache).path))
-    assert any(n.op_type == "MoE" and n.domain == "com.microsoft" for n in contrib.graph.node)
+    kinds = {(n.domain, n.op_type) for n in contrib.graph.node}
+    assert {("com.microsoft", "MoE"), ("com.microsoft", "GroupQueryAttention")} <= kinds
 
 
 @pytest.mark.parametrize("backend, name, precision, min_top1", [

@@ -63,7 +63,7 @@ class _G:
 
 class OnnxDecoderBuilder:
     def __init__(self, ckpt: Checkpoint, *, formulation: str = "standard", expert_bits: int | None = None,
-                 block_size: int = 32, int8_experts: bool = False) -> None:
+                 block_size: int = 32, int8_experts: bool = False, attention: str = "plain") -> None:
         if formulation not in FORMULATIONS:
             raise ValueError(f"MoE formulation must be one of {FORMULATIONS}, got {formulation!r}")
         if expert_bits is not None and formulation != "contrib":
@@ -73,6 +73,11 @@ class OnnxDecoderBuilder:
             raise ValueError("int8_experts is the standard formulation's quantisation (contrib: expert_bits)")
         self.formulation, self.expert_bits, self.block_size = formulation, expert_bits, block_size
         self.int8_experts = int8_experts
+        if attention not in ("plain", "gqa"):
+            raise ValueError(f"attention must be 'plain' or 'gqa', got {attention!r}")
+        if attention == "gqa" and formulation != "contrib":
+            raise ValueError("GroupQueryAttention is an ONNX Runtime contrib op: use it with the contrib formulation")
+        self.attention = attention
         self.g = _G()
         self.node_categories: dict[str, str] = {}
 
@@ -132,6 +137,13 @@ class OnnxDecoderBuilder:
         # query rows come grouped by head within each KV head (row = g * T + t): tile the mask
         mask = g.op("Tile", [mask, g.const(np.array([group, 1], np.int64))])
 
+        if self.attention == "gqa":
+            seqlens_k = g.op("Cast", [g.op("Sub", [g.op("Unsqueeze", [end, g.const(np.array([0], np.int64))]), one])],
+                             to=6)  # int32 [1]: total length - 1
+            total_len = g.op("Cast", [end], to=6)
+            half = s.head_dim // 2
+            self.gqa_cos = g.const(self._rope_table(np.cos)[:, :half].copy(), "gqa_cos_cache")
+            self.gqa_sin = g.const(self._rope_table(np.sin)[:, :half].copy(), "gqa_sin_cache")
         x = g.op("Gather", [self.w("model.embed_tokens.weight"), "input_ids"], axis=0)  # [1, T, H]
         scale = g.const(np.float32(1.0 / np.sqrt(hd)))
         for i in range(s.num_layers):
@@ -152,6 +164,11 @@ class OnnxDecoderBuilder:
             if s.qk_norm == "full":
                 q = self.rms(q, self.w(a + "q_norm.weight"))
                 k = self.rms(k, self.w(a + "k_norm.weight"))
+            if self.attention == "gqa":
+                x = g.op("Add", [x, self._gqa(i, q, k, v, seqlens_k, total_len)])
+                h = self.rms(x, self.w(p + "post_attention_layernorm.weight"))
+                x = g.op("Add", [x, self.ffn(i, h)])
+                continue
             q = g.op("Transpose", [g.op("Reshape", [q, g.const(np.array([1, -1, nh, hd], np.int64))])],
                      perm=[0, 2, 1, 3])
             k = g.op("Transpose", [g.op("Reshape", [k, g.const(np.array([1, -1, nkv, hd], np.int64))])],
@@ -191,6 +208,27 @@ class OnnxDecoderBuilder:
         model = helper.make_model(graph, opset_imports=opsets, producer_name="moerun")
         model.ir_version = 8
         return model
+
+    def _gqa(self, i: int, q: str, k: str, v: str, seqlens_k: str, total_len: str) -> str:
+        """Attention as ONNX Runtime's GroupQueryAttention: rotary, per-head q/k norm, the
+        causal mask and the KV concatenation in one kernel."""
+        from onnx import helper
+
+        s, g, a = self.spec, self.g, f"model.layers.{i}.self_attn."
+        if s.qk_norm == "head":
+            # the op's own per-head norm inputs exist on CUDA/WebGPU only: normalise here, per head
+            def per_head(t: str, heads: int, weight: str) -> str:
+                t4 = g.op("Reshape", [t, g.const(np.array([1, -1, heads, s.head_dim], np.int64))])
+                return g.op("Reshape", [self.rms(t4, self.w(weight)), g.const(np.array([1, -1, heads * s.head_dim],
+                                                                                       np.int64))])
+            q, k = per_head(q, s.num_heads, a + "q_norm.weight"), per_head(k, s.num_kv_heads, a + "k_norm.weight")
+        inputs = [q, k, v, f"past_key_{i}", f"past_value_{i}", seqlens_k, total_len, self.gqa_cos, self.gqa_sin]
+        attrs = dict(num_heads=s.num_heads, kv_num_heads=s.num_kv_heads, do_rotary=1, rotary_interleaved=0,
+                     scale=float(1.0 / np.sqrt(s.head_dim)))
+        out = g.name("gqa_out")
+        g.nodes.append(helper.make_node("GroupQueryAttention", inputs, [out, f"present_key_{i}", f"present_value_{i}"],
+                                        name=f"l{i}_attn_gqa", domain="com.microsoft", **attrs))
+        return g.op("MatMul", [out, self.w(a + "o_proj.weight", transpose=True)], name=f"l{i}_attn_out")
 
     def _rope_table(self, fn) -> np.ndarray:
         s = self.spec

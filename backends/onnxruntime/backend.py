@@ -92,7 +92,8 @@ class OnnxRuntimeBackend(Backend):
         from moerun.backends.onnxgraph.builder import build_onnx
 
         int8_experts = precision == "int8" and formulation == "standard"
-        model = build_onnx(ckpt, formulation=formulation, expert_bits=expert_bits, int8_experts=int8_experts)
+        model = build_onnx(ckpt, formulation=formulation, expert_bits=expert_bits, int8_experts=int8_experts,
+                           attention="gqa" if formulation == "contrib" else "plain")
         routers = [n.name for n in model.graph.node if "_router_gate" in n.name]
         import logging
 
@@ -102,9 +103,11 @@ class OnnxRuntimeBackend(Backend):
 
             raw = path.with_name("fp32.onnx")
             self._save(model, raw)
+            # DefaultTensorType: shape inference knows no types behind contrib ops (GroupQueryAttention)
             quantize_dynamic(str(raw), str(path), per_channel=True, weight_type=QuantType.QInt8,
                              op_types_to_quantize=["MatMul"], nodes_to_exclude=routers,
-                             use_external_data_format=raw.with_suffix(".onnx.data").exists())
+                             use_external_data_format=raw.with_suffix(".onnx.data").exists(),
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
             for p in raw.parent.glob("fp32.onnx*"):
                 p.unlink()
             return
@@ -137,13 +140,21 @@ class OnnxRuntimeBackend(Backend):
         return OnnxRuntimeSession(artifact, settings)
 
 
+def _graph_nodes(path: Path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False).graph.node
+
+
 class OnnxRuntimeContribBackend(OnnxRuntimeBackend):
-    """MoE as ONNX Runtime's com.microsoft MoE / QMoE kernels (ONNX Runtime only)."""
+    """ONNX Runtime's own com.microsoft kernels: MoE / QMoE for the experts and
+    GroupQueryAttention for attention. On a dense twin the two ONNX Runtime backends differ
+    only in attention, so the twins measure the attention path and the MoE models both."""
 
     name = "onnxruntime-contrib"
     aliases = ("ort-contrib",)
     formulation = "contrib"
-    description = "ONNX Runtime, MoE as the com.microsoft MoE / QMoE contrib ops"
+    description = "ONNX Runtime with its com.microsoft kernels: MoE / QMoE experts, GroupQueryAttention"
 
 
 class OnnxRuntimeSession(Session):
@@ -161,6 +172,7 @@ class OnnxRuntimeSession(Session):
         if level not in levels:
             raise ConfigError(f"onnxruntime: opt_level must be one of {', '.join(levels)}, got {level!r}")
         so.graph_optimization_level = levels[level]
+        so.log_severity_level = 3  # errors only: unused-initializer notes are not news
         self.threads = settings.threads or len(os.sched_getaffinity(0))
         so.intra_op_num_threads = self.threads
         # spinning on: turning it off cost 0.7-2 ms per decode step here (ENGINE-NOTES)
@@ -184,6 +196,7 @@ class OnnxRuntimeSession(Session):
         self.spec = artifact.spec
         self.device = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
         self.output_names = [o.name for o in self.sess.get_outputs()]
+        self.gqa = any(n.op_type == "GroupQueryAttention" for n in _graph_nodes(artifact.path))
         self.kv_names = [n for n in self.output_names if n.startswith("present_")]
         self.max_context = settings.max_context
         self.kv_bytes_per_value = 4.0
@@ -229,7 +242,8 @@ class OnnxRuntimeSession(Session):
 
     def describe(self) -> dict[str, Any]:
         return {"provider": self.provider, "threads": self.threads, "profile": self.profile,
-                "kv_cache": "OrtValues via IO binding"}
+                "kv_cache": "OrtValues via IO binding",
+                "attention": "GroupQueryAttention" if self.gqa else "plain ops"}
 
     def close(self) -> None:
         if getattr(self, "sess", None) is not None:

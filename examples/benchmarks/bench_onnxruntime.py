@@ -2,6 +2,9 @@
 """ONNX Runtime benchmark: both MoE formulations and every precision, next to the PyTorch
 backend on the same checkpoints, in one run, against this machine's measured bandwidth.
 
+The dense twins run on both ONNX Runtime backends: there they differ only in attention
+(plain ops versus GroupQueryAttention), which measures the contrib attention path.
+
 Bandwidth uses the bytes actually read: the spec's per-token weights scaled by the
 artifact's real bits per weight (quantised graphs keep routers and norms in fp32), plus the
 KV cache. Targets (issue "ONNX Runtime backend"): fp32 and 4-bit decode >= 80 % of measured
@@ -43,8 +46,6 @@ def main() -> int:
             runs = [("torch", "fp32")] + [(b, p) for b in ("onnxruntime", "onnxruntime-contrib")
                                           for p in args.precisions.split(",")]
             for backend, precision in runs:
-                if backend == "onnxruntime-contrib" and not spec.is_moe:
-                    continue  # no MoE op in a dense graph: identical to the standard one
                 r = run_isolated(Point(model=name, backend=backend, precision=precision,
                                        prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                                        repetitions=args.repetitions, warmup=2, timeout_s=1800), cache=cache, env=env)
@@ -63,7 +64,7 @@ def main() -> int:
         for (role, backend, precision), tok_s in decode.items():
             if role != "moe":
                 continue
-            twin = decode.get(("dense-active", "onnxruntime" if backend.startswith("onnx") else backend, precision))
+            twin = decode.get(("dense-active", backend, precision))
             if twin:
                 slower = twin / tok_s
                 print(f"  MoE decode time / active-twin decode time, {backend} {precision}: {slower:.2f}x "
