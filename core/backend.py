@@ -104,6 +104,13 @@ class Session(abc.ABC):
         backend does not expose routing."""
         return None
 
+    def breakdown(self, prompt: "Sequence[int]", follow: "Sequence[int]") -> dict[str, Any] | None:
+        """Time one prefill of `prompt` and the decode of `follow` under the engine's own
+        instrument; None if the backend has none. Returns ``{"prefill": {category: s},
+        "decode": {category: s per token}, "prefill_wall_s": s, "decode_wall_s": s per token}``
+        with categories from :data:`moerun.breakdown.CATEGORIES`. Leaves the cache reset."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         """Facts about how the engine runs this model (kernels, threads, options), stored
         with the result."""

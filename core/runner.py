@@ -64,6 +64,7 @@ class Point:
     device: str | None = None  # None: cpu where the backend runs there, else its first device
     compile: bool = False
     router_skew: float = 0.0
+    breakdown: bool = False  # also run the engine's own per-op instrument (separate from timing)
     checkpoint_dtype: str = "float32"
     role: str = ""  # "moe", "dense-active", "dense-total", "" (table grouping only)
     group: str = ""  # the MoE model a twin belongs to
@@ -236,6 +237,8 @@ def measure(point: Point, plugins: "MoerunPlugins", cache: Cache | None = None,
             result["metrics"]["expert_counts"] = np.asarray(counts).tolist()
             result["metrics"].update(routing_stats(np.asarray(counts)))
         result["memory"] = {"peak_rss_bytes": _peak_rss_bytes(), "rss_after_load_bytes": rss_after_load}
+        if point.breakdown:
+            result["breakdown"] = _breakdown(session, prompt, follow, timings)
         result["status"] = "ok"
     except UnsupportedError as exc:
         result["status"], result["error"] = "unsupported", str(exc)
@@ -333,6 +336,21 @@ def _time_workload(session: Any, prompt: list[int], follow: list[int], reps: int
     if n_new:
         out["decode_token_ms"] = summarize([x / 1e6 for x in token_ns])
         out["decode_tok_s"] = summarize([n_new / (x / 1e9) for x in decode_rep_ns])
+    return out
+
+
+def _breakdown(session: Any, prompt: list[int], follow: list[int], timings: dict[str, Any]) -> dict[str, Any]:
+    """The engine's own per-category times, after (never during) the timed repetitions,
+    reconciled with the plain prefill time and per-token decode time of this run."""
+    from .breakdown import summarize
+
+    raw = session.breakdown(prompt, follow[: max(1, min(len(follow), 16))])
+    if raw is None:
+        return {"available": False, "reason": "this backend exposes no per-op instrument"}
+    out: dict[str, Any] = {"available": True, "instrument": raw.get("instrument", "")}
+    out["prefill"] = summarize(raw["prefill"], raw["prefill_wall_s"], timings["prefill_ms"]["median"] / 1e3)
+    if follow and raw.get("decode"):
+        out["decode"] = summarize(raw["decode"], raw["decode_wall_s"], timings["decode_token_ms"]["median"] / 1e3)
     return out
 
 

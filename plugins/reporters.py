@@ -85,6 +85,20 @@ def table(results: list[dict[str, Any]], stream: TextIO) -> None:
                                                               "ideal_decode_vs_total")],
                       _fmt(row.get("realised_share_decode"), "{:.0%}"))
         console.print(v)
+    with_breakdown = [r for r in results if (r.get("breakdown") or {}).get("available")]
+    if with_breakdown:
+        from moerun.breakdown import CATEGORIES
+
+        b = Table(title="decode time by category (share of the instrumented sum; engine's own profiler)",
+                  header_style="bold")
+        for h in ("model", "backend", *CATEGORIES, "sum / plain", "router / MoE block"):
+            b.add_column(h, justify="left" if h in ("model", "backend") else "right")
+        for r in with_breakdown:
+            d = r["breakdown"].get("decode") or r["breakdown"]["prefill"]
+            b.add_row(escape(str(r.get("model_name"))), escape(str(r.get("backend"))),
+                      *[_fmt(d["shares"][c], "{:.0%}") for c in CATEGORIES],
+                      _fmt(d.get("sum_over_plain"), "{:.2f}"), _fmt(d.get("router_share_of_moe_block"), "{:.1%}"))
+        console.print(b)
     env = next((r.get("env") for r in results if r.get("env")), None)
     if env and env.get("bandwidth_bytes_s"):
         console.print(f"machine: {env.get('cpu_model')}, {env.get('cores')} cores, measured read bandwidth "

@@ -144,4 +144,4 @@ def test_profiling_writes_the_engines_own_trace(pm, cache):
     s.close()
     events = json.loads(open(s.profile_file).read())
     names = {e.get("name", "") for e in events}
-    assert any(n.startswith("l0_experts_moe") for n in names)
+    assert any(n.startswith("experts:l0_experts_moe") for n in names)

@@ -93,6 +93,54 @@ def _log_tail(n: int = 3) -> str:
     return " | ".join(lines[-n:])
 
 
+_ROUTER_NODES = {"ffn_moe_logits", "ffn_moe_probs", "ffn_moe_probs_biased", "ffn_moe_argsort", "ffn_moe_topk",
+                 "ffn_moe_weights", "ffn_moe_weights_sum", "ffn_moe_weights_norm", "ffn_moe_weights_scaled",
+                 "ffn_moe_weights_softmax", "ffn_moe_group_topk", "ffn_moe_logits_biased"}
+_DENSE_FFN_NODES = {"ffn_gate", "ffn_up", "ffn_down", "ffn_swiglu", "ffn_silu", "ffn_gate_par", "ffn_act"}
+
+
+def categorize_node(name: str) -> str:
+    """A llama.cpp graph node name (``ffn_moe_topk-3``, ``Qcur-0 (reshaped)``) -> category."""
+    base = name.split(" (", 1)[0]
+    base = base.rsplit("-", 1)[0] if base.rsplit("-", 1)[-1].isdigit() else base
+    if base in _ROUTER_NODES:
+        return "router"
+    if base.startswith("ffn_moe"):
+        return "experts"
+    if base.startswith("ffn_shexp"):
+        return "shared_expert"
+    if base in _DENSE_FFN_NODES:
+        return "dense_ffn"
+    if base in ("attn_norm", "ffn_norm", "result_norm", "norm", "attn_post_norm", "ffn_post_norm"):
+        return "norm"
+    if base in ("inp_embd", "inp_scaled"):
+        return "embedding"
+    if base == "result_output":
+        return "head"
+    if base.startswith(("Qcur", "Kcur", "Vcur", "kq", "kqv", "attn_", "cache_", "k_cache", "v_cache", "fattn",
+                        "__fattn__", "q", "k", "v")) and base not in ("ffn_inp",):
+        return "attention"
+    return "other"
+
+
+_GGML_GET_NAME = None
+
+
+def _ggml_get_name():
+    """ggml_get_name from the ggml library llama-cpp-python ships (node names for the callback)."""
+    global _GGML_GET_NAME
+    if _GGML_GET_NAME is None:
+        import llama_cpp
+
+        libdir = Path(llama_cpp.__file__).parent / "lib"
+        lib = ctypes.CDLL(str(next(libdir.glob("libggml-base.*"))))
+        fn = lib.ggml_get_name
+        fn.restype = ctypes.c_char_p
+        fn.argtypes = [ctypes.c_void_p]
+        _GGML_GET_NAME = fn
+    return _GGML_GET_NAME
+
+
 def check_gguf_file(path: Path) -> None:
     """Refuse files llama.cpp would choke on, with a one-line reason: not GGUF, or
     truncated (tensor data beyond the end of the file)."""
@@ -256,6 +304,7 @@ class LlamaCppSession(Session):
             cparams.type_k, cparams.type_v = (_KV_TYPES[t] for t in self.kv_types)
             cparams.no_perf = False
             self.flash_attn = fa
+            self.cparams = cparams
             self.ctx = lib.llama_init_from_model(self.model, cparams)
             if not self.ctx:
                 raise BackendRuntimeError(f"llama.cpp could not create a context: {_log_tail()}")
@@ -343,6 +392,59 @@ class LlamaCppSession(Session):
         # Nothing to wait for: prefill() and decode() return only after reading the logits,
         # and llama_get_logits_ith waits for the computation (llama_context::synchronize).
         pass
+
+    def breakdown(self, prompt: Sequence[int], follow: Sequence[int]) -> dict[str, Any]:
+        """llama.cpp's scheduler eval callback, on a second context over the same weights: it
+        asks to observe every graph node, so each node is computed on its own and the time
+        to its callback is that node's; nodes are categorised by the names llama.cpp's graph
+        builders give them (``ffn_moe_topk-3``, ``Qcur-0``, ...)."""
+        import time
+
+        from moerun.breakdown import empty
+
+        lib = self.lib
+        get_name = _ggml_get_name()
+        state: dict[str, Any] = {"cats": empty(), "last": 0.0}
+
+        @lib.ggml_backend_sched_eval_callback
+        def observe(tensor: Any, ask: bool, _user: Any) -> bool:
+            if ask:
+                return True
+            now = time.perf_counter()
+            state["cats"][categorize_node(get_name(tensor).decode(errors="replace"))] += now - state["last"]
+            state["last"] = now
+            return True
+
+        cparams = lib.llama_context_default_params()
+        ctypes.pointer(cparams)[0] = self.cparams
+        cparams.cb_eval = observe
+        cparams.cb_eval_user_data = None
+        ctx = lib.llama_init_from_model(self.model, cparams)
+        if not ctx:
+            raise BackendRuntimeError(f"llama.cpp could not create a profiling context: {_log_tail()}")
+        main_ctx, self.ctx = self.ctx, ctx
+        try:
+            self.reset()
+            self.prefill(prompt[:2])  # untimed: first-run allocations
+            self.reset()
+            state["cats"], state["last"] = empty(), time.perf_counter()
+            t0 = state["last"]
+            self.prefill(prompt)
+            prefill_wall, prefill = time.perf_counter() - t0, state["cats"]
+            state["cats"] = empty()
+            decode_wall = 0.0
+            for tok in follow:
+                state["last"] = t0 = time.perf_counter()
+                self.decode(tok)
+                decode_wall += time.perf_counter() - t0
+            n = max(1, len(follow))
+            decode = {c: v / n for c, v in state["cats"].items()}
+        finally:
+            self.ctx = main_ctx
+            lib.llama_free(ctx)
+            self.reset()
+        return {"instrument": "llama.cpp scheduler eval callback (every node observed)",
+                "prefill": prefill, "prefill_wall_s": prefill_wall, "decode": decode, "decode_wall_s": decode_wall / n}
 
     def describe(self) -> dict[str, Any]:
         lib = self.lib

@@ -41,6 +41,7 @@ class _G:
         self.nodes: list = []
         self.inits: list = []
         self.count = 0
+        self.scope = "other"  # breakdown category, the prefix of every node name ("router:l0_...")
 
     def name(self, base: str) -> str:
         self.count += 1
@@ -56,7 +57,7 @@ class _G:
            domain: str | None = None, **attrs: Any) -> Any:
         base = name or op_type.lower()
         outs = [self.name(base) for _ in range(outputs)]
-        self.nodes.append(self.helper.make_node(op_type, inputs, outs, name=self.name(base + "_node"),
+        self.nodes.append(self.helper.make_node(op_type, inputs, outs, name=f"{self.scope}:{self.name(base)}",
                                                 domain=domain, **attrs))
         return outs[0] if outputs == 1 else outs
 
@@ -115,6 +116,7 @@ class OnnxDecoderBuilder:
         outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "L", s.vocab_size])]
 
         # positions P..P+T-1 from the past length
+        g.scope = "attention"
         shape_ids = g.op("Shape", ["input_ids"])
         T = g.op("Gather", [shape_ids, g.const(np.array([1], np.int64))], axis=0)
         past_shape = g.op("Shape", ["past_key_0"])
@@ -144,6 +146,7 @@ class OnnxDecoderBuilder:
             half = s.head_dim // 2
             self.gqa_cos = g.const(self._rope_table(np.cos)[:, :half].copy(), "gqa_cos_cache")
             self.gqa_sin = g.const(self._rope_table(np.sin)[:, :half].copy(), "gqa_sin_cache")
+        g.scope = "embedding"
         x = g.op("Gather", [self.w("model.embed_tokens.weight"), "input_ids"], axis=0)  # [1, T, H]
         scale = g.const(np.float32(1.0 / np.sqrt(hd)))
         for i in range(s.num_layers):
@@ -153,7 +156,9 @@ class OnnxDecoderBuilder:
                        helper.make_tensor_value_info(f"past_value_{i}", TensorProto.FLOAT, [1, nkv, "P", hd])]
             outputs += [helper.make_tensor_value_info(f"present_key_{i}", TensorProto.FLOAT, [1, nkv, "S", hd]),
                         helper.make_tensor_value_info(f"present_value_{i}", TensorProto.FLOAT, [1, nkv, "S", hd])]
+            g.scope = "norm"
             h = self.rms(x, self.w(p + "input_layernorm.weight"))
+            g.scope = "attention"
             wqkv = np.concatenate([self.ckpt.read(a + f"{n}_proj.weight") for n in "qkv"]).T
             qkv = g.op("MatMul", [h, g.const(np.ascontiguousarray(wqkv), a + "qkv.T")], name=f"l{i}_attn_qkv")
             if s.attention_bias:
@@ -165,42 +170,22 @@ class OnnxDecoderBuilder:
                 q = self.rms(q, self.w(a + "q_norm.weight"))
                 k = self.rms(k, self.w(a + "k_norm.weight"))
             if self.attention == "gqa":
-                x = g.op("Add", [x, self._gqa(i, q, k, v, seqlens_k, total_len)])
-                h = self.rms(x, self.w(p + "post_attention_layernorm.weight"))
-                x = g.op("Add", [x, self.ffn(i, h)])
-                continue
-            q = g.op("Transpose", [g.op("Reshape", [q, g.const(np.array([1, -1, nh, hd], np.int64))])],
-                     perm=[0, 2, 1, 3])
-            k = g.op("Transpose", [g.op("Reshape", [k, g.const(np.array([1, -1, nkv, hd], np.int64))])],
-                     perm=[0, 2, 1, 3])
-            v = g.op("Transpose", [g.op("Reshape", [v, g.const(np.array([1, -1, nkv, hd], np.int64))])],
-                     perm=[0, 2, 1, 3])
-            if s.qk_norm == "head":
-                q = self.rms(q, self.w(a + "q_norm.weight"))
-                k = self.rms(k, self.w(a + "k_norm.weight"))
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            keys = g.op("Concat", [f"past_key_{i}", k], axis=2)
-            vals = g.op("Concat", [f"past_value_{i}", v], axis=2)
-            g.nodes.append(helper.make_node("Identity", [keys], [f"present_key_{i}"], name=f"l{i}_present_key"))
-            g.nodes.append(helper.make_node("Identity", [vals], [f"present_value_{i}"], name=f"l{i}_present_value"))
-            # grouped-query attention without copying K/V: q [1, kv, group*T, hd]
-            qg = g.op("Reshape", [q, g.const(np.array([1, nkv, -1, hd], np.int64))])
-            scores = g.op("Mul", [g.op("MatMul", [qg, g.op("Transpose", [keys], perm=[0, 1, 3, 2])],
-                                       name=f"l{i}_attn_scores"), scale])
-            scores = g.op("Add", [scores, mask])
-            probs = g.op("Softmax", [scores], axis=-1, name=f"l{i}_attn_softmax")
-            ctx = g.op("MatMul", [probs, vals], name=f"l{i}_attn_context")  # [1, kv, group*T, hd]
-            ctx = g.op("Reshape", [ctx, g.const(np.array([1, nh, -1, hd], np.int64))])
-            ctx = g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 2, 1, 3]),
-                                   g.const(np.array([1, -1, s.q_dim], np.int64))])
-            x = g.op("Add", [x, g.op("MatMul", [ctx, self.w(a + "o_proj.weight", transpose=True)],
-                                     name=f"l{i}_attn_out")])
+                attn = self._gqa(i, q, k, v, seqlens_k, total_len)
+            else:
+                attn = self._plain_attention(i, q, k, v, cos, sin, mask, scale)
+            g.scope = "other"
+            x = g.op("Add", [x, attn])
+            g.scope = "norm"
             h = self.rms(x, self.w(p + "post_attention_layernorm.weight"))
-            x = g.op("Add", [x, self.ffn(i, h)])
+            ffn = self.ffn(i, h)
+            g.scope = "other"
+            x = g.op("Add", [x, ffn])
+        g.scope = "norm"
         x = self.rms(x, self.w("model.norm.weight"))
+        g.scope = "head"
         x = g.op("Slice", [x, "logits_from", g.const(np.array([2**62], np.int64)), g.const(np.array([1], np.int64))])
         head = "model.embed_tokens.weight" if s.tie_word_embeddings else "lm_head.weight"
-        g.nodes.append(helper.make_node("MatMul", [x, self.w(head, transpose=True)], ["logits"], name="lm_head"))
+        g.nodes.append(helper.make_node("MatMul", [x, self.w(head, transpose=True)], ["logits"], name="head:lm_head"))
         graph = helper.make_graph(g.nodes, f"moerun-{s.family}", inputs, outputs, initializer=g.inits)
         opsets = [helper.make_opsetid("", OPSET)]
         if self.formulation == "contrib":
@@ -208,6 +193,38 @@ class OnnxDecoderBuilder:
         model = helper.make_model(graph, opset_imports=opsets, producer_name="moerun")
         model.ir_version = 8
         return model
+
+    def _plain_attention(self, i: int, q: str, k: str, v: str, cos: str, sin: str, mask: str, scale: str) -> str:
+        """Attention from plain ops; K/V concatenated onto the past, GQA by reshaping q."""
+        from onnx import helper
+
+        s, g, a = self.spec, self.g, f"model.layers.{i}.self_attn."
+        hd, nh, nkv = s.head_dim, s.num_heads, s.num_kv_heads
+        q = g.op("Transpose", [g.op("Reshape", [q, g.const(np.array([1, -1, nh, hd], np.int64))])],
+                 perm=[0, 2, 1, 3])
+        k = g.op("Transpose", [g.op("Reshape", [k, g.const(np.array([1, -1, nkv, hd], np.int64))])],
+                 perm=[0, 2, 1, 3])
+        v = g.op("Transpose", [g.op("Reshape", [v, g.const(np.array([1, -1, nkv, hd], np.int64))])],
+                 perm=[0, 2, 1, 3])
+        if s.qk_norm == "head":
+            q = self.rms(q, self.w(a + "q_norm.weight"))
+            k = self.rms(k, self.w(a + "k_norm.weight"))
+        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        keys = g.op("Concat", [f"past_key_{i}", k], axis=2)
+        vals = g.op("Concat", [f"past_value_{i}", v], axis=2)
+        g.nodes.append(helper.make_node("Identity", [keys], [f"present_key_{i}"], name=f"attention:l{i}_present_key"))
+        g.nodes.append(helper.make_node("Identity", [vals], [f"present_value_{i}"], name=f"attention:l{i}_present_value"))
+        # grouped-query attention without copying K/V: q [1, kv, group*T, hd]
+        qg = g.op("Reshape", [q, g.const(np.array([1, nkv, -1, hd], np.int64))])
+        scores = g.op("Mul", [g.op("MatMul", [qg, g.op("Transpose", [keys], perm=[0, 1, 3, 2])],
+                                   name=f"l{i}_attn_scores"), scale])
+        scores = g.op("Add", [scores, mask])
+        probs = g.op("Softmax", [scores], axis=-1, name=f"l{i}_attn_softmax")
+        ctx = g.op("MatMul", [probs, vals], name=f"l{i}_attn_context")  # [1, kv, group*T, hd]
+        ctx = g.op("Reshape", [ctx, g.const(np.array([1, nh, -1, hd], np.int64))])
+        ctx = g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 2, 1, 3]),
+                               g.const(np.array([1, -1, s.q_dim], np.int64))])
+        return g.op("MatMul", [ctx, self.w(a + "o_proj.weight", transpose=True)], name=f"l{i}_attn_out")
 
     def _gqa(self, i: int, q: str, k: str, v: str, seqlens_k: str, total_len: str) -> str:
         """Attention as ONNX Runtime's GroupQueryAttention: rotary, per-head q/k norm, the
@@ -227,7 +244,7 @@ class OnnxDecoderBuilder:
                      scale=float(1.0 / np.sqrt(s.head_dim)))
         out = g.name("gqa_out")
         g.nodes.append(helper.make_node("GroupQueryAttention", inputs, [out, f"present_key_{i}", f"present_value_{i}"],
-                                        name=f"l{i}_attn_gqa", domain="com.microsoft", **attrs))
+                                        name=f"attention:l{i}_attn_gqa", domain="com.microsoft", **attrs))
         return g.op("MatMul", [out, self.w(a + "o_proj.weight", transpose=True)], name=f"l{i}_attn_out")
 
     def _rope_table(self, fn) -> np.ndarray:
@@ -258,16 +275,20 @@ class OnnxDecoderBuilder:
     def ffn(self, i: int, h: str) -> str:
         s, g = self.spec, self.g
         if not s.is_moe:
+            g.scope = "dense_ffn"
             m = f"model.layers.{i}.mlp."
             return self._dense_swiglu(h, m + "gate_proj.weight", m + "up_proj.weight", m + "down_proj.weight",
                                       f"l{i}_ffn")
         m, name = self._expert_names(i)
+        g.scope = "router"
         router = g.op("MatMul", [h, self.w(m + "gate.weight", transpose=True)], name=f"l{i}_router_gate")
         if self.formulation == "contrib":
+            g.scope = "experts"  # the MoE op does softmax and top-k itself: routing and experts in one kernel
             out = self._contrib_moe(i, h, router, name)
         else:
             out = self._standard_moe(i, h, router, name)
         if s.shared_expert_intermediate_size:
+            g.scope = "shared_expert"
             sh = m + "shared_expert."
             shared = self._dense_swiglu(h, sh + "gate_proj.weight", sh + "up_proj.weight", sh + "down_proj.weight",
                                         f"l{i}_shared")
@@ -291,6 +312,7 @@ class OnnxDecoderBuilder:
                           name=f"l{i}_router_topk")
         if s.renormalize_topk:
             topv = g.op("Div", [topv, g.op("ReduceSum", [topv, g.const(np.array([-1], np.int64))], keepdims=1)])
+        g.scope = "experts"
         gu_np = np.concatenate([self._stack(name, "gate", True), self._stack(name, "up", True)], axis=2)  # [E,H,2I]
         d_np = self._stack(name, "down", True)  # [E, I, H]
         if self.int8_experts:  # int8 codes + one scale per (expert, output channel)
@@ -318,6 +340,7 @@ class OnnxDecoderBuilder:
 
         # one token: gather only the k selected experts ([k, H, 2I]) and run them batched
         sub = _G()
+        sub.scope = "experts"
         sub.count = g.count + 100000
         sub.helper, sub.numpy_helper = g.helper, g.numpy_helper
         saved = self.g
@@ -333,6 +356,7 @@ class OnnxDecoderBuilder:
                                        [helper.make_tensor_value_info(one_out, 1, None)], initializer=g2.inits)
         # several tokens: every expert on every token, weighted by the sparse routing matrix
         sub2 = _G()
+        sub2.scope = "experts"
         sub2.count = sub.count + 100000
         self.g = g3 = sub2
         xt = g3.op("Unsqueeze", [g3.op("Squeeze", [h, g3.const(np.array([0], np.int64))]),

@@ -128,6 +128,48 @@ class TorchSession(Session):
                 "dtype": str(self.model.dtype).removeprefix("torch."), "device": str(self.model.device),
                 "compiled": self.compiled}
 
+    def breakdown(self, prompt: Sequence[int], follow: Sequence[int]) -> dict[str, Any]:
+        """torch.profiler over labelled regions of the model (each region's inclusive CPU
+        time); time outside every region (residual adds, Python glue) is left unattributed."""
+        import time
+
+        from moerun.breakdown import empty
+
+        torch = self.torch
+        activities = [torch.profiler.ProfilerActivity.CPU]
+
+        def categories(prof: Any, steps: int) -> dict[str, float]:
+            cats = empty()
+            for evt in prof.key_averages():
+                if evt.key.startswith("moerun::"):
+                    cats[evt.key[len("moerun::"):]] += evt.cpu_time_total / 1e6
+            return {c: v / steps for c, v in cats.items()}
+
+        self.reset()
+        self.model.profiling = True
+        try:
+            with torch.profiler.profile(activities=activities):  # the profiler's own start-up, untimed
+                self.prefill(prompt[:2])
+            self.reset()
+            with torch.profiler.profile(activities=activities) as prof:
+                t0 = time.perf_counter()
+                self.prefill(prompt)
+                self.synchronize()
+                prefill_wall = time.perf_counter() - t0
+            with torch.profiler.profile(activities=activities) as prof2:
+                t0 = time.perf_counter()
+                for tok in follow:
+                    self.decode(tok)
+                self.synchronize()
+                decode_wall = (time.perf_counter() - t0) / max(1, len(follow))
+        finally:
+            self.model.profiling = False
+            self.reset()
+        return {"instrument": "torch.profiler (record_function regions)",
+                "prefill": categories(prof, 1), "prefill_wall_s": prefill_wall,
+                "decode": categories(prof2, max(1, len(follow))),
+                "decode_wall_s": decode_wall}
+
     def expert_counts(self) -> np.ndarray | None:
         return self.model.expert_counts.copy() if self.model.spec.is_moe else None
 

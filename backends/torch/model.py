@@ -8,6 +8,7 @@ all experts densely. `moe_all_experts` is the naive dense reference the tests ho
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -235,6 +236,15 @@ class Model:
         self.k_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.layers]
         self.expert_counts = np.zeros((spec.num_layers, max(spec.num_experts, 1)), dtype=np.int64)
+        self.profiling = False  # True: label regions for torch.profiler (the breakdown)
+
+    _NO_LABEL = contextlib.nullcontext()
+
+    def region(self, category: str):
+        """A torch.profiler label for one breakdown category; free when not profiling."""
+        if not self.profiling:
+            return self._NO_LABEL
+        return torch.profiler.record_function(f"moerun::{category}")
 
     # attention --------------------------------------------------------------
     def attention(self, i: int, x: torch.Tensor, pos: int, use_cache: bool = True) -> torch.Tensor:
@@ -277,17 +287,23 @@ class Model:
     def ffn(self, i: int, x: torch.Tensor) -> torch.Tensor:
         layer = self.layers[i]
         if layer.router is None:
-            return swiglu(x, layer.gate_up, layer.down)
-        weights, ids = route(self.spec, x, layer.router)
-        if x.shape[0] == 1:
-            chosen = ids[0].tolist()
-            self._count(i, chosen, 1)
-            out = moe_decode(layer, x, weights, chosen)
-        else:
-            counts = torch.bincount(ids.flatten(), minlength=self.spec.num_experts).tolist()
-            self._count(i, slice(None), counts)
-            out = moe_prefill(layer, x, weights, ids, counts)
-        return out + shared_expert(layer, x)
+            with self.region("dense_ffn"):
+                return swiglu(x, layer.gate_up, layer.down)
+        with self.region("router"):
+            weights, ids = route(self.spec, x, layer.router)
+            chosen = ids[0].tolist() if x.shape[0] == 1 else None
+            counts = None if chosen else torch.bincount(ids.flatten(), minlength=self.spec.num_experts).tolist()
+        with self.region("experts"):
+            if chosen:
+                self._count(i, chosen, 1)
+                out = moe_decode(layer, x, weights, chosen)
+            else:
+                self._count(i, slice(None), counts)
+                out = moe_prefill(layer, x, weights, ids, counts)
+        if layer.shared_gate_up is None:
+            return out
+        with self.region("shared_expert"):
+            return out + shared_expert(layer, x)
 
     @torch.compiler.disable
     def _count(self, layer: int, experts: list[int] | slice, n: int | list[int]) -> None:
@@ -298,14 +314,23 @@ class Model:
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, pos: int, *, all_logits: bool, use_cache: bool = True) -> torch.Tensor:
         """Logits for `ids` placed at positions pos.., float32 [T or 1, vocab]."""
-        spec = self.spec
-        x = self.embed[ids]
+        spec, region = self.spec, self.region
+        with region("embedding"):
+            x = self.embed[ids]
         for i in range(spec.num_layers):
-            x = x + self.attention(i, rms_norm(x, self.layers[i].input_norm, spec.rms_norm_eps), pos, use_cache)
-            x = x + self.ffn(i, rms_norm(x, self.layers[i].post_norm, spec.rms_norm_eps))
+            with region("norm"):
+                h = rms_norm(x, self.layers[i].input_norm, spec.rms_norm_eps)
+            with region("attention"):
+                x = x + self.attention(i, h, pos, use_cache)
+            with region("norm"):
+                h = rms_norm(x, self.layers[i].post_norm, spec.rms_norm_eps)
+            x = x + self.ffn(i, h)
         if not all_logits:
             x = x[-1:]
-        return self.head(rms_norm(x, self.norm, spec.rms_norm_eps)).float()
+        with region("norm"):
+            x = rms_norm(x, self.norm, spec.rms_norm_eps)
+        with region("head"):
+            return self.head(x).float()
 
     def reset(self) -> None:
         # Positions restart at 0; stale cache entries are overwritten before being read.
