@@ -239,6 +239,47 @@ class TensorRTSession(Session):
     def synchronize(self) -> None:
         self.stream.synchronize()
 
+    def breakdown(self, prompt: Sequence[int], follow: Sequence[int]) -> dict[str, Any]:
+        """TensorRT's IProfiler (per-layer times; UNVERIFIED here). Layers are named after
+        the ONNX nodes they came from, whose names carry the category ("router:l3_..."); a
+        fused layer ("a + b") takes its first node's category."""
+        import time
+
+        from moerun.breakdown import CATEGORIES, empty
+
+        trt = self.trt
+
+        class Profiler(trt.IProfiler):
+            def __init__(self) -> None:
+                trt.IProfiler.__init__(self)
+                self.cats = empty()
+
+            def report_layer_time(self, layer_name: str, ms: float) -> None:
+                first = layer_name.split(" + ", 1)[0].lstrip("{").strip()
+                cat = first.split(":", 1)[0]
+                self.cats[cat if cat in CATEGORIES else "other"] += ms / 1e3
+
+        profilers = [Profiler(), Profiler()]
+        for ctx, prof in zip(self.contexts, profilers):
+            ctx.profiler = prof
+        try:
+            self.reset()
+            t0 = time.perf_counter()
+            self.prefill(prompt)
+            prefill_wall = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for tok in follow:
+                self.decode(tok)
+            n = max(1, len(follow))
+            decode_wall = (time.perf_counter() - t0) / n
+        finally:
+            for ctx in self.contexts:
+                ctx.profiler = None
+            self.reset()
+        return {"instrument": "TensorRT IProfiler (per-layer times)", "prefill": profilers[0].cats,
+                "prefill_wall_s": prefill_wall, "decode": {c: v / n for c, v in profilers[1].cats.items()},
+                "decode_wall_s": decode_wall}
+
     def describe(self) -> dict[str, Any]:
         return {"tensorrt": self.trt.__version__, "gpu": self.torch.cuda.get_device_name(self.device),
                 "profiles": ["prefill", "decode"], "max_context": self.max_context}
