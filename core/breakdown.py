@@ -32,3 +32,20 @@ def summarize(phase: dict[str, float], instrumented_s: float, plain_s: float | N
         out["sum_over_plain"] = total / plain_s
         out["instrument_overhead"] = instrumented_s / plain_s - 1
     return out
+
+
+def time_phases(session: Any, prompt: Any, follow: Any) -> tuple[float, float]:
+    """Wall seconds of one prefill of `prompt` and of the mean decode step over `follow`,
+    for breakdown runs whose instrument records per phase on its own."""
+    import time
+
+    session.reset()
+    t0 = time.perf_counter()
+    session.prefill(prompt)
+    session.synchronize()
+    prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for tok in follow:
+        session.decode(tok)
+    session.synchronize()
+    return prefill, (time.perf_counter() - t0) / max(1, len(follow))

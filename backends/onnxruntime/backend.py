@@ -246,24 +246,16 @@ class OnnxRuntimeSession(Session):
         timed session is never instrumented). Node names carry their category
         ("router:l3_router_topk"); time between kernels is left unattributed."""
         import json
-        import time
 
         import attrs
 
-        from moerun.breakdown import CATEGORIES, empty
+        from moerun.breakdown import CATEGORIES, empty, time_phases
 
         profiled = OnnxRuntimeSession(self.artifact, attrs.evolve(
             self.settings, options={**self.settings.options, "profile": True}))
         try:
             profiled.prefill(prompt[:2])  # first-run allocations, untimed
-            profiled.reset()
-            t0 = time.perf_counter()
-            profiled.prefill(prompt)
-            prefill_wall = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            for tok in follow:
-                profiled.decode(tok)
-            decode_wall = (time.perf_counter() - t0) / max(1, len(follow))
+            prefill_wall, decode_wall = time_phases(profiled, prompt, follow)
         finally:
             profiled.close()
         events = json.loads(Path(profiled.profile_file).read_text())

@@ -243,9 +243,7 @@ class TensorRTSession(Session):
         """TensorRT's IProfiler (per-layer times; UNVERIFIED here). Layers are named after
         the ONNX nodes they came from, whose names carry the category ("router:l3_..."); a
         fused layer ("a + b") takes its first node's category."""
-        import time
-
-        from moerun.breakdown import CATEGORIES, empty
+        from moerun.breakdown import CATEGORIES, empty, time_phases
 
         trt = self.trt
 
@@ -262,16 +260,9 @@ class TensorRTSession(Session):
         profilers = [Profiler(), Profiler()]
         for ctx, prof in zip(self.contexts, profilers):
             ctx.profiler = prof
+        n = max(1, len(follow))
         try:
-            self.reset()
-            t0 = time.perf_counter()
-            self.prefill(prompt)
-            prefill_wall = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            for tok in follow:
-                self.decode(tok)
-            n = max(1, len(follow))
-            decode_wall = (time.perf_counter() - t0) / n
+            prefill_wall, decode_wall = time_phases(self, prompt, follow)
         finally:
             for ctx in self.contexts:
                 ctx.profiler = None
