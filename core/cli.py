@@ -95,6 +95,11 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--json", action="store_true", help="print JSON for scripts")
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    rep = sub.add_parser("report", help="write a Markdown report with figures from results files",
+                         description="write a Markdown report (tables, verdict, breakdown figures) from JSONL results")
+    rep.add_argument("results", nargs="+", type=Path, metavar="RESULTS.jsonl")
+    rep.add_argument("--out", type=Path, metavar="DIR", help="report folder (default: moerun-report)")
+    rep.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
 
     run = parser.add_argument_group("measuring (the default command)")
     run.add_argument("-b", "--backend", action="append", metavar="NAME",
@@ -160,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_models(plugins, args)
         if args.command == "plugins":
             return cmd_plugins(plugins, args)
+        if args.command == "report":
+            return cmd_report(plugins, args)
         return cmd_run(plugins, args)
     except MoerunError as exc:
         if debug:
@@ -244,6 +251,24 @@ def cmd_plugins(plugins: Any, args: argparse.Namespace) -> int:
         print(f"{p['name']}{dist} [{p['source']}]: {', '.join(p['hooks'])}")
     for e in bad:
         print(f"FAILED {e['name']} [{e['source']}]: {e['error']}")
+    return 0
+
+
+def cmd_report(plugins: Any, args: argparse.Namespace) -> int:
+    from .results import read_results
+
+    results = []
+    for path in args.results:
+        if not path.is_file():
+            raise ConfigError(f"no results file {path}")
+        results.extend(read_results(path))
+    if not results:
+        raise ConfigError("the results files hold no complete record")
+    out = args.out or Path("moerun-report")
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "report.md", "w") as stream:
+        plugins.reporters.get("markdown")(results, stream, assets_dir=out)
+    print(f"moerun: report in {out / 'report.md'}", file=sys.stderr)
     return 0
 
 

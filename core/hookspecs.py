@@ -69,7 +69,8 @@ def moerun_register_reporters(registry: "ReporterRegistry") -> None:
 
     Called once when the plugin manager is built. Each implementation calls
     ``registry.add(name, func)`` where ``func(results, stream)`` writes a report of a list
-    of result dicts to a text stream.
+    of result dicts to a text stream. ``moerun report`` calls the ``markdown`` reporter
+    with a third keyword argument, ``assets_dir``, the folder for its figures.
 
     :param registry: the :class:`moerun.registry.ReporterRegistry` to add reporters to.
     :return: nothing; return values are ignored.

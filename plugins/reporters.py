@@ -135,8 +135,42 @@ def csv_report(results: list[dict[str, Any]], stream: TextIO) -> None:
         })
 
 
-def markdown_report(results: list[dict[str, Any]], stream: TextIO) -> None:
-    """GitHub-flavoured Markdown: the results table, failures and the verdict table."""
+def breakdown_figure(results: list[dict[str, Any]], phase: str = "decode"):
+    """A stacked horizontal bar per (model, backend) with a breakdown: milliseconds per step
+    by category, MoE models next to their twins. None when no result has a breakdown."""
+    from moerun.breakdown import CATEGORIES
+
+    rows = [r for r in results if (r.get("breakdown") or {}).get("available") and r["breakdown"].get(phase)]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = {"moe": 0, "dense-active": 1, "dense-total": 2}
+    rows.sort(key=lambda r: (r.get("backend", ""), r.get("group", ""), order.get(r.get("role", ""), 3)))
+    labels = [f"{r.get('model_name')} | {r.get('backend')}" for r in rows]
+    fig, ax = plt.subplots(figsize=(11, 0.5 * len(rows) + 1.8))
+    left = [0.0] * len(rows)
+    colors = plt.get_cmap("tab10")
+    for ci, cat in enumerate(CATEGORIES):
+        widths = [r["breakdown"][phase]["seconds"][cat] * 1e3 for r in rows]
+        if not any(widths):
+            continue
+        ax.barh(labels, widths, left=left, label=cat, color=colors(ci))
+        left = [a + b for a, b in zip(left, widths)]
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{phase} time per {'token' if phase == 'decode' else 'prefill'} (ms), engine's own profiler")
+    ax.set_title(f"Where {phase} time goes, by category")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def markdown_report(results: list[dict[str, Any]], stream: TextIO, assets_dir: Any = None) -> None:
+    """GitHub-flavoured Markdown: the results table, failures and the verdict table; with
+    `assets_dir`, breakdown figures are drawn there as PNG and linked."""
     def row(cells: list[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |\n"
 
@@ -159,6 +193,16 @@ def markdown_report(results: list[dict[str, Any]], stream: TextIO) -> None:
         for v in rows:
             stream.write(row([v["group"], v["backend"], v["precision"] or "",
                               *(_fmt(v.get(k), "{:.2f}x") for k in keys), _fmt(v.get("realised_share_decode"), "{:.0%}")]))
+    if assets_dir is not None:
+        from pathlib import Path
+
+        for phase in ("decode", "prefill"):
+            fig = breakdown_figure(results, phase)
+            if fig is None:
+                continue
+            path = Path(assets_dir) / f"breakdown-{phase}.png"
+            fig.savefig(path, dpi=110)
+            stream.write(f"\n## Where {phase} time goes\n\n![{phase} breakdown]({path.name})\n")
 
 
 @hookimpl

@@ -88,3 +88,5 @@ def test_llamacpp_node_names_map_to_categories():
     assert categorize_node("result_output") == "head"
     assert categorize_node("inp_embd") == "embedding"
     assert categorize_node("l_out-1") == "other"
+    assert categorize_node("ffn_out-4", moe=False) == "dense_ffn"  # a dense FFN's down projection
+    assert categorize_node("ffn_out-4", moe=True) == "experts"

@@ -57,3 +57,39 @@ def test_markdown_and_json_hold_the_verdict(plugins, results):
     plugins.reporters.get("json")(results, js)
     doc = json.loads(js.getvalue())
     assert doc["verdicts"][0]["decode_vs_active"] == pytest.approx(ratio)
+
+
+def test_breakdown_figure_holds_the_measured_stacks(plugins, cache, tmp_path):
+    from moerun.plugins.reporters import breakdown_figure
+
+    rows = []
+    for model, role in (("tiny-moe", "moe"), ("tiny-moe:dense-active", "dense-active")):
+        rows.append(measure(Point(model=model, backend="torch", prompt_tokens=8, new_tokens=4, repetitions=1,
+                                  role=role, group="tiny-moe", breakdown=True), plugins, cache, ENV))
+    fig = breakdown_figure(rows, "decode")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["tiny-moe | torch", "tiny-moe:dense-active | torch"]
+    assert "decode time per token (ms)" in ax.get_xlabel()
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "router" in legend and "experts" in legend and "dense_ffn" in legend
+    # each bar segment is a measured category time; a bar's segments add to that row's sum
+    for i, r in enumerate(rows):
+        segments = [p for p in ax.patches if abs(p.get_y() + p.get_height() / 2 - i) < 1e-6]
+        assert sum(p.get_width() for p in segments) == pytest.approx(r["breakdown"]["decode"]["sum_s"] * 1e3)
+    router = [p for c in ax.containers if c.get_label() == "router" for p in c]
+    assert router[0].get_width() == pytest.approx(rows[0]["breakdown"]["decode"]["seconds"]["router"] * 1e3)
+    assert router[1].get_width() == 0  # the dense twin has no router
+    # through the CLI: report.md links the PNGs, which are real images
+    out = tmp_path / "results.jsonl"
+    from moerun.results import append_result
+
+    for r in rows:
+        append_result(out, r)
+    from conftest import run_cli
+
+    res = run_cli("report", str(out), "--out", str(tmp_path / "rep"))
+    assert res.returncode == 0, res.stderr
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "![decode breakdown](breakdown-decode.png)" in md
+    png = (tmp_path / "rep" / "breakdown-decode.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

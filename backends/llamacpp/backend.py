@@ -99,10 +99,15 @@ _ROUTER_NODES = {"ffn_moe_logits", "ffn_moe_probs", "ffn_moe_probs_biased", "ffn
 _DENSE_FFN_NODES = {"ffn_gate", "ffn_up", "ffn_down", "ffn_swiglu", "ffn_silu", "ffn_gate_par", "ffn_act"}
 
 
-def categorize_node(name: str) -> str:
-    """A llama.cpp graph node name (``ffn_moe_topk-3``, ``Qcur-0 (reshaped)``) -> category."""
+def categorize_node(name: str, moe: bool = True) -> str:
+    """A llama.cpp graph node name (``ffn_moe_topk-3``, ``Qcur-0 (reshaped)``) -> category.
+
+    ``ffn_out`` is the FFN's last node renamed by the model builder: the down projection of
+    a dense FFN, the experts' weighted sum (plus the shared expert) of an MoE one."""
     base = name.split(" (", 1)[0]
     base = base.rsplit("-", 1)[0] if base.rsplit("-", 1)[-1].isdigit() else base
+    if base == "ffn_out":
+        return "experts" if moe else "dense_ffn"
     if base in _ROUTER_NODES:
         return "router"
     if base.startswith("ffn_moe"):
@@ -113,7 +118,7 @@ def categorize_node(name: str) -> str:
         return "dense_ffn"
     if base in ("attn_norm", "ffn_norm", "result_norm", "norm", "attn_post_norm", "ffn_post_norm"):
         return "norm"
-    if base in ("inp_embd", "inp_scaled"):
+    if base in ("inp_embd", "inp_scaled", "embd"):
         return "embedding"
     if base == "result_output":
         return "head"
@@ -404,6 +409,7 @@ class LlamaCppSession(Session):
 
         lib = self.lib
         get_name = _ggml_get_name()
+        moe = self.spec.is_moe
         state: dict[str, Any] = {"cats": empty(), "last": 0.0}
 
         @lib.ggml_backend_sched_eval_callback
@@ -411,7 +417,7 @@ class LlamaCppSession(Session):
             if ask:
                 return True
             now = time.perf_counter()
-            state["cats"][categorize_node(get_name(tensor).decode(errors="replace"))] += now - state["last"]
+            state["cats"][categorize_node(get_name(tensor).decode(errors="replace"), moe)] += now - state["last"]
             state["last"] = now
             return True
 
