@@ -143,6 +143,9 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="shorthand for --report json")
     run.add_argument("--timeout", type=float, default=600.0, metavar="S",
                      help="seconds before a point is killed and recorded as failed (default: 600)")
+    run.add_argument("--memory-limit", type=_positive_int, default=None, metavar="MB",
+                     help="address-space limit for each isolated point; past it the point fails with "
+                          "'out of memory' instead of the machine swapping")
     run.add_argument("--no-isolate", action="store_true",
                      help="run points in this process (no crash isolation or timeout)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress display")
@@ -292,6 +295,7 @@ def cmd_run(plugins: Any, args: argparse.Namespace) -> int:
         warmup=args.warmup, threads=args.threads, device=args.device, seed=args.seed, router_skew=args.router_skew,
         checkpoint_dtype=args.checkpoint_dtype, breakdown=args.breakdown,
         compile=args.compile, timeout_s=args.timeout, options=_options(args.option),
+        memory_limit_mb=args.memory_limit,
     )
     output = args.output or Path(DEFAULT_OUTPUT_DIR) / f"run-{datetime.now():%Y%m%d-%H%M%S}.jsonl"
     if output.exists() and output.is_dir():

@@ -69,6 +69,7 @@ class Point:
     role: str = ""  # "moe", "dense-active", "dense-total", "" (table grouping only)
     group: str = ""  # the MoE model a twin belongs to
     timeout_s: float = 600.0
+    memory_limit_mb: int | None = None  # address-space limit of the isolated child (RLIMIT_AS)
     options: dict[str, Any] = attrs.field(factory=dict, hash=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,7 +83,7 @@ class Point:
     def key(self) -> str:
         """Identity for resume: everything that changes what is measured."""
         d = self.to_dict()
-        for k in ("timeout_s", "role", "group"):
+        for k in ("timeout_s", "role", "group", "memory_limit_mb"):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -246,6 +247,9 @@ def measure(point: Point, plugins: "MoerunPlugins", cache: Cache | None = None,
         result["status"], result["error"] = "unavailable", str(exc)
     except MoerunError as exc:
         result["status"], result["error"] = "failed", str(exc)
+    except MemoryError:
+        limit = f" (memory limit {point.memory_limit_mb} MB)" if point.memory_limit_mb else ""
+        result["status"], result["error"] = "failed", f"out of memory{limit}"
     except Exception as exc:  # an engine's own error: recorded, the study goes on
         result["status"] = "failed"
         result["error"] = f"{type(exc).__name__}: {exc}"

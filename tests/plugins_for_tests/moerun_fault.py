@@ -20,6 +20,12 @@ class FaultBackend(TorchBackend):
 
     def load(self, artifact, settings):
         mode = settings.options.get("mode", "ok")
+        gate = settings.options.get("hang_while")
+        if gate and artifact.spec.name == settings.options.get("hang_model"):
+            from pathlib import Path
+
+            while Path(gate).exists():  # hang, as long as the test keeps the gate file
+                time.sleep(0.1)
         if mode == "segfault":
             ctypes.string_at(0)  # SIGSEGV in this process
         if mode == "hang":
@@ -30,7 +36,16 @@ class FaultBackend(TorchBackend):
             import os
 
             os._exit(3)
-        options = {k: v for k, v in settings.options.items() if k != "mode"}
+        if mode == "sigkill":  # what the kernel's out-of-memory killer does
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        if mode == "oom":  # allocate until the point's memory limit stops it
+            hoard = []
+            while True:
+                hoard.append(bytearray(64 << 20))
+        options = {k: v for k, v in settings.options.items() if k not in ("mode", "hang_while", "hang_model")}
         import attrs
 
         return super().load(artifact, attrs.evolve(settings, options=options))

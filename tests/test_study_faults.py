@@ -1,0 +1,71 @@
+"""A study survives its points' faults and its own death: crash, hang, out-of-memory (by
+limit and by SIGKILL), and the study process killed mid-run, then resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import TEST_PLUGINS
+
+SMALL = ["--prompt-tokens", "4", "--new-tokens", "2", "--repetitions", "1", "--warmup", "0", "-q"]
+
+
+def _moerun(*args, **kw):
+    exe = Path(sys.executable).with_name("moerun")
+    env = {**os.environ, "MOERUN_PLUGINS": "moerun_fault", "PYTHONPATH": str(TEST_PLUGINS)}
+    return subprocess.Popen([str(exe), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw)
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_out_of_memory_by_limit_and_by_kill_are_failures_with_reasons(tmp_path):
+    out = tmp_path / "oom.jsonl"
+    p = _moerun("-b", "fault", "-m", "tiny-dense", "-O", "mode=oom", "--memory-limit", "3000", "-o", str(out),
+                *SMALL)
+    p.communicate(timeout=300)
+    (r,) = _lines(out)
+    assert r["status"] == "failed" and r["error"] == "out of memory (memory limit 3000 MB)"
+    out2 = tmp_path / "kill.jsonl"
+    p = _moerun("-b", "fault", "-m", "tiny-dense", "-O", "mode=sigkill", "-o", str(out2), *SMALL)
+    p.communicate(timeout=300)
+    (r,) = _lines(out2)
+    assert r["status"] == "failed" and "killed (the out-of-memory killer" in r["error"] and "SIGKILL" in r["error"]
+
+
+def test_study_killed_mid_run_resumes_without_redoing_finished_points(tmp_path):
+    out = tmp_path / "study.jsonl"
+    gate = tmp_path / "hang"
+    gate.touch()
+    # three points; the third hangs while the gate file exists; the study is SIGKILLed then
+    args = ["-b", "fault", "-m", "tiny-dense", "-m", "tiny-moe", "-m", "tiny-olmoe", "--no-twins",
+            "--timeout", "120", "-o", str(out), "-O", f"hang_while={gate}", "-O", "hang_model=tiny-olmoe", *SMALL]
+    study = _moerun(*args, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not (out.exists() and len(out.read_text().splitlines()) == 2):
+        time.sleep(0.2)
+    assert len(_lines(out)) == 2, "the two points before the hang did not finish"
+    time.sleep(1.0)  # the third point is hanging now
+    os.kill(study.pid, signal.SIGKILL)  # the study process dies mid-point
+    study.communicate(timeout=30)
+    time.sleep(1.0)
+    orphans = subprocess.run(["pgrep", "-f", f"moerun.worker"], capture_output=True, text=True).stdout.split()
+    assert not orphans, "a measurement outlived the study that started it"
+    first = _lines(out)
+    assert [r["status"] for r in first] == ["ok", "ok"]
+    gate.unlink()
+    resumed = _moerun(*args, "--json")
+    stdout, _ = resumed.communicate(timeout=300)
+    doc = json.loads(stdout)
+    assert [bool(r.get("resumed")) for r in doc["results"]] == [True, True, False]
+    after = _lines(out)  # parses line by line; each point exactly once
+    assert [r["status"] for r in after] == ["ok", "ok", "ok"]
+    assert len({r["key"] for r in after}) == 3
+    assert after[:2] == first
