@@ -30,7 +30,9 @@ def verdicts(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             for metric in ("decode_tok_s", "prefill_tok_s"):
                 a, b = _metric(moe, metric), _metric(roles[twin], metric)
-                row[f"{metric.split('_')[0]}_vs_{twin.split('-')[1]}"] = a / b if a and b else None
+                key = f"{metric.split('_')[0]}_vs_{twin.split('-')[1]}"
+                row[key] = a / b if a and b else None
+                row[key + "_ci95"] = ratio_interval(_reps(moe, metric), _reps(roles[twin], metric))
         # Bandwidth-bound ideal: the dense model reads this many times more weight bytes.
         total = roles.get("dense-total")
         ideal = None
@@ -41,6 +43,36 @@ def verdicts(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         row["realised_share_decode"] = got / ideal if got and ideal else None
         rows.append(row)
     return rows
+
+
+def _reps(result: dict[str, Any], metric: str) -> list[float]:
+    if result.get("status") != "ok":
+        return []
+    return list(result.get("timings", {}).get(f"{metric}_reps") or [])
+
+
+def ratio_interval(a: list[float], b: list[float], *, level: float = 0.95, resamples: int = 2000,
+                   seed: int = 0) -> list[float] | None:
+    """Percentile-bootstrap interval of median(a) / median(b), resampling each side's
+    repetitions independently (fixed seed: the same results give the same interval).
+    None with fewer than 2 repetitions on either side."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    xa, xb = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    ra = np.median(xa[rng.integers(0, len(xa), (resamples, len(xa)))], axis=1)
+    rb = np.median(xb[rng.integers(0, len(xb), (resamples, len(xb)))], axis=1)
+    lo, hi = np.percentile(ra / rb, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
+    return [float(lo), float(hi)]
+
+
+def machine_label(env: dict[str, Any]) -> str:
+    """'CPU model, N cores @ host' from a result's environment record."""
+    if not env:
+        return "unknown machine"
+    return f"{env.get('cpu_model', '?')}, {env.get('cores', '?')} cores @ {env.get('hostname', '?')}"
 
 
 def human_count(n: float) -> str:

@@ -100,6 +100,12 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
     rep.add_argument("results", nargs="+", type=Path, metavar="RESULTS.jsonl")
     rep.add_argument("--out", type=Path, metavar="DIR", help="report folder (default: moerun-report)")
     rep.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    cmp_ = sub.add_parser("compare", help="merge results from several machines into one table keyed by hardware",
+                          description="merge results files (one per machine) into one table keyed by hardware")
+    cmp_.add_argument("results", nargs="+", type=Path, metavar="RESULTS.jsonl")
+    cmp_.add_argument("--json", action="store_true", help="print JSON for scripts")
+    cmp_.add_argument("--csv", type=Path, metavar="PATH", help="also write the merged rows as CSV")
+    cmp_.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
 
     run = parser.add_argument_group("measuring (the default command)")
     run.add_argument("-b", "--backend", action="append", metavar="NAME",
@@ -170,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_plugins(plugins, args)
         if args.command == "report":
             return cmd_report(plugins, args)
+        if args.command == "compare":
+            return cmd_compare(plugins, args)
         return cmd_run(plugins, args)
     except MoerunError as exc:
         if debug:
@@ -254,6 +262,64 @@ def cmd_plugins(plugins: Any, args: argparse.Namespace) -> int:
         print(f"{p['name']}{dist} [{p['source']}]: {', '.join(p['hooks'])}")
     for e in bad:
         print(f"FAILED {e['name']} [{e['source']}]: {e['error']}")
+    return 0
+
+
+def cmd_compare(plugins: Any, args: argparse.Namespace) -> int:
+    import csv
+
+    from .analysis import machine_label, verdicts
+    from .results import read_results
+
+    rows, verdict_rows = [], []
+    for path in args.results:
+        if not path.is_file():
+            raise ConfigError(f"no results file {path}")
+        results = read_results(path)
+        by_machine: dict[str, list] = {}
+        for r in results:
+            by_machine.setdefault(machine_label(r.get("env") or {}), []).append(r)
+        for machine, rs in by_machine.items():
+            for r in rs:
+                m = r.get("metrics") or {}
+                rows.append({"machine": machine, "file": str(path), "model": r.get("model_name"),
+                             "role": r.get("role"), "backend": r.get("backend"), "precision": r.get("precision"),
+                             "status": r.get("status"), "decode_tok_s": m.get("decode_tok_s"),
+                             "prefill_tok_s": m.get("prefill_tok_s"), "mbu": m.get("mbu")})
+            verdict_rows += [{"machine": machine, **v} for v in verdicts(rs)]
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["machine"], lineterminator="\n")
+            w.writeheader()
+            w.writerows(rows)
+    if args.json:
+        print(json.dumps({"results": rows, "verdicts": verdict_rows}, indent=2, default=str))
+        return 0
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console(width=200 if not sys.stdout.isatty() else None)
+    t = Table(title="results by machine", header_style="bold")
+    for h in ("machine", "model", "backend", "prec", "status", "decode tok/s", "prefill tok/s", "MBU"):
+        t.add_column(h, justify="right" if h in ("decode tok/s", "prefill tok/s", "MBU") else "left")
+    for r in sorted(rows, key=lambda r: (str(r["model"]), str(r["backend"]), r["machine"])):
+        t.add_row(escape(r["machine"]), escape(str(r["model"])), escape(str(r["backend"])),
+                  escape(str(r["precision"] or "")), r["status"] or "",
+                  f"{r['decode_tok_s']:,.1f}" if r["decode_tok_s"] else "-",
+                  f"{r['prefill_tok_s']:,.0f}" if r["prefill_tok_s"] else "-",
+                  f"{r['mbu']:.0%}" if r["mbu"] else "-")
+    console.print(t)
+    if verdict_rows:
+        v = Table(title="MoE / dense twin by machine (decode and prefill tokens/s ratios)", header_style="bold")
+        for h in ("machine", "model", "backend", "prec", "decode vs active", "prefill vs active", "decode vs total"):
+            v.add_column(h)
+        for row in verdict_rows:
+            v.add_row(escape(row["machine"]), escape(str(row["group"])), escape(str(row["backend"])),
+                      escape(str(row["precision"] or "")),
+                      *[f"{row[k]:.2f}x" if row.get(k) else "-" for k in
+                        ("decode_vs_active", "prefill_vs_active", "decode_vs_total")])
+        console.print(v)
     return 0
 
 

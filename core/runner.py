@@ -333,6 +333,7 @@ def _time_workload(session: Any, prompt: list[int], follow: list[int], reps: int
         "warmup_s": [w / 1e9 for w in warm_ns],
         "prefill_ms": summarize([x / 1e6 for x in prefill_ns]),
         "prefill_tok_s": summarize([n_prompt / (x / 1e9) for x in prefill_ns]),
+        "prefill_tok_s_reps": [n_prompt / (x / 1e9) for x in prefill_ns],
         "ttft_ms": float(np.median(prefill_ns) / 1e6),
     }
     if engine_reps:
@@ -340,6 +341,7 @@ def _time_workload(session: Any, prompt: list[int], follow: list[int], reps: int
     if n_new:
         out["decode_token_ms"] = summarize([x / 1e6 for x in token_ns])
         out["decode_tok_s"] = summarize([n_new / (x / 1e9) for x in decode_rep_ns])
+        out["decode_tok_s_reps"] = [n_new / (x / 1e9) for x in decode_rep_ns]
     return out
 
 

@@ -55,6 +55,13 @@ def _fmt(value: Any, fmt: str) -> str:
         return str(value)
 
 
+def _ratio(row: dict[str, Any], key: str) -> str:
+    value, ci = row.get(key), row.get(key + "_ci95")
+    if value is None:
+        return "-"
+    return f"{value:.2f}x" + (f" [{ci[0]:.2f}-{ci[1]:.2f}]" if ci else "")
+
+
 def table(results: list[dict[str, Any]], stream: TextIO) -> None:
     """Results and the MoE-vs-dense verdict as rich tables."""
     from rich.console import Console
@@ -74,15 +81,16 @@ def table(results: list[dict[str, Any]], stream: TextIO) -> None:
                       + escape(f"{r.get('model_name')} on {r.get('backend')}: {r.get('error')}"), highlight=False)
     rows = verdicts(results)
     if rows:
-        v = Table(title="MoE / dense twin (tokens/s ratio; > 1 means the MoE is faster)", header_style="bold")
+        v = Table(title="MoE / dense twin (tokens/s ratio of medians, [95 % bootstrap interval over repetitions]; "
+                        "> 1 means the MoE is faster)", header_style="bold")
         for h in ("model", "backend", "precision", "decode vs active", "prefill vs active",
                   "decode vs total", "prefill vs total", "ideal decode vs total", "realised"):
             v.add_column(h, justify="left" if h in ("model", "backend", "precision") else "right")
         for row in rows:
             v.add_row(row["group"], row["backend"], row["precision"] or "",
-                      *[_fmt(row.get(k), "{:.2f}x") for k in ("decode_vs_active", "prefill_vs_active",
-                                                              "decode_vs_total", "prefill_vs_total",
-                                                              "ideal_decode_vs_total")],
+                      *[_ratio(row, k) for k in ("decode_vs_active", "prefill_vs_active",
+                                                 "decode_vs_total", "prefill_vs_total")],
+                      _fmt(row.get("ideal_decode_vs_total"), "{:.2f}x"),
                       _fmt(row.get("realised_share_decode"), "{:.0%}"))
         console.print(v)
     with_breakdown = [r for r in results if (r.get("breakdown") or {}).get("available")]
@@ -192,7 +200,8 @@ def markdown_report(results: list[dict[str, Any]], stream: TextIO, assets_dir: A
         stream.write(row(["---"] * (len(keys) + 4)))
         for v in rows:
             stream.write(row([v["group"], v["backend"], v["precision"] or "",
-                              *(_fmt(v.get(k), "{:.2f}x") for k in keys), _fmt(v.get("realised_share_decode"), "{:.0%}")]))
+                              *(_ratio(v, k) if k != "ideal_decode_vs_total" else _fmt(v.get(k), "{:.2f}x")
+                                for k in keys), _fmt(v.get("realised_share_decode"), "{:.0%}")]))
     if assets_dir is not None:
         from pathlib import Path
 

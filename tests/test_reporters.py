@@ -93,3 +93,48 @@ def test_breakdown_figure_holds_the_measured_stacks(plugins, cache, tmp_path):
     assert "![decode breakdown](breakdown-decode.png)" in md
     png = (tmp_path / "rep" / "breakdown-decode.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_ratio_interval_brackets_the_ratio_and_narrows_with_agreement():
+    from moerun.analysis import ratio_interval
+
+    lo, hi = ratio_interval([10.0, 11.0, 9.0, 10.5], [20.0, 19.0, 21.0, 20.5])
+    assert lo <= 10.25 / 20.25 <= hi and 0.4 < lo < hi < 0.6
+    tight = ratio_interval([10.0, 10.01, 9.99], [20.0, 20.01, 19.99])
+    assert tight[1] - tight[0] < (hi - lo) / 10
+    assert ratio_interval([10.0], [20.0, 21.0]) is None
+    assert ratio_interval([1.0, 2.0], [3.0, 4.0]) == ratio_interval([1.0, 2.0], [3.0, 4.0])  # seeded
+
+
+def test_verdict_rows_carry_intervals_from_repetitions(plugins, cache):
+    from moerun.analysis import verdicts
+
+    rows = [measure(Point(model=m, backend="torch", prompt_tokens=8, new_tokens=4, repetitions=3, role=role,
+                          group="tiny-moe"), plugins, cache, ENV)
+            for m, role in (("tiny-moe", "moe"), ("tiny-moe:dense-active", "dense-active"))]
+    (v,) = verdicts(rows)
+    lo, hi = v["decode_vs_active_ci95"]
+    assert lo <= hi and len(rows[0]["timings"]["decode_tok_s_reps"]) == 3
+
+
+def test_compare_merges_machines(results, tmp_path):
+    import copy
+
+    from conftest import run_cli
+    from moerun.results import append_result
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for r in results:
+        append_result(a, r)
+        other = copy.deepcopy(r)
+        other["env"] = {**r["env"], "hostname": "jetson", "cpu_model": "ARMv8 Processor rev 1", "cores": 6}
+        append_result(b, other)
+    out = run_cli("compare", str(a), str(b), "--json", "--csv", str(tmp_path / "m.csv"))
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    machines = {r["machine"] for r in doc["results"]}
+    assert len(machines) == 2 and any("ARMv8 Processor rev 1, 6 cores @ jetson" == m for m in machines)
+    assert len(doc["verdicts"]) == 2 and {v["machine"] for v in doc["verdicts"]} == machines
+    assert (tmp_path / "m.csv").read_text().count("\n") == 1 + 2 * len(results)
+    table = run_cli("compare", str(a), str(b))
+    assert "results by machine" in table.stdout and "jetson" in table.stdout
