@@ -100,6 +100,20 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
     rep.add_argument("results", nargs="+", type=Path, metavar="RESULTS.jsonl")
     rep.add_argument("--out", type=Path, metavar="DIR", help="report folder (default: moerun-report)")
     rep.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    pre = sub.add_parser("predict", help="roofline prediction of a model on a device (published specs)",
+                         description="predict decode and prefill tokens/s of a model (and its dense twins) on a "
+                                     "device from its published bandwidth, compute and memory, scaled by the "
+                                     "efficiency measured on this machine")
+    pre.add_argument("--hardware", metavar="NAME", help="device profile (--list for all), or 'this-machine'")
+    pre.add_argument("--model", "-m", metavar="NAME", help="model preset (its dense twins are added)")
+    pre.add_argument("--precision", "-p", default="q4_k_m", metavar="NAME", help="precision (default: q4_k_m)")
+    pre.add_argument("--context", type=_positive_int, default=512, metavar="N", help="context length (default: 512)")
+    pre.add_argument("--calibrate", type=Path, metavar="RESULTS.jsonl",
+                     help="take the efficiency from these results (median MBU / FLOP utilisation) instead of "
+                          "assuming 80 %% / 50 %%")
+    pre.add_argument("--list", action="store_true", help="list the device profiles")
+    pre.add_argument("--json", action="store_true", help="print JSON for scripts")
+    pre.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     cmp_ = sub.add_parser("compare", help="merge results from several machines into one table keyed by hardware",
                           description="merge results files (one per machine) into one table keyed by hardware")
     cmp_.add_argument("results", nargs="+", type=Path, metavar="RESULTS.jsonl")
@@ -178,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_report(plugins, args)
         if args.command == "compare":
             return cmd_compare(plugins, args)
+        if args.command == "predict":
+            return cmd_predict(plugins, args)
         return cmd_run(plugins, args)
     except MoerunError as exc:
         if debug:
@@ -262,6 +278,59 @@ def cmd_plugins(plugins: Any, args: argparse.Namespace) -> int:
         print(f"{p['name']}{dist} [{p['source']}]: {', '.join(p['hooks'])}")
     for e in bad:
         print(f"FAILED {e['name']} [{e['source']}]: {e['error']}")
+    return 0
+
+
+def cmd_predict(plugins: Any, args: argparse.Namespace) -> int:
+    from .predict import HARDWARE, efficiency_from_results, get_hardware, predict, this_machine
+
+    if args.list:
+        rows = [{"name": h.name, "description": h.description, "bandwidth_gb_s": h.bandwidth_bytes_s / 1e9,
+                 "peak_tflops": h.peak_flops / 1e12, "memory_gb": h.memory_bytes / 1e9, "source": h.source}
+                for h in HARDWARE.values()]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            for r in rows:
+                print(f"{r['name']:22s} {r['bandwidth_gb_s']:7.1f} GB/s {r['peak_tflops']:7.2f} TFLOPS "
+                      f"{r['memory_gb']:5.0f} GB  {r['source']}")
+        return 0
+    if not args.hardware or not args.model:
+        raise ConfigError("predict needs --hardware and --model (or --list)")
+    if args.hardware == "this-machine":
+        from .environment import capture
+
+        hw = this_machine(capture())
+    else:
+        hw = get_hardware(args.hardware)
+    efficiency = None
+    if args.calibrate:
+        from .results import read_results
+
+        efficiency = efficiency_from_results(read_results(args.calibrate), args.precision)
+    spec = plugins.models.resolve(args.model)
+    specs = [spec] + ([spec.dense_twin("active"), spec.dense_twin("total")] if spec.is_moe else [])
+    rows = [predict(sp, hw, precision=args.precision, context=args.context, efficiency=efficiency) for sp in specs]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    basis = (f"efficiency from {args.calibrate}: decode {efficiency['decode']:.0%} of bandwidth, prefill "
+             f"{efficiency['prefill']:.0%} of peak FLOP/s"
+             f"{'' if efficiency['prefill_measured'] else ' (assumed: no prefill FLOP figure in the results)'}"
+             f" ({efficiency['n']} results)" if efficiency else
+             "assumed efficiency: decode 80 % of bandwidth, prefill 50 % of peak FLOP/s (--calibrate to measure)")
+    print(f"{hw.name}: {hw.bandwidth_bytes_s / 1e9:.0f} GB/s, {hw.peak_flops / 1e12:.2f} TFLOPS, "
+          f"{hw.memory_bytes / 1e9:.0f} GB ({hw.source})")
+    print(basis)
+    for r in rows:
+        if r["fits"] is False:
+            print(f"  {r['model']:28s} does not fit: {r['reason']}")
+        else:
+            print(f"  {r['model']:28s} decode {r['decode_tok_s']:8.1f} tok/s  prefill {r['prefill_tok_s']:9.1f} tok/s"
+                  f"  ({r['bytes_per_token'] / 1e6:.0f} MB/token, {r['memory_needed_bytes'] / 1e9:.1f} GB)")
+    if len(rows) == 3 and all(r.get("decode_tok_s") for r in rows):
+        print(f"  predicted MoE decode vs active twin {rows[0]['decode_tok_s'] / rows[1]['decode_tok_s']:.2f}x, "
+              f"vs total twin {rows[0]['decode_tok_s'] / rows[2]['decode_tok_s']:.2f}x (roofline: no dispatch cost)")
     return 0
 
 

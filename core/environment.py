@@ -82,6 +82,21 @@ def measure_read_bandwidth(nbytes: int = 512 << 20, rounds: int = 5, threads: in
     return best
 
 
+def measure_gemm_flops(n: int = 1024, rounds: int = 5) -> float:
+    """fp32 FLOP/s of numpy's BLAS on an n x n matrix product, best of `rounds`: the
+    achievable compute peak that FLOP utilisation is measured against."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    a @ b
+    best = 0.0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2.0 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
 @lru_cache(maxsize=1)
 def capture(measure_bandwidth: bool = True) -> dict[str, Any]:
     """The environment record stored with each result."""
@@ -108,4 +123,10 @@ def capture(measure_bandwidth: bool = True) -> dict[str, Any]:
         env["bandwidth_bytes_s"] = measure_read_bandwidth(samples=samples)
         env["bandwidth_samples_bytes_s"] = samples
         env["bandwidth_source"] = "measured: parallel numpy reduction over 512 MiB, best of 5"
+    override = os.environ.get("MOERUN_PEAK_GFLOPS")
+    if override:
+        env["peak_flops"] = float(override) * 1e9
+    elif measure_bandwidth:
+        env["peak_flops"] = measure_gemm_flops()
+        env["peak_flops_source"] = "measured: numpy fp32 GEMM 1024^3, best of 5"
     return env

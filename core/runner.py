@@ -367,6 +367,9 @@ def derive_metrics(spec: ModelSpec, precision: str, point: Point, timings: dict[
         "prefill_tok_s": timings["prefill_tok_s"]["median"],
         "weight_bytes_per_token": spec.weight_bytes_per_token(precision),
     }
+    peak = env.get("peak_flops")
+    if peak:  # MoE-CAP's S-MFU: FLOPs of the active parameters only
+        m["s_mfu_prefill"] = m["prefill_tok_s"] * spec.flops_per_token(point.prompt_tokens // 2) / peak
     if "decode_tok_s" not in timings:
         return m
     tok_s = timings["decode_tok_s"]["median"]
@@ -382,7 +385,13 @@ def derive_metrics(spec: ModelSpec, precision: str, point: Point, timings: dict[
     )
     bw = env.get("bandwidth_bytes_s")
     if bw:
+        # S-MBU (MoE-CAP): bytes the token actually reads (active experts); 'mbu_dense' counts
+        # every weight as a dense model would, which overstates an MoE's bandwidth use
         m["mbu"] = bytes_per_token * tok_s / bw
+        dense_bytes = spec.total_params * get_precision(precision).bits_per_weight / 8 + kv
+        m["mbu_dense"] = dense_bytes * tok_s / bw
+    if peak:
+        m["s_mfu"] = m["decode_flops_s"] / peak
     return m
 
 

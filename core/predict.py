@@ -1,0 +1,113 @@
+"""Roofline predictions: what a model should do on a device, from its spec and the device's
+published bandwidth, compute and memory, scaled by the efficiency measured here.
+
+Decode is bandwidth-bound: tokens/s = efficiency x bandwidth / bytes read per token.
+Prefill is compute-bound: tokens/s = efficiency x peak FLOP/s / FLOPs per token.
+A model whose weights and KV cache do not fit in the device's memory is flagged, not
+predicted.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import attrs
+
+from .errors import ConfigError
+from .precision import get_precision
+from .spec import ModelSpec
+
+
+@attrs.frozen(kw_only=True)
+class Hardware:
+    name: str
+    description: str
+    bandwidth_bytes_s: float
+    peak_flops: float  # dense, at the precision class the device runs LLMs at (see source)
+    memory_bytes: float
+    source: str
+
+
+GB = 1e9
+HARDWARE: dict[str, Hardware] = {h.name: h for h in [
+    Hardware(name="jetson-orin-nano-8gb", description="NVIDIA Jetson Orin Nano 8GB (the published study's edge device)",
+             bandwidth_bytes_s=68 * GB, peak_flops=10e12, memory_bytes=8 * GB,
+             source="NVIDIA: 68 GB/s LPDDR5, 8 GB; 40 INT8 TOPS sparse -> ~10 TFLOPS dense FP16"),
+    Hardware(name="jetson-agx-orin-64gb", description="NVIDIA Jetson AGX Orin 64GB",
+             bandwidth_bytes_s=204.8 * GB, peak_flops=68e12, memory_bytes=64 * GB,
+             source="NVIDIA: 204.8 GB/s LPDDR5, 64 GB; 275 INT8 TOPS sparse -> ~68 TFLOPS dense FP16"),
+    Hardware(name="apple-m2-pro-16gb", description="Apple M2 Pro, 16 GB (the published study's laptop)",
+             bandwidth_bytes_s=200 * GB, peak_flops=6.8e12, memory_bytes=16 * GB,
+             source="Apple: 200 GB/s unified memory; 19-core GPU ~6.8 TFLOPS FP32"),
+    Hardware(name="raspberry-pi-5-8gb", description="Raspberry Pi 5, 8 GB",
+             bandwidth_bytes_s=17 * GB, peak_flops=0.15e12, memory_bytes=8 * GB,
+             source="LPDDR4X-4267 on a 32-bit bus ~17 GB/s; 4x Cortex-A76 @ 2.4 GHz NEON ~150 GFLOPS FP32"),
+    Hardware(name="rtx-4090", description="NVIDIA GeForce RTX 4090",
+             bandwidth_bytes_s=1008 * GB, peak_flops=165e12, memory_bytes=24 * GB,
+             source="NVIDIA: 1008 GB/s GDDR6X, 24 GB; 165 TFLOPS FP16 tensor, dense"),
+    Hardware(name="h200", description="NVIDIA H200 SXM",
+             bandwidth_bytes_s=4800 * GB, peak_flops=989e12, memory_bytes=141 * GB,
+             source="NVIDIA: 4.8 TB/s HBM3e, 141 GB; 989 TFLOPS BF16 dense"),
+]}
+
+
+def get_hardware(name: str) -> Hardware:
+    if name not in HARDWARE:
+        raise ConfigError(f"unknown hardware {name!r}; known: {', '.join(HARDWARE)}")
+    return HARDWARE[name]
+
+
+def this_machine(env: dict[str, Any]) -> Hardware:
+    """The measuring machine as a profile: measured bandwidth and GEMM rate, its memory."""
+    if not env.get("bandwidth_bytes_s") or not env.get("peak_flops"):
+        raise ConfigError("this machine's profile needs a measured bandwidth and GEMM rate")
+    return Hardware(name="this-machine", description=env.get("cpu_model", "this machine"),
+                    bandwidth_bytes_s=env["bandwidth_bytes_s"], peak_flops=env["peak_flops"],
+                    memory_bytes=float(env.get("memory_bytes") or 0), source="measured in this run")
+
+
+def efficiency_from_results(results: Iterable[dict[str, Any]], precision: str | None = None) -> dict[str, float]:
+    """Median decode MBU and prefill FLOP utilisation of ok results (optionally one precision):
+    how much of the roofline this machine's engines actually reached."""
+    import statistics
+
+    mbu, mfu = [], []
+    for r in results:
+        if r.get("status") != "ok" or (precision and r.get("precision") != precision):
+            continue
+        m = r.get("metrics", {})
+        if m.get("mbu"):
+            mbu.append(m["mbu"])
+        if m.get("s_mfu_prefill"):
+            mfu.append(m["s_mfu_prefill"])
+    if not mbu:
+        raise ConfigError("the calibration results hold no ok measurement with a bandwidth figure"
+                          + (f" at precision {precision}" if precision else ""))
+    return {"decode": statistics.median(mbu), "prefill": statistics.median(mfu) if mfu else 0.5,
+            "n": len(mbu), "prefill_measured": bool(mfu)}
+
+
+def predict(spec: ModelSpec, hw: Hardware, *, precision: str, context: int = 512,
+            efficiency: dict[str, float] | None = None, kv_bytes_per_value: float = 2.0) -> dict[str, Any]:
+    """Predicted decode and prefill tokens/s of `spec` on `hw`, or why it does not fit."""
+    eff = efficiency or {"decode": 0.8, "prefill": 0.5}
+    bits = get_precision(precision).bits_per_weight
+    weights = spec.total_params * bits / 8
+    kv = spec.kv_bytes_per_token(context, kv_bytes_per_value)  # read per token = held at `context`
+    need = weights + kv
+    out: dict[str, Any] = {
+        "model": spec.name, "hardware": hw.name, "precision": precision, "context": context,
+        "weights_bytes": weights, "memory_needed_bytes": need, "memory_bytes": hw.memory_bytes,
+        "fits": need <= 0.9 * hw.memory_bytes if hw.memory_bytes else None,
+        "efficiency": eff, "calibrated": efficiency is not None,
+    }
+    if out["fits"] is False:
+        out["reason"] = (f"needs {need / 1e9:.1f} GB for weights and KV cache; {hw.name} has "
+                         f"{hw.memory_bytes / 1e9:.0f} GB (90 % usable assumed)")
+        return out
+    per_token = spec.weight_bytes_per_token(precision) + kv
+    out["bytes_per_token"] = per_token
+    out["decode_tok_s"] = eff["decode"] * hw.bandwidth_bytes_s / per_token
+    out["prefill_tok_s"] = eff["prefill"] * hw.peak_flops / spec.flops_per_token(context // 2)
+    out["decode_bound"] = "bandwidth"
+    return out
