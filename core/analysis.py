@@ -15,16 +15,34 @@ def verdicts(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (group, backend, precision) holding an MoE result and at least one twin:
     MoE/twin ratios of decode and prefill tokens/s (> 1: the MoE is faster) and, against the
     total-matched twin, the share of the ideal (weight bytes read per token) speed-up realised."""
+    def workload(r: dict[str, Any]) -> tuple:
+        p = r.get("point") or {}
+        return (r.get("backend"), r.get("precision"), p.get("prompt_tokens"), p.get("new_tokens"), p.get("threads"))
+
+    results = list(results)
     by_key: dict[tuple, dict[str, dict[str, Any]]] = {}
+    baselines: dict[tuple, list[dict[str, Any]]] = {}
     for r in results:
         if r.get("role") in ("moe", "dense-active", "dense-total"):
-            by_key.setdefault((r.get("group"), r.get("backend"), r.get("precision")), {})[r["role"]] = r
+            by_key.setdefault((r.get("group"), *workload(r)), {})[r["role"]] = r
+        elif r.get("role") == "baseline" and r.get("status") == "ok":
+            baselines.setdefault(workload(r), []).append(r)
     rows = []
-    for (group, backend, precision), roles in by_key.items():
+    for (group, backend, precision, prompt, new, threads), roles in by_key.items():
         moe = roles.get("moe")
-        if moe is None or len(roles) < 2:
+        named = baselines.get((backend, precision, prompt, new, threads), [])
+        if moe is None or (len(roles) < 2 and not named):
             continue
-        row: dict[str, Any] = {"group": group, "backend": backend, "precision": precision}
+        row: dict[str, Any] = {"group": group, "backend": backend, "precision": precision,
+                               "prompt_tokens": prompt, "new_tokens": new, "threads": threads}
+        row["baselines"] = {
+            b["model_name"]: {
+                metric.split("_")[0]: (_metric(moe, metric) / _metric(b, metric)
+                                       if _metric(moe, metric) and _metric(b, metric) else None)
+                for metric in ("decode_tok_s", "prefill_tok_s")
+            } | {"decode_ci95": ratio_interval(_reps(moe, "decode_tok_s"), _reps(b, "decode_tok_s"))}
+            for b in named
+        }
         for twin in ("dense-active", "dense-total"):
             if twin not in roles:
                 continue

@@ -100,6 +100,21 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
     rep.add_argument("results", nargs="+", type=Path, metavar="RESULTS.jsonl")
     rep.add_argument("--out", type=Path, metavar="DIR", help="report folder (default: moerun-report)")
     rep.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    st = sub.add_parser("study", help="run a study: a grid from a TOML file or a preset",
+                        description="run a study: MoE models with their twins and named dense baselines x backends "
+                                    "x precisions x prompt/generation lengths x threads, from a TOML file (a "
+                                    "[study] table) or a built-in preset; resumable with --output")
+    st.add_argument("file", nargs="?", type=Path, metavar="STUDY.toml")
+    st.add_argument("--preset", metavar="NAME", help="built-in study (--list to see them)")
+    st.add_argument("--list", action="store_true", help="list the built-in studies")
+    st.add_argument("-b", "--backend", action="append", metavar="NAME", help="override the study's backends")
+    st.add_argument("-o", "--output", type=Path, metavar="PATH", help="results JSONL (an existing one is resumed)")
+    st.add_argument("--report", default="table", metavar="NAME", help="reporter for the summary (default: table)")
+    st.add_argument("--json", action="store_true", help="shorthand for --report json")
+    st.add_argument("--no-isolate", action="store_true", help="run points in this process")
+    st.add_argument("--memory-limit", type=_positive_int, default=None, metavar="MB", help="per-point memory cap")
+    st.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    st.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     pre = sub.add_parser("predict", help="roofline prediction of a model on a device (published specs)",
                          description="predict decode and prefill tokens/s of a model (and its dense twins) on a "
                                      "device from its published bandwidth, compute and memory, scaled by the "
@@ -194,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_compare(plugins, args)
         if args.command == "predict":
             return cmd_predict(plugins, args)
+        if args.command == "study":
+            return cmd_study(plugins, args)
         return cmd_run(plugins, args)
     except MoerunError as exc:
         if debug:
@@ -412,9 +429,7 @@ def cmd_report(plugins: Any, args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ measuring
 def cmd_run(plugins: Any, args: argparse.Namespace) -> int:
-    from .cache import Cache
-    from .environment import capture
-    from .study import LocalExecutor, build_points, run_study, select_backends
+    from .study import build_points, select_backends
 
     backends, skipped = select_backends(plugins, _csv_list(args.backend))
     if not backends:
@@ -432,6 +447,39 @@ def cmd_run(plugins: Any, args: argparse.Namespace) -> int:
         compile=args.compile, timeout_s=args.timeout, options=_options(args.option),
         memory_limit_mb=args.memory_limit,
     )
+    return _execute(plugins, points, args, skipped)
+
+
+def cmd_study(plugins: Any, args: argparse.Namespace) -> int:
+    import attrs
+
+    from .study import points_from_study, select_backends
+    from .studyfile import PRESETS, load_study
+
+    if args.list:
+        for name, d in PRESETS.items():
+            print(f"{name:26s} {d['description']}")
+        return 0
+    study = load_study(args.file, args.preset)
+    backends, skipped = select_backends(plugins, _csv_list(args.backend) or study.backends)
+    if not backends:
+        raise ConfigError("no backend is available here; see 'moerun backends'")
+    for m in (*study.models, *study.dense):
+        plugins.models.resolve(m)
+    points = points_from_study(plugins, study, backends)
+    if args.memory_limit:
+        points = [attrs.evolve(p, memory_limit_mb=args.memory_limit) for p in points]
+    if not args.output:
+        args.output = Path(DEFAULT_OUTPUT_DIR) / f"{study.name}-{datetime.now():%Y%m%d-%H%M%S}.jsonl"
+    return _execute(plugins, points, args, skipped)
+
+
+def _execute(plugins: Any, points: Sequence[Any], args: argparse.Namespace, skipped: Sequence[Any]) -> int:
+    """Run points (isolated unless --no-isolate) into --output and print the summary."""
+    from .cache import Cache
+    from .environment import capture
+    from .study import LocalExecutor, run_study
+
     output = args.output or Path(DEFAULT_OUTPUT_DIR) / f"run-{datetime.now():%Y%m%d-%H%M%S}.jsonl"
     if output.exists() and output.is_dir():
         raise ConfigError(f"--output {output} is a folder; give a .jsonl file path")

@@ -75,6 +75,33 @@ def build_points(plugins: "MoerunPlugins", *, models: list[str], backends: list[
     return points
 
 
+def points_from_study(plugins: "MoerunPlugins", study: Any, backends: list[str]) -> list[Point]:
+    """The study's grid as points: each MoE model with its twins (or alone), each named dense
+    baseline once, x backends x precisions x prompt lengths x generation lengths x threads."""
+    import itertools
+
+    fields = dict(repetitions=study.repetitions, warmup=study.warmup, seed=study.seed,
+                  checkpoint_dtype=study.checkpoint_dtype, timeout_s=study.timeout_s, breakdown=study.breakdown,
+                  options=dict(study.options))
+    models: list[tuple[str, str, str]] = []
+    for m in study.models:
+        models += model_with_twins(plugins, m, study.twins)
+    for d in study.dense:
+        spec = plugins.models.resolve(d)
+        if spec.is_moe:
+            raise ConfigError(f"dense baseline {d!r} is an MoE model")
+        models.append((d, "baseline", ""))
+    for p in study.precisions:
+        get_precision(p)
+    points = []
+    grid = itertools.product(models, backends, study.precisions or [None], study.prompt_tokens,
+                             study.new_tokens, study.threads or [None])
+    for (name, role, group), backend, precision, prompt, new, threads in grid:
+        points.append(Point(model=name, backend=backend, precision=precision, role=role, group=group,
+                            prompt_tokens=prompt, new_tokens=new, threads=threads, **fields))
+    return points
+
+
 class Executor(Protocol):
     def run(self, point: Point) -> dict[str, Any]: ...
 

@@ -83,16 +83,29 @@ def table(results: list[dict[str, Any]], stream: TextIO) -> None:
     if rows:
         v = Table(title="MoE / dense twin (tokens/s ratio of medians, [95 % bootstrap interval over repetitions]; "
                         "> 1 means the MoE is faster)", header_style="bold")
-        for h in ("model", "backend", "precision", "decode vs active", "prefill vs active",
+        for h in ("model", "backend", "precision", "prompt", "decode vs active", "prefill vs active",
                   "decode vs total", "prefill vs total", "ideal decode vs total", "realised"):
             v.add_column(h, justify="left" if h in ("model", "backend", "precision") else "right")
         for row in rows:
-            v.add_row(row["group"], row["backend"], row["precision"] or "",
+            v.add_row(row["group"], row["backend"], row["precision"] or "", str(row.get("prompt_tokens") or ""),
                       *[_ratio(row, k) for k in ("decode_vs_active", "prefill_vs_active",
                                                  "decode_vs_total", "prefill_vs_total")],
                       _fmt(row.get("ideal_decode_vs_total"), "{:.2f}x"),
                       _fmt(row.get("realised_share_decode"), "{:.0%}"))
         console.print(v)
+    based = [(row, name, b) for row in rows for name, b in (row.get("baselines") or {}).items()]
+    if based:
+        bt = Table(title="MoE / named dense baseline (tokens/s ratio; > 1 means the MoE is faster)",
+                   header_style="bold")
+        for h in ("model", "baseline", "backend", "precision", "prompt", "decode", "prefill"):
+            bt.add_column(h, justify="right" if h in ("prompt", "decode", "prefill") else "left")
+        for row, name, b in based:
+            ci = b.get("decode_ci95")
+            bt.add_row(escape(str(row["group"])), escape(name), row["backend"], row["precision"] or "",
+                       str(row.get("prompt_tokens") or ""),
+                       _fmt(b.get("decode"), "{:.2f}x") + (f" [{ci[0]:.2f}-{ci[1]:.2f}]" if ci else ""),
+                       _fmt(b.get("prefill"), "{:.2f}x"))
+        console.print(bt)
     with_breakdown = [r for r in results if (r.get("breakdown") or {}).get("available")]
     if with_breakdown:
         from moerun.breakdown import CATEGORIES

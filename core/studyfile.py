@@ -1,0 +1,74 @@
+"""Study definitions: a grid over models (with their dense twins and named dense
+baselines), backends, precisions, prompt and generation lengths and threads, from a TOML
+file or a built-in preset. Unknown keys are errors that name the key."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .convert import structure
+from .errors import ConfigError
+
+
+@attrs.frozen(kw_only=True)
+class StudySpec:
+    name: str = "study"
+    description: str = ""
+    models: list[str]
+    dense: list[str] = attrs.field(factory=list)  # named dense baselines compared with every MoE model
+    twins: bool = True
+    backends: list[str] = attrs.field(factory=list)  # empty: every available backend
+    precisions: list[str] = attrs.field(factory=list)  # empty: each backend's default
+    prompt_tokens: list[int] = attrs.field(factory=lambda: [64])
+    new_tokens: list[int] = attrs.field(factory=lambda: [32])
+    threads: list[int] = attrs.field(factory=list)  # empty: the engine's choice
+    repetitions: int = 3
+    warmup: int = 1
+    seed: int = 0
+    checkpoint_dtype: str = "float32"
+    timeout_s: float = 1800.0
+    breakdown: bool = False
+    options: dict[str, Any] = attrs.field(factory=dict)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper-olmoe": dict(
+        name="paper-olmoe",
+        description="arXiv 2606.21428's comparison with synthetic weights of the real shapes: OLMoE-1B-7B "
+                    "against Llama-3.2-1B, Qwen2.5-1.5B and a Gemma-2-2B-shaped dense model at Q4_K_M on "
+                    "llama.cpp (about 25 GB of disk and tens of minutes here)",
+        models=["olmoe-1b-7b"], dense=["llama-3.2-1b", "qwen2.5-1.5b", "gemma-2-2b-shape"], twins=False,
+        backends=["llamacpp"], precisions=["q4_k_m"], prompt_tokens=[64], new_tokens=[32], repetitions=3,
+        checkpoint_dtype="bfloat16", options={"mmap": False}),
+    "paper-olmoe-all-backends": dict(
+        name="paper-olmoe-all-backends",
+        description="the same shapes on every CPU backend at its default precision (bf16/fp32 artifacts are large)",
+        models=["olmoe-1b-7b"], dense=["llama-3.2-1b"], twins=False, prompt_tokens=[64], new_tokens=[16],
+        repetitions=3, checkpoint_dtype="bfloat16"),
+    "scaled": dict(
+        name="scaled",
+        description="a minutes-long version: small-moe with its twins on every available backend, two prompt lengths",
+        models=["small-moe"], twins=True, prompt_tokens=[32, 128], new_tokens=[32], repetitions=5),
+}
+
+
+def load_study(path: Path | None = None, preset: str | None = None) -> StudySpec:
+    if (path is None) == (preset is None):
+        raise ConfigError("give a study file or --preset (not both)")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown study preset {preset!r}; known: {', '.join(PRESETS)}")
+        return structure(PRESETS[preset], StudySpec, where=f"preset {preset}")
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read study file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    if set(data) != {"study"}:
+        raise ConfigError(f"{path}: expected a single [study] table, found {', '.join(sorted(data)) or 'nothing'}")
+    return structure(data["study"], StudySpec, where=f"{path}: [study]")
