@@ -189,6 +189,75 @@ def breakdown_figure(results: list[dict[str, Any]], phase: str = "decode"):
     return fig
 
 
+_ROLE_ORDER = {"moe": 0, "dense-active": 1, "dense-total": 2, "baseline": 3, "dense": 4, "": 5}
+
+
+def throughput_figure(results: list[dict[str, Any]], metric: str = "decode_tok_s"):
+    """Grouped bars: for each backend / precision / prompt length, the median tokens/s of the
+    MoE model, its twins and baselines, with the repetitions' min-max as error bars."""
+    ok = [r for r in results if r.get("status") == "ok" and (r.get("metrics") or {}).get(metric)]
+    if not ok:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def where(r: dict[str, Any]) -> str:
+        p = r.get("point") or {}
+        return f"{r.get('backend')} {r.get('precision')}\nprompt {p.get('prompt_tokens')}"
+
+    groups = sorted({where(r) for r in ok})
+    models = sorted({(_ROLE_ORDER.get(r.get("role", ""), 5), r.get("model_name")) for r in ok})
+    width = 0.8 / max(1, len(models))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) * max(1, len(models)) / 2), 4.5))
+    for mi, (_, model) in enumerate(models):
+        xs, ys, lo, hi = [], [], [], []
+        for gi, g in enumerate(groups):
+            r = next((r for r in ok if where(r) == g and r.get("model_name") == model), None)
+            if r is None:
+                continue
+            reps = r["timings"].get(metric + "_reps") or [r["metrics"][metric]]
+            xs.append(gi + (mi - (len(models) - 1) / 2) * width)
+            ys.append(r["metrics"][metric])
+            lo.append(r["metrics"][metric] - min(reps))
+            hi.append(max(reps) - r["metrics"][metric])
+        ax.bar(xs, ys, width=width, label=model, yerr=[lo, hi], capsize=2)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups, fontsize=8)
+    ax.set_ylabel(f"{metric.split('_')[0]} tokens/s (median; bars: min-max of repetitions)")
+    ax.set_title(f"{metric.split('_')[0].capitalize()} throughput: MoE against its dense twins and baselines")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def speedup_figure(results: list[dict[str, Any]]):
+    """Per backend: the MoE's measured decode speed-up over its total-matched twin next to
+    the bandwidth-bound ideal (the ratio of weight bytes read per token)."""
+    rows = [v for v in verdicts(results) if v.get("decode_vs_total") and v.get("ideal_decode_vs_total")]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{v['group']}\n{v['backend']} {v['precision']}" for v in rows]
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(rows) + 2), 4.2))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [v["ideal_decode_vs_total"] for v in rows], width=0.4, label="ideal (bytes ratio)")
+    ax.bar([x + 0.2 for x in xs], [v["decode_vs_total"] for v in rows], width=0.4, label="measured")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("decode speed-up over the total-matched dense twin (x)")
+    ax.set_title("Realised versus theoretical MoE decode speed-up")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
 def markdown_report(results: list[dict[str, Any]], stream: TextIO, assets_dir: Any = None) -> None:
     """GitHub-flavoured Markdown: the results table, failures and the verdict table; with
     `assets_dir`, breakdown figures are drawn there as PNG and linked."""
@@ -218,13 +287,20 @@ def markdown_report(results: list[dict[str, Any]], stream: TextIO, assets_dir: A
     if assets_dir is not None:
         from pathlib import Path
 
-        for phase in ("decode", "prefill"):
-            fig = breakdown_figure(results, phase)
+        figures = [("decode-throughput", "Decode throughput", throughput_figure(results, "decode_tok_s")),
+                   ("prefill-throughput", "Prefill throughput", throughput_figure(results, "prefill_tok_s")),
+                   ("speedup", "Realised versus theoretical speed-up", speedup_figure(results)),
+                   ("breakdown-decode", "Where decode time goes", breakdown_figure(results, "decode")),
+                   ("breakdown-prefill", "Where prefill time goes", breakdown_figure(results, "prefill"))]
+        for stem, title, fig in figures:
             if fig is None:
                 continue
-            path = Path(assets_dir) / f"breakdown-{phase}.png"
+            path = Path(assets_dir) / f"{stem}.png"
             fig.savefig(path, dpi=110)
-            stream.write(f"\n## Where {phase} time goes\n\n![{phase} breakdown]({path.name})\n")
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+            stream.write(f"\n## {title}\n\n![{title}]({path.name})\n")
 
 
 @hookimpl

@@ -90,7 +90,7 @@ def test_breakdown_figure_holds_the_measured_stacks(plugins, cache, tmp_path):
     res = run_cli("report", str(out), "--out", str(tmp_path / "rep"))
     assert res.returncode == 0, res.stderr
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "![decode breakdown](breakdown-decode.png)" in md
+    assert "![Where decode time goes](breakdown-decode.png)" in md
     png = (tmp_path / "rep" / "breakdown-decode.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
@@ -138,3 +138,25 @@ def test_compare_merges_machines(results, tmp_path):
     assert (tmp_path / "m.csv").read_text().count("\n") == 1 + 2 * len(results)
     table = run_cli("compare", str(a), str(b))
     assert "results by machine" in table.stdout and "jetson" in table.stdout
+
+
+
+def test_throughput_and_speedup_figures_hold_the_results(results):
+    from moerun.plugins.reporters import speedup_figure, throughput_figure
+
+    ok = [r for r in results if r["status"] == "ok"]
+    fig = throughput_figure(results, "decode_tok_s")
+    ax = fig.axes[0]
+    heights = sorted(round(p.get_height(), 6) for p in ax.patches)
+    assert heights == sorted(round(r["metrics"]["decode_tok_s"], 6) for r in ok)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["tiny-moe", "tiny-moe:dense-active",
+                                                                   "tiny-moe:dense-total"]
+    assert "decode tokens/s" in ax.get_ylabel()
+    fig = speedup_figure(results)
+    ax = fig.axes[0]
+    from moerun.analysis import verdicts
+
+    (v,) = verdicts(results)
+    measured = [p.get_height() for c in ax.containers if c.get_label() == "measured" for p in c]
+    ideal = [p.get_height() for c in ax.containers if c.get_label() == "ideal (bytes ratio)" for p in c]
+    assert measured == pytest.approx([v["decode_vs_total"]]) and ideal == pytest.approx([v["ideal_decode_vs_total"]])
