@@ -52,12 +52,22 @@ def test_study_killed_mid_run_resumes_without_redoing_finished_points(tmp_path):
     while time.time() < deadline and not (out.exists() and len(out.read_text().splitlines()) == 2):
         time.sleep(0.2)
     assert len(_lines(out)) == 2, "the two points before the hang did not finish"
-    time.sleep(1.0)  # the third point is hanging now
+    pid_file = Path(f"{gate}.pid")
+    while time.time() < deadline and not pid_file.exists():  # the third point is hanging now
+        time.sleep(0.2)
+    worker = int(pid_file.read_text())
     os.kill(study.pid, signal.SIGKILL)  # the study process dies mid-point
     study.communicate(timeout=30)
-    time.sleep(1.0)
-    orphans = subprocess.run(["pgrep", "-f", f"moerun.worker"], capture_output=True, text=True).stdout.split()
-    assert not orphans, "a measurement outlived the study that started it"
+    for _ in range(50):  # the measurement must not outlive the study that started it
+        try:
+            state = Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        if state == "Z":  # dead, waiting for a reaper
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"measurement process {worker} outlived its killed study")
     first = _lines(out)
     assert [r["status"] for r in first] == ["ok", "ok"]
     gate.unlink()

@@ -22,8 +22,10 @@ class FaultBackend(TorchBackend):
         mode = settings.options.get("mode", "ok")
         gate = settings.options.get("hang_while")
         if gate and artifact.spec.name == settings.options.get("hang_model"):
+            import os
             from pathlib import Path
 
+            Path(gate + ".pid").write_text(str(os.getpid()))  # the test checks this process dies
             while Path(gate).exists():  # hang, as long as the test keeps the gate file
                 time.sleep(0.1)
         if mode == "segfault":
