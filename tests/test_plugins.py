@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from moerun import Backend, PluginLoadError, UnknownBackendError, get_plugin_manager, hookimpl
+from moerun import PluginLoadError, UnknownBackendError, get_plugin_manager
 from moerun.registry import BackendRegistry
 
 

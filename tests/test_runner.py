@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from moerun import Cache, Point, measure, run_isolated
+from moerun import Point, measure, run_isolated
 from moerun.results import append_result, read_results
 from moerun.study import LocalExecutor, build_points, run_study
 

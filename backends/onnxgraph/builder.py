@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from moerun import Checkpoint, ModelSpec
+from moerun import Checkpoint
 
 OPSET = 17
 FORMULATIONS = ("standard", "contrib")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moerun import Cache, Point, get_plugin_manager, run_isolated
+from moerun import Cache, Point, run_isolated
 from moerun.breakdown import CATEGORIES
 
 BACKENDS = ("torch", "llamacpp", "onnxruntime", "onnxruntime-contrib")
@@ -26,7 +26,6 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=16)
     args = ap.parse_args()
-    pm = get_plugin_manager()
     cache = Cache()
     print(f"{'model':24s} {'backend':20s} {'phase':7s} " + " ".join(f"{SHORT[c]:>5s}" for c in CATEGORIES)
           + f" {'sum/plain':>9s} {'overhead':>8s} {'route/MoE':>9s}")
