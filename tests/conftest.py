@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -15,6 +17,7 @@ TEST_PLUGINS = HERE / "plugins_for_tests"
 # One cache for the whole session (synthetic checkpoints are reused across tests), also
 # seen by the `moerun` child processes the tests start.
 _CACHE = Path(tempfile.mkdtemp(prefix="moerun-test-cache-"))
+atexit.register(shutil.rmtree, _CACHE, True)  # ~650 MB of checkpoints and artifacts per run
 os.environ["MOERUN_CACHE_DIR"] = str(_CACHE)
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_CACHE / "inductor")
 os.environ.setdefault("MOERUN_BANDWIDTH_GBPS", "20")  # tests need a figure, not a measurement
