@@ -33,13 +33,17 @@ class Cache:
     @contextmanager
     def building(self, final: Path) -> Iterator[Path]:
         """Yield a temporary folder to build into; it becomes `final` only on success,
-        so an interrupted or failed build is never mistaken for a cached artifact."""
+        so an interrupted or failed build is never mistaken for a cached artifact. A stale
+        `final` (its caller found the artifact missing in it) is replaced."""
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
         try:
             yield tmp
-            if final.exists():  # built meanwhile by another process
-                shutil.rmtree(tmp, ignore_errors=True)
+            if final.exists():
+                stale = Path(tempfile.mkdtemp(prefix=f".{final.name}.stale.", dir=final.parent))
+                os.replace(final, stale / "old")
+                os.replace(tmp, final)
+                shutil.rmtree(stale, ignore_errors=True)
             else:
                 os.replace(tmp, final)
         except BaseException:

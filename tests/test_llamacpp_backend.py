@@ -74,6 +74,11 @@ def test_artifacts_are_cached_by_content(backends, cache):
     assert a.path == b.path and b.path.stat().st_mtime_ns == mtime
     other = synthetic_checkpoint(pm.models.resolve("tiny-moe"), cache, seed=1)
     assert lb.prepare(other, "q4_0", cache).path != a.path
+    # the float base is only an intermediate: a cached quantized file does not need it back
+    base = lb.prepare(ck, "f32", cache).path
+    base.unlink()
+    assert lb.prepare(ck, "q4_0", cache).path == a.path and not base.exists()
+    assert lb.prepare(ck, "f32", cache).path == base and base.exists()  # a half-emptied folder is rebuilt
 
 
 def test_truncated_and_corrupt_gguf_are_clear_errors(backends, cache, tmp_path):

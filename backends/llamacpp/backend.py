@@ -219,10 +219,10 @@ class LlamaCppBackend(Backend):
 
             stored = json.load(f).get("torch_dtype", "float32")
         base_type = "bf16" if stored == "bfloat16" else "f32"
-        base = self._base(checkpoint, base_type, cache)
         folder = cache.artifact_dir(self.name, EXPORT_VERSION, checkpoint.content_hash(), base_type, precision)
         target = folder / f"model-{precision}.gguf"
-        if not target.exists():
+        if not target.exists():  # the float base is needed only to quantize
+            base = self._base(checkpoint, base_type, cache)
             with cache.building(folder) as tmp:
                 self._quantize(base, tmp / target.name, precision)
         return self._artifact(checkpoint, precision, target, {"gguf_type": precision, "quantized_from": base_type})
