@@ -80,13 +80,15 @@ def table(results: list[dict[str, Any]], stream: TextIO) -> None:
         console.print(f"[bold]{r.get('status')}[/]: "
                       + escape(f"{r.get('model_name')} on {r.get('backend')}: {r.get('error')}"), highlight=False)
     rows = verdicts(results)
-    if rows:
+    twin_keys = ("decode_vs_active", "prefill_vs_active", "decode_vs_total", "prefill_vs_total")
+    twin_rows = [row for row in rows if any(row.get(k) is not None for k in twin_keys)]
+    if twin_rows:
         v = Table(title="MoE / dense twin (tokens/s ratio of medians, [95 % bootstrap interval over repetitions]; "
                         "> 1 means the MoE is faster)", header_style="bold")
         for h in ("model", "backend", "precision", "prompt", "decode vs active", "prefill vs active",
                   "decode vs total", "prefill vs total", "ideal decode vs total", "realised"):
             v.add_column(h, justify="left" if h in ("model", "backend", "precision") else "right")
-        for row in rows:
+        for row in twin_rows:
             v.add_row(row["group"], row["backend"], row["precision"] or "", str(row.get("prompt_tokens") or ""),
                       *[_ratio(row, k) for k in ("decode_vs_active", "prefill_vs_active",
                                                  "decode_vs_total", "prefill_vs_total")],
