@@ -212,7 +212,7 @@ def throughput_figure(results: list[dict[str, Any]], metric: str = "decode_tok_s
     groups = sorted({where(r) for r in ok})
     models = sorted({(_ROLE_ORDER.get(r.get("role", ""), 5), r.get("model_name")) for r in ok})
     width = 0.8 / max(1, len(models))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) * max(1, len(models)) / 2), 4.5))
+    fig, ax = plt.subplots(figsize=(max(9, 1.6 * len(groups) * max(1, len(models)) / 2), 4.5))
     for mi, (_, model) in enumerate(models):
         xs, ys, lo, hi = [], [], [], []
         for gi, g in enumerate(groups):
@@ -227,8 +227,8 @@ def throughput_figure(results: list[dict[str, Any]], metric: str = "decode_tok_s
         ax.bar(xs, ys, width=width, label=model, yerr=[lo, hi], capsize=2)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, fontsize=8)
-    ax.set_ylabel(f"{metric.split('_')[0]} tokens/s (median; bars: min-max of repetitions)")
-    ax.set_title(f"{metric.split('_')[0].capitalize()} throughput: MoE against its dense twins and baselines")
+    ax.set_ylabel(f"{metric.split('_')[0]} tokens/s (median, min-max bars)")
+    ax.set_title(f"{metric.split('_')[0].capitalize()} tokens/s: MoE, its twins and baselines")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     return fig
