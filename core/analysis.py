@@ -63,6 +63,37 @@ def verdicts(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def maturity(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The framework maturity matrix: per backend x (dense, MoE) x precision, whether the
+    points ran, were unsupported or failed, the worst parity seen and the median decode
+    tokens/s of the points that ran."""
+    import statistics
+
+    cells: dict[tuple, list[dict[str, Any]]] = {}
+    for r in results:
+        kind = "MoE" if (r.get("model") or {}).get("is_moe") or r.get("role") == "moe" else "dense"
+        cells.setdefault((r.get("backend"), kind, r.get("precision")), []).append(r)
+    rows = []
+    for (backend, kind, precision), rs in sorted(cells.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+        statuses = [r.get("status") for r in rs]
+        parity = [r["parity"] for r in rs if (r.get("parity") or {}).get("available")]
+        decode = [r["metrics"]["decode_tok_s"] for r in rs if r.get("status") == "ok"
+                  and (r.get("metrics") or {}).get("decode_tok_s")]
+        rows.append({
+            "backend": backend, "kind": kind, "precision": precision, "points": len(rs),
+            "ok": statuses.count("ok"), "unsupported": statuses.count("unsupported"),
+            "failed": statuses.count("failed") + statuses.count("unavailable"),
+            "verdict": "runs" if statuses.count("ok") == len(rs) else
+                       "unsupported" if statuses.count("unsupported") == len(rs) else
+                       "fails" if not statuses.count("ok") else "partly",
+            "max_abs_diff": max((p["max_abs_diff"] for p in parity), default=None),
+            "min_top1": min((p["top1_agreement"] for p in parity), default=None),
+            "decode_tok_s": statistics.median(decode) if decode else None,
+            "reasons": sorted({r.get("error") for r in rs if r.get("status") != "ok" and r.get("error")})[:3],
+        })
+    return rows
+
+
 def _reps(result: dict[str, Any], metric: str) -> list[float]:
     if result.get("status") != "ok":
         return []

@@ -166,6 +166,8 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
     run.add_argument("-O", "--option", action="append", metavar="KEY=VALUE", default=[],
                      help="backend option, repeatable; VALUE is read as JSON when it parses (e.g. -O repack=true)")
     run.add_argument("--no-twins", action="store_true", help="do not add the dense twins of MoE models")
+    run.add_argument("--parity", action="store_true",
+                     help="also compare each point's logits with the PyTorch fp32 reference (16 positions)")
     run.add_argument("--breakdown", action="store_true",
                      help="also time each op category with the engine's own profiler (separate runs, "
                           "reconciled with the timed ones)")
@@ -442,7 +444,7 @@ def cmd_run(plugins: Any, args: argparse.Namespace) -> int:
         plugins, models=models, backends=backends, precisions=precisions, twins=not args.no_twins,
         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repetitions=args.repetitions,
         warmup=args.warmup, threads=args.threads, device=args.device, seed=args.seed, router_skew=args.router_skew,
-        checkpoint_dtype=args.checkpoint_dtype, breakdown=args.breakdown,
+        checkpoint_dtype=args.checkpoint_dtype, breakdown=args.breakdown, parity=args.parity,
         compile=args.compile, timeout_s=args.timeout, options=_options(args.option),
         memory_limit_mb=args.memory_limit,
     )

@@ -65,6 +65,7 @@ class Point:
     compile: bool = False
     router_skew: float = 0.0
     breakdown: bool = False  # also run the engine's own per-op instrument (separate from timing)
+    parity: bool = False  # also compare logits with the PyTorch fp32 reference
     checkpoint_dtype: str = "float32"
     role: str = ""  # "moe", "dense-active", "dense-total", "" (table grouping only)
     group: str = ""  # the MoE model a twin belongs to
@@ -185,6 +186,7 @@ def measure(point: Point, plugins: "MoerunPlugins", cache: Cache | None = None,
             raise UnsupportedError(f"no {device} device here for backend {backend.name} "
                                    f"(present: {', '.join(av.devices)})")
         model_path = Path(point.model)
+        ckpt: Checkpoint | None = None  # None when the model is an engine file
         t0 = time.perf_counter()
         if model_path.is_file() and model_path.suffix in backend.capabilities.artifact_suffixes:
             # an engine file (e.g. a GGUF): its own spec and precision
@@ -238,6 +240,8 @@ def measure(point: Point, plugins: "MoerunPlugins", cache: Cache | None = None,
             result["metrics"]["expert_counts"] = np.asarray(counts).tolist()
             result["metrics"].update(routing_stats(np.asarray(counts)))
         result["memory"] = {"peak_rss_bytes": _peak_rss_bytes(), "rss_after_load_bytes": rss_after_load}
+        if point.parity:
+            result["parity"] = _parity(session, spec, ckpt, plugins, cache, point)
         if point.breakdown:
             result["breakdown"] = _breakdown(session, prompt, follow, timings)
         result["status"] = "ok"
@@ -343,6 +347,47 @@ def _time_workload(session: Any, prompt: list[int], follow: list[int], reps: int
         out["decode_tok_s"] = summarize([n_new / (x / 1e9) for x in decode_rep_ns])
         out["decode_tok_s_reps"] = [n_new / (x / 1e9) for x in decode_rep_ns]
     return out
+
+
+PARITY_TOKENS = (12, 4)  # prefill 12 ids with all logits, then decode 4
+REFERENCE_MAX_BYTES = 4 << 30  # the fp32 reference must fit beside the engine under test
+
+
+def _parity(session: Any, spec: ModelSpec, ckpt: Checkpoint | None, plugins: "MoerunPlugins", cache: Cache,
+            point: Point) -> dict[str, Any]:
+    """Max |logit difference| and top-1 agreement against the PyTorch fp32 reference on the
+    same checkpoint and ids; the reference logits are cached by checkpoint content."""
+    if ckpt is None:
+        return {"available": False, "reason": "an engine file has no checkpoint to compute the reference from"}
+    if spec.total_params * 4 > REFERENCE_MAX_BYTES:
+        return {"available": False, "reason": f"the fp32 reference of {spec.total_params / 1e9:.1f} B parameters "
+                                              f"needs {spec.total_params * 4 / 2**30:.0f} GiB"}
+    n_prompt, n_new = PARITY_TOKENS
+    ids = token_ids(spec.vocab_size, n_prompt + n_new, point.seed + 1)
+    ref_path = cache.root / "reference" / f"{ckpt.content_hash()}-{n_prompt}-{n_new}-{point.seed + 1}.npy"
+    if ref_path.exists():
+        ref = np.load(ref_path)
+    else:
+        try:
+            torch_backend = plugins.backends.get("torch")()
+        except MoerunError as exc:
+            return {"available": False, "reason": f"no reference backend: {exc}"}
+        if not torch_backend.availability().available:
+            return {"available": False, "reason": "torch is not installed: no reference"}
+        ref_session = torch_backend.load(torch_backend.prepare(ckpt, "fp32", cache),
+                                         LoadSettings(max_context=n_prompt + n_new))
+        try:
+            ref = teacher_forced_logits(ref_session, ids, n_prompt)
+        finally:
+            ref_session.close()
+        ref_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ref_path.with_suffix(f".{os.getpid()}.npy")
+        np.save(tmp, ref)
+        os.replace(tmp, ref_path)
+    got = teacher_forced_logits(session, ids, n_prompt)
+    session.reset()
+    return {"available": True, "max_abs_diff": float(np.abs(got - ref).max()),
+            "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean()), "positions": len(ids)}
 
 
 def _breakdown(session: Any, prompt: list[int], follow: list[int], timings: dict[str, Any]) -> dict[str, Any]:

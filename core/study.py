@@ -82,6 +82,7 @@ def points_from_study(plugins: "MoerunPlugins", study: Any, backends: list[str])
 
     fields = dict(repetitions=study.repetitions, warmup=study.warmup, seed=study.seed,
                   checkpoint_dtype=study.checkpoint_dtype, timeout_s=study.timeout_s, breakdown=study.breakdown,
+                  parity=study.parity,
                   options=dict(study.options))
     models: list[tuple[str, str, str]] = []
     for m in study.models:

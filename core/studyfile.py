@@ -32,6 +32,7 @@ class StudySpec:
     checkpoint_dtype: str = "float32"
     timeout_s: float = 1800.0
     breakdown: bool = False
+    parity: bool = False
     options: dict[str, Any] = attrs.field(factory=dict)
 
 

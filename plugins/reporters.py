@@ -7,7 +7,7 @@ import json as _json
 from typing import Any, TextIO
 
 from moerun import hookimpl
-from moerun.analysis import human_count, verdicts
+from moerun.analysis import human_count, maturity, verdicts
 
 COLUMNS = [
     # (header, getter, format)
@@ -95,6 +95,17 @@ def table(results: list[dict[str, Any]], stream: TextIO) -> None:
                       _fmt(row.get("ideal_decode_vs_total"), "{:.2f}x"),
                       _fmt(row.get("realised_share_decode"), "{:.0%}"))
         console.print(v)
+    matrix = maturity(results)
+    if len(matrix) > 1:
+        mt = Table(title="framework maturity: does it run, does it agree with PyTorch fp32, how fast",
+                   header_style="bold")
+        for h in ("backend", "model kind", "precision", "verdict", "ok / points", "max |diff|", "top-1", "decode tok/s"):
+            mt.add_column(h, justify="right" if h in ("ok / points", "max |diff|", "top-1", "decode tok/s") else "left")
+        for m in matrix:
+            mt.add_row(escape(str(m["backend"])), m["kind"], escape(str(m["precision"] or "")), m["verdict"],
+                       f"{m['ok']} / {m['points']}", _fmt(m["max_abs_diff"], "{:.1e}"), _fmt(m["min_top1"], "{:.0%}"),
+                       _fmt(m["decode_tok_s"], "{:,.1f}"))
+        console.print(mt)
     based = [(row, name, b) for row in rows for name, b in (row.get("baselines") or {}).items()]
     if based:
         bt = Table(title="MoE / named dense baseline (tokens/s ratio; > 1 means the MoE is faster)",

@@ -117,3 +117,25 @@ def test_point_validation_and_round_trip():
         _point(prompt_tokens=0)
     with pytest.raises(ConfigError, match="unexpected|extra"):
         Point.from_dict({**p.to_dict(), "bogus": 1})
+
+
+def test_parity_against_the_reference_is_measured_and_cached(plugins, cache):
+    r = measure(_point(backend="llamacpp", precision="q8_0", parity=True), plugins, cache, ENV)
+    p = r["parity"]
+    assert p["available"] and p["positions"] == 16
+    assert p["max_abs_diff"] > 0 and 0.5 <= p["top1_agreement"] <= 1.0
+    refs = list((cache.root / "reference").glob("*.npy"))
+    assert refs  # computed once per checkpoint, reused by the next point
+    exact = measure(_point(backend="torch", precision="fp32", parity=True), plugins, cache, ENV)["parity"]
+    assert exact["max_abs_diff"] < 1e-5 and exact["top1_agreement"] == 1.0
+
+
+def test_maturity_matrix_summarises_runs_unsupported_and_parity(plugins, cache):
+    from moerun.analysis import maturity
+
+    rs = [measure(_point(model=m, backend="torch", precision=p, parity=True), plugins, cache, ENV)
+          for m in ("tiny-moe", "tiny-dense") for p in ("fp32", "q4_k_m")]
+    cells = {(c["kind"], c["precision"]): c for c in maturity(rs)}
+    assert cells[("MoE", "fp32")]["verdict"] == "runs" and cells[("MoE", "fp32")]["max_abs_diff"] < 1e-5
+    assert cells[("dense", "q4_k_m")]["verdict"] == "unsupported"
+    assert "q4_k_m" in cells[("dense", "q4_k_m")]["reasons"][0]
