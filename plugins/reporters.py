@@ -271,6 +271,43 @@ def speedup_figure(results: list[dict[str, Any]]):
     return fig
 
 
+def roofline_figure(results: list[dict[str, Any]]):
+    """Decode tokens/s against bytes read per token, log-log, under the bandwidth roofline
+    (measured bandwidth / bytes per token): the distance below the line is what the engine
+    leaves on the table."""
+    ok = [r for r in results if r.get("status") == "ok" and (r.get("metrics") or {}).get("bytes_per_token")]
+    bw = next((r["env"].get("bandwidth_bytes_s") for r in ok if (r.get("env") or {}).get("bandwidth_bytes_s")), None)
+    if not ok or not bw:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    xs = [r["metrics"]["bytes_per_token"] / 1e6 for r in ok]
+    line = np.geomspace(min(xs) / 1.5, max(xs) * 1.5, 50)
+    ax.plot(line, bw / (line * 1e6), color="black", linewidth=1,
+            label=f"roofline: {bw / 1e9:.1f} GB/s measured")
+    markers = "os^vD<>ph*"
+    for i, backend in enumerate(sorted({r["backend"] for r in ok})):
+        rs = [r for r in ok if r["backend"] == backend]
+        ax.scatter([r["metrics"]["bytes_per_token"] / 1e6 for r in rs], [r["metrics"]["decode_tok_s"] for r in rs],
+                   marker=markers[i % len(markers)], label=backend, s=40)
+        for r in rs:
+            ax.annotate(str(r.get("model_name")), (r["metrics"]["bytes_per_token"] / 1e6, r["metrics"]["decode_tok_s"]),
+                        fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("bytes read per decoded token (MB)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title("Decode against the bandwidth roofline")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
 def markdown_report(results: list[dict[str, Any]], stream: TextIO, assets_dir: Any = None) -> None:
     """GitHub-flavoured Markdown: the results table, failures and the verdict table; with
     `assets_dir`, breakdown figures are drawn there as PNG and linked."""
@@ -303,6 +340,7 @@ def markdown_report(results: list[dict[str, Any]], stream: TextIO, assets_dir: A
         figures = [("decode-throughput", "Decode throughput", throughput_figure(results, "decode_tok_s")),
                    ("prefill-throughput", "Prefill throughput", throughput_figure(results, "prefill_tok_s")),
                    ("speedup", "Realised versus theoretical speed-up", speedup_figure(results)),
+                   ("roofline", "Decode against the bandwidth roofline", roofline_figure(results)),
                    ("breakdown-decode", "Where decode time goes", breakdown_figure(results, "decode")),
                    ("breakdown-prefill", "Where prefill time goes", breakdown_figure(results, "prefill"))]
         for stem, title, fig in figures:

@@ -160,3 +160,19 @@ def test_throughput_and_speedup_figures_hold_the_results(results):
     measured = [p.get_height() for c in ax.containers if c.get_label() == "measured" for p in c]
     ideal = [p.get_height() for c in ax.containers if c.get_label() == "ideal (bytes ratio)" for p in c]
     assert measured == pytest.approx([v["decode_vs_total"]]) and ideal == pytest.approx([v["ideal_decode_vs_total"]])
+
+
+
+def test_roofline_figure_places_each_point_under_the_measured_line(results):
+    from moerun.plugins.reporters import roofline_figure
+
+    ok = [r for r in results if r["status"] == "ok"]
+    ax = roofline_figure(results).axes[0]
+    (line,) = ax.get_lines()
+    x, y = line.get_xdata(), line.get_ydata()
+    assert y[0] == pytest.approx(20e9 / (x[0] * 1e6))  # ENV's 20 GB/s over bytes per token
+    (points,) = [c for c in ax.collections]
+    got = sorted(map(tuple, points.get_offsets().round(6)))
+    want = sorted((round(r["metrics"]["bytes_per_token"] / 1e6, 6), round(r["metrics"]["decode_tok_s"], 6)) for r in ok)
+    assert got == want
+    assert ax.get_xscale() == "log" and "bytes read per decoded token" in ax.get_xlabel()
