@@ -82,6 +82,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"moerun: error: {message} (see 'moerun --help')\n")
 
 
+def _subcommand(sub: Any, name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand parser that also takes --debug (after the command name too)."""
+    p = sub.add_parser(name, help=help_text, description=description)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    return p
+
+
 def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="moerun", description=DESCRIPTION, epilog=EPILOG,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,15 +98,13 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
     for name, help_text in (("backends", "list backends: installed, available, why not"),
                             ("models", "list model presets with total/active parameters"),
                             ("plugins", "list loaded plugins and plugins that failed to load")):
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = _subcommand(sub, name, help_text, help_text)
         p.add_argument("--json", action="store_true", help="print JSON for scripts")
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
-    rep = sub.add_parser("report", help="write a Markdown report with figures from results files",
+    rep = _subcommand(sub, "report", "write a Markdown report with figures from results files",
                          description="write a Markdown report (tables, verdict, breakdown figures) from JSONL results")
     rep.add_argument("results", nargs="+", type=Path, metavar="RESULTS.jsonl")
     rep.add_argument("--out", type=Path, metavar="DIR", help="report folder (default: moerun-report)")
-    rep.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
-    st = sub.add_parser("study", help="run a study: a grid from a TOML file or a preset",
+    st = _subcommand(sub, "study", "run a study: a grid from a TOML file or a preset",
                         description="run a study: MoE models with their twins and named dense baselines x backends "
                                     "x precisions x prompt/generation lengths x threads, from a TOML file (a "
                                     "[study] table) or a built-in preset; resumable with --output")
@@ -113,8 +118,7 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
     st.add_argument("--no-isolate", action="store_true", help="run points in this process")
     st.add_argument("--memory-limit", type=_positive_int, default=None, metavar="MB", help="per-point memory cap")
     st.add_argument("-q", "--quiet", action="store_true", help="no progress display")
-    st.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
-    pre = sub.add_parser("predict", help="roofline prediction of a model on a device (published specs)",
+    pre = _subcommand(sub, "predict", "roofline prediction of a model on a device (published specs)",
                          description="predict decode and prefill tokens/s of a model (and its dense twins) on a "
                                      "device from its published bandwidth, compute and memory, scaled by the "
                                      "efficiency measured on this machine")
@@ -127,13 +131,11 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
                           "assuming 80 %% / 50 %%")
     pre.add_argument("--list", action="store_true", help="list the device profiles")
     pre.add_argument("--json", action="store_true", help="print JSON for scripts")
-    pre.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
-    cmp_ = sub.add_parser("compare", help="merge results from several machines into one table keyed by hardware",
+    cmp_ = _subcommand(sub, "compare", "merge results from several machines into one table keyed by hardware",
                           description="merge results files (one per machine) into one table keyed by hardware")
     cmp_.add_argument("results", nargs="+", type=Path, metavar="RESULTS.jsonl")
     cmp_.add_argument("--json", action="store_true", help="print JSON for scripts")
     cmp_.add_argument("--csv", type=Path, metavar="PATH", help="also write the merged rows as CSV")
-    cmp_.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
 
     run = parser.add_argument_group("measuring (the default command)")
     run.add_argument("-b", "--backend", action="append", metavar="NAME",

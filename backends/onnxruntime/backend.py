@@ -43,6 +43,7 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     aliases = ("ort",)
     formulation = "standard"
+    attention = "plain"
     description = "ONNX Runtime, MoE as standard ONNX ops (TopK, Gather of the selected experts, MatMul)"
     capabilities = Capabilities(precisions=("fp32", "int8", "int4"), default_precision="fp32", supports_moe=True,
                                 devices=("cpu", "cuda"))
@@ -81,6 +82,7 @@ class OnnxRuntimeBackend(Backend):
         size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
         return Artifact(backend=self.name, precision=precision, spec=spec, path=target, size_bytes=size,
                         meta={"format": "onnx", "moe_formulation": formulation if spec.is_moe else None,
+                              "attention": self.attention,
                               "expert_weights": (f"int{expert_bits} (QMoE)" if expert_bits else
                                                  "int8 (Cast+Mul)" if spec.is_moe and precision == "int8" else
                                                  "fp32" if spec.is_moe else None),
@@ -93,7 +95,7 @@ class OnnxRuntimeBackend(Backend):
 
         int8_experts = precision == "int8" and formulation == "standard"
         model = build_onnx(ckpt, formulation=formulation, expert_bits=expert_bits, int8_experts=int8_experts,
-                           attention="gqa" if formulation == "contrib" else "plain")
+                           attention=self.attention)
         routers = [n.name for n in model.graph.node if "_router_gate" in n.name]
         import logging
 
@@ -140,12 +142,6 @@ class OnnxRuntimeBackend(Backend):
         return OnnxRuntimeSession(artifact, settings)
 
 
-def _graph_nodes(path: Path):
-    import onnx
-
-    return onnx.load(str(path), load_external_data=False).graph.node
-
-
 class OnnxRuntimeContribBackend(OnnxRuntimeBackend):
     """ONNX Runtime's own com.microsoft kernels: MoE / QMoE for the experts and
     GroupQueryAttention for attention. On a dense twin the two ONNX Runtime backends differ
@@ -154,6 +150,7 @@ class OnnxRuntimeContribBackend(OnnxRuntimeBackend):
     name = "onnxruntime-contrib"
     aliases = ("ort-contrib",)
     formulation = "contrib"
+    attention = "gqa"
     description = "ONNX Runtime with its com.microsoft kernels: MoE / QMoE experts, GroupQueryAttention"
 
 
@@ -197,7 +194,7 @@ class OnnxRuntimeSession(Session):
         self.spec = artifact.spec
         self.device = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
         self.output_names = [o.name for o in self.sess.get_outputs()]
-        self.gqa = any(n.op_type == "GroupQueryAttention" for n in _graph_nodes(artifact.path))
+        self.gqa = artifact.meta.get("attention") == "gqa"
         self.kv_names = [n for n in self.output_names if n.startswith("present_")]
         self.max_context = settings.max_context
         self.kv_bytes_per_value = 4.0
