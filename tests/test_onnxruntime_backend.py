@@ -145,3 +145,28 @@ def test_profiling_writes_the_engines_own_trace(pm, cache):
     events = json.loads(open(s.profile_file).read())
     names = {e.get("name", "") for e in events}
     assert any(n.startswith("experts:l0_experts_moe") for n in names)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "onnxruntime-contrib"])
+def test_graph_has_no_dead_nodes(pm, cache, backend):
+    """ONNX Runtime runs every node of its plan, used or not: a node whose outputs nothing
+    reads is pure cost (the GroupQueryAttention graph once built an unused causal mask and
+    RoPE gathers: ~100 us of a 64-token tiny-moe prefill of ~380, measured by cut timing)."""
+    import onnx
+
+    ck = synthetic_checkpoint(pm.models.resolve("tiny-moe"), cache, seed=0)
+    model = onnx.load(str(pm.backends.get(backend)().prepare(ck, "fp32", cache).path))
+    g = model.graph
+    read = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+
+    def subgraph_reads(graph):
+        for n in graph.node:
+            read.update(n.input)
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    read.update(o.name for o in a.g.output)
+                    subgraph_reads(a.g)
+
+    subgraph_reads(g)
+    dead = [n.name for n in g.node if not any(o in read for o in n.output)]
+    assert dead == []

@@ -125,19 +125,21 @@ class OnnxDecoderBuilder:
         T_s = g.op("Squeeze", [T, g.const(np.array([0], np.int64))])
         end = g.op("Add", [P_s, T_s])
         one = g.const(np.int64(1))
-        positions = g.op("Range", [P_s, end, one])  # [T]
-        cos_t = g.const(self._rope_table(np.cos), "rope_cos")
-        sin_t = g.const(self._rope_table(np.sin), "rope_sin")
-        cos = g.op("Gather", [cos_t, positions], axis=0)  # [T, hd]
-        sin = g.op("Gather", [sin_t, positions], axis=0)
-        # causal mask [T, P+T]: key j visible to query i iff j <= P + i
-        keys_idx = g.op("Range", [g.const(np.int64(0)), end, one])
-        q_pos = g.op("Unsqueeze", [positions, g.const(np.array([1], np.int64))])
-        k_pos = g.op("Unsqueeze", [keys_idx, g.const(np.array([0], np.int64))])
-        masked = g.op("Greater", [k_pos, q_pos])
-        mask = g.op("Where", [masked, g.const(np.float32(-1e30)), g.const(np.float32(0.0))])
-        # query rows come grouped by head within each KV head (row = g * T + t): tile the mask
-        mask = g.op("Tile", [mask, g.const(np.array([group, 1], np.int64))])
+        cos = sin = mask = ""
+        if self.attention != "gqa":  # GroupQueryAttention rotates and masks inside its kernel
+            positions = g.op("Range", [P_s, end, one])  # [T]
+            cos_t = g.const(self._rope_table(np.cos), "rope_cos")
+            sin_t = g.const(self._rope_table(np.sin), "rope_sin")
+            cos = g.op("Gather", [cos_t, positions], axis=0)  # [T, hd]
+            sin = g.op("Gather", [sin_t, positions], axis=0)
+            # causal mask [T, P+T]: key j visible to query i iff j <= P + i
+            keys_idx = g.op("Range", [g.const(np.int64(0)), end, one])
+            q_pos = g.op("Unsqueeze", [positions, g.const(np.array([1], np.int64))])
+            k_pos = g.op("Unsqueeze", [keys_idx, g.const(np.array([0], np.int64))])
+            masked = g.op("Greater", [k_pos, q_pos])
+            mask = g.op("Where", [masked, g.const(np.float32(-1e30)), g.const(np.float32(0.0))])
+            # query rows come grouped by head within each KV head (row = g * T + t): tile the mask
+            mask = g.op("Tile", [mask, g.const(np.array([group, 1], np.int64))])
 
         if self.attention == "gqa":
             seqlens_k = g.op("Cast", [g.op("Sub", [g.op("Unsqueeze", [end, g.const(np.array([0], np.int64))]), one])],

@@ -32,7 +32,7 @@ from moerun import (
     UnsupportedError,
 )
 
-BUILD_VERSION = "onnx-builder-2"
+BUILD_VERSION = "onnx-builder-3"
 OPTIONS = {"provider", "profile", "opt_level", "spinning"}
 EXTERNAL_DATA_BYTES = 1 << 30  # protobuf stops at 2 GiB: larger models keep weights beside the graph
 
