@@ -105,10 +105,14 @@ class Session(abc.ABC):
         return None
 
     def breakdown(self, prompt: "Sequence[int]", follow: "Sequence[int]") -> dict[str, Any] | None:
-        """Time one prefill of `prompt` and the decode of `follow` under the engine's own
+        """Time the prefill of `prompt` and the decode of `follow` under the engine's own
         instrument; None if the backend has none. Returns ``{"prefill": {category: s},
         "decode": {category: s per token}, "prefill_wall_s": s, "decode_wall_s": s per token}``
-        with categories from :data:`moerun.breakdown.CATEGORIES`. Leaves the cache reset."""
+        (wall: the instrumented step) with categories from :data:`moerun.breakdown.CATEGORIES`,
+        optionally ``"prefill_plain_s"`` / ``"decode_plain_s"`` (the un-instrumented step timed
+        at the same moments: the reconciliation's reference), ``"instrument"`` (one line) and
+        ``"detail"``. :func:`moerun.breakdown.cut_timing` does the timing for engines that can
+        stop a step at a cut point. Leaves the cache reset."""
         return None
 
     def describe(self) -> dict[str, Any]:

@@ -1,9 +1,25 @@
 """Op-level breakdown: where a step's time goes, by category, from each engine's own
-instrument, reconciled against the un-instrumented timings of the same run."""
+instrument, reconciled against the un-instrumented timings of the same run.
+
+Two kinds of instrument feed it:
+
+* **cut timing** (`cut_timing`): the engine runs the step and stops it right after the
+  k-th category boundary (llama.cpp: its scheduler eval callback ends the graph there;
+  PyTorch: moerun's labelled regions in its own model code). The wall time to cut k,
+  minus the time to cut k-1, is the time of the nodes between them. Each measured step
+  holds at most one cut, so the instrument costs the same in every step and cancels in
+  the differences; nothing is computed node by node.
+* **per-node profilers** (ONNX Runtime session profiling, TensorRT's IProfiler; torch.profiler
+  as a torch option): each node's or region's recorded duration. Their fixed cost per node,
+  microseconds, swamps the steps of small models.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import random
+import statistics
+from typing import Any, Callable, Sequence
 
 CATEGORIES = ("embedding", "attention", "norm", "router", "experts", "shared_expert", "dense_ffn", "head", "other")
 MOE_BLOCK = ("router", "experts", "shared_expert")
@@ -11,6 +27,71 @@ MOE_BLOCK = ("router", "experts", "shared_expert")
 
 def empty() -> dict[str, float]:
     return {c: 0.0 for c in CATEGORIES}
+
+
+def monotone(values: Sequence[float]) -> list[float]:
+    """The non-decreasing sequence nearest `values` in least squares (pool adjacent
+    violators): cumulative times measured with noise, made cumulative again."""
+    blocks: list[list[float]] = []  # [sum, count]
+    for v in values:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            s, n = blocks.pop()
+            blocks[-1][0] += s
+            blocks[-1][1] += n
+    out: list[float] = []
+    for s, n in blocks:
+        out.extend([s / n] * int(n))
+    return out
+
+
+def cut_timing(step: Callable[[int | None], float], labels: Sequence[str], *,
+               plain: Callable[[], float] | None = None, repetitions: int = 31, budget_s: float | None = None,
+               seed: int = 0) -> tuple[dict[str, float], dict[str, Any]]:
+    """Category seconds of one step from cut timing.
+
+    `step(k)` runs the step stopped right after cut point k (``None``: not stopped, the
+    instrument armed) and returns its wall seconds. `labels[k]` is the category of the
+    interval that ends at cut k (the first interval also holds the step's set-up); the time
+    after the last cut goes to ``other``. Every cut is measured `repetitions` times (fewer
+    when the whole sweep would exceed `budget_s`, default ``$MOERUN_BREAKDOWN_BUDGET_S`` or
+    10 s per phase; at least once), in a shuffled order per
+    repetition so drift spreads over all cuts; the medians are made non-decreasing
+    (`monotone`) before differencing. `plain()`, when given, times the same step without the
+    instrument, interleaved with the cuts: the reference the category sum is reconciled with,
+    measured at the same moments (these machines are shared and drift)."""
+    if not labels:
+        raise ValueError("cut timing needs at least one cut point")
+    bad = sorted(set(labels) - set(CATEGORIES))
+    if bad:
+        raise ValueError(f"unknown categories: {', '.join(bad)}")
+    if budget_s is None:
+        budget_s = float(os.environ.get("MOERUN_BREAKDOWN_BUDGET_S", "10"))
+    probe = step(None)
+    per_rep = probe * (len(labels) + 1 + (plain is not None))
+    reps = max(1, min(repetitions, int(budget_s / max(per_rep, 1e-9))))
+    rng = random.Random(seed)
+    times: list[list[float]] = [[] for _ in labels]
+    full: list[float] = []
+    plains: list[float] = []
+    order: list[int | str | None] = [*range(len(labels)), None] + (["plain"] if plain else [])
+    for k in (k for _ in range(reps) for k in rng.sample(order, len(order))):
+        if k == "plain":
+            plains.append(plain())  # type: ignore[misc]
+            continue
+        t = step(k)  # type: ignore[arg-type]
+        (full if k is None else times[k]).append(t)  # type: ignore[index]
+    cum = monotone([statistics.median(t) for t in times])
+    cats, prev = empty(), 0.0
+    for label, t in zip(labels, cum):
+        cats[label] += t - prev
+        prev = t
+    armed = statistics.median(full)
+    cats["other"] += max(0.0, armed - prev)
+    info: dict[str, Any] = {"cuts": len(labels), "repetitions": reps, "armed_step_s": armed}
+    if plains:
+        info["plain_step_s"] = statistics.median(plains)
+    return cats, info
 
 
 def summarize(phase: dict[str, float], instrumented_s: float, plain_s: float | None) -> dict[str, Any]:

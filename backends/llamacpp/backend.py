@@ -95,7 +95,8 @@ def _log_tail(n: int = 3) -> str:
 
 _ROUTER_NODES = {"ffn_moe_logits", "ffn_moe_probs", "ffn_moe_probs_biased", "ffn_moe_argsort", "ffn_moe_topk",
                  "ffn_moe_weights", "ffn_moe_weights_sum", "ffn_moe_weights_norm", "ffn_moe_weights_scaled",
-                 "ffn_moe_weights_softmax", "ffn_moe_group_topk", "ffn_moe_logits_biased"}
+                 "ffn_moe_weights_softmax", "ffn_moe_group_topk", "ffn_moe_logits_biased",
+                 "ffn_moe_weights_sum_clamped"}
 _DENSE_FFN_NODES = {"ffn_gate", "ffn_up", "ffn_down", "ffn_swiglu", "ffn_silu", "ffn_gate_par", "ffn_act"}
 
 
@@ -128,6 +129,30 @@ def categorize_node(name: str, moe: bool = True) -> str:
     return "other"
 
 
+def categorize_nodes(names: Sequence[str], moe: bool = True) -> list[str]:
+    """Categories of one graph's nodes in order. An unnamed node (``node_21``: llama.cpp
+    leaves the attention kernel itself unnamed) takes its neighbours' category when the
+    nodes either side of it agree, else ``other``; a view (``ffn_norm-0 (reshaped)``, the
+    experts' input) takes the category of the next named node, which reads it."""
+    cats = [categorize_node(n, moe) for n in names]
+    # unnamed nodes and views cost next to nothing: they join their neighbours rather than
+    # split a stretch into two cut points
+    named = [not (n.startswith("node_") or n.endswith(_VIEW_SUFFIXES)) for n in names]
+    for j, name in enumerate(names):
+        if named[j]:
+            continue
+        before = next((cats[i] for i in range(j - 1, -1, -1) if named[i]), None)
+        after = next((cats[i] for i in range(j + 1, len(names)) if named[i]), None)
+        if names[j].endswith(_VIEW_SUFFIXES):
+            cats[j] = after or cats[j]  # a view belongs to what reads it
+        elif before is not None and before == after:
+            cats[j] = before
+        else:
+            cats[j] = "other"
+    return cats
+
+
+_VIEW_SUFFIXES = (" (view)", " (reshaped)", " (permuted)", " (transposed)")
 _GGML_GET_NAME = None
 
 
@@ -399,58 +424,153 @@ class LlamaCppSession(Session):
         pass
 
     def breakdown(self, prompt: Sequence[int], follow: Sequence[int]) -> dict[str, Any]:
-        """llama.cpp's scheduler eval callback, on a second context over the same weights: it
-        asks to observe every graph node, so each node is computed on its own and the time
-        to its callback is that node's; nodes are categorised by the names llama.cpp's graph
-        builders give them (``ffn_moe_topk-3``, ``Qcur-0``, ...)."""
+        """Cut timing through the scheduler's eval callback (``moerun.breakdown.cut_timing``),
+        on a second context over the same weights: a recording step lists the graph's
+        nodes and names (``ffn_moe_topk-3``, ``Qcur-0``, ...); each timed step then runs
+        unobserved up to one category boundary and ends there. Node 0's interval (graph
+        set-up included) counts as ``other``. Decode cuts run the same tokens at the same
+        positions as the timed decode, then drop those positions from the KV cache; like the
+        timed steps, each measured prefill follows a decode step and each decode run a prefill
+        (llama.cpp rebuilds its graph when the batch shape changes)."""
         import time
 
-        from moerun.breakdown import empty
+        from moerun import Cache
+        from moerun.breakdown import cut_timing
+
+        from .cut import CutCallback
 
         lib = self.lib
         get_name = _ggml_get_name()
         moe = self.spec.is_moe
-        state: dict[str, Any] = {"cats": empty(), "last": 0.0}
+        cut = CutCallback(lib.ggml_backend_sched_eval_callback, Cache().root)
+        names: list[str] = []
 
         @lib.ggml_backend_sched_eval_callback
-        def observe(tensor: Any, ask: bool, _user: Any) -> bool:
+        def record(tensor: Any, ask: bool, _user: Any) -> bool:
             if ask:
-                return True
-            now = time.perf_counter()
-            state["cats"][categorize_node(get_name(tensor).decode(errors="replace"), moe)] += now - state["last"]
-            state["last"] = now
-            return True
+                names.append(get_name(tensor).decode(errors="replace"))
+            return False
 
+        def graph_nodes(run: Any) -> list[str]:
+            """Node names of one step, from a context whose callback records them."""
+            names.clear()
+            ctx = self._context(record)
+            main_ctx, self.ctx = self.ctx, ctx
+            try:
+                run()
+            finally:
+                self.ctx = main_ctx
+                lib.llama_free(ctx)
+                self.reset()
+            return list(names)
+
+        def labels_for(nodes: list[str]) -> tuple[list[int], list[str]]:
+            cats = categorize_nodes(nodes, moe)
+            points = [0] + [j for j in range(1, len(cats)) if j == len(cats) - 1 or cats[j] != cats[j + 1]]
+            return points, ["other"] + [cats[j] for j in points[1:]]
+
+        if len(prompt) > self.n_batch:
+            raise ConfigError(f"breakdown: the prompt ({len(prompt)} tokens) must fit one batch (n_batch {self.n_batch})")
+        follow = list(follow) or [prompt[-1]]
+
+        def decode_steps() -> None:
+            self.prefill(prompt)
+            for tok in follow:
+                self.decode(tok)
+
+        prefill_nodes = graph_nodes(lambda: self.prefill(prompt))
+        decode_nodes = graph_nodes(decode_steps)[len(prefill_nodes):]
+        if not prefill_nodes or len(decode_nodes) % len(follow):
+            raise BackendRuntimeError("llama.cpp's graph changed between decode steps; cannot cut-time it")
+        decode_nodes = decode_nodes[: len(decode_nodes) // len(follow)]
+
+        cut_ctx = self._context(cut.callback)
+        main_ctx = self.ctx
+        pos = {main_ctx: 0, cut_ctx: 0}  # each context's own KV position
+
+        def use(ctx: Any) -> Any:
+            pos[self.ctx] = self.pos
+            self.ctx, self.pos = ctx, pos[ctx]
+            return lib.llama_get_memory(ctx)
+
+        def checked(node: int | None) -> None:
+            if node is not None and cut.asked() != node + 1:
+                raise BackendRuntimeError(
+                    f"llama.cpp kept computing after the cut at node {node} ({cut.asked()} nodes asked): "
+                    "the graph has several scheduler splits; cut timing needs one")
+
+        def prefill_step(k: int | None, ctx: Any = cut_ctx) -> float:
+            node = None if k is None else prefill_points[k]
+            use(ctx)
+            self.reset()
+            cut.arm(-1)
+            self.decode(prompt[0])  # as in the timed runs: the last graph was a decode step's
+            self.reset()
+            cut.arm(-1 if node is None else node)
+            t0 = time.perf_counter()
+            self.prefill(prompt)
+            dt = time.perf_counter() - t0
+            checked(node)
+            return dt
+
+        def decode_step(k: int | None, ctx: Any = cut_ctx) -> float:
+            node = None if k is None else decode_points[k]
+            mem = use(ctx)
+            start = self.pos
+            cut.arm(-1)
+            self.prefill(prompt[:2])  # as in the timed runs: the last graph was a prefill's
+            lib.llama_memory_seq_rm(mem, 0, start, -1)
+            self.pos = start
+            t0 = time.perf_counter()
+            for tok in follow:
+                cut.arm(-1 if node is None else node)
+                self.decode(tok)
+            dt = (time.perf_counter() - t0) / len(follow)
+            checked(node)
+            lib.llama_memory_seq_rm(mem, 0, start, -1)
+            self.pos = start
+            return dt
+
+        try:
+            prefill_points, prefill_labels = labels_for(prefill_nodes)
+            decode_points, decode_labels = labels_for(decode_nodes)
+            for ctx in (main_ctx, cut_ctx):
+                use(ctx)
+                self.reset()
+                cut.arm(-1)
+                self.prefill(prompt[:2])  # untimed: first-run allocations
+            prefill, p_info = cut_timing(prefill_step, prefill_labels,
+                                         plain=lambda: prefill_step(None, main_ctx))
+            for ctx in (main_ctx, cut_ctx):
+                use(ctx)
+                self.reset()
+                cut.arm(-1)
+                self.prefill(prompt)
+                decode_step(None, ctx)  # untimed warm-up
+            decode, d_info = cut_timing(decode_step, decode_labels, plain=lambda: decode_step(None, main_ctx))
+        finally:
+            self.ctx = main_ctx
+            lib.llama_free(cut_ctx)
+            self.reset()
+        how = "a C callback" if cut.native else "a Python callback (no C compiler found: ~0.2 us per node)"
+        return {"instrument": f"llama.cpp scheduler eval callback, cut timing ({how})",
+                "prefill": prefill, "prefill_wall_s": p_info["armed_step_s"],
+                "prefill_plain_s": p_info["plain_step_s"],
+                "decode": decode, "decode_wall_s": d_info["armed_step_s"], "decode_plain_s": d_info["plain_step_s"],
+                "detail": {"prefill": {**p_info, "nodes": len(prefill_nodes)},
+                           "decode": {**d_info, "nodes": len(decode_nodes)}}}
+
+    def _context(self, callback: Any) -> Any:
+        """A second context over the same weights, with `callback` as its eval callback."""
+        lib = self.lib
         cparams = lib.llama_context_default_params()
         ctypes.pointer(cparams)[0] = self.cparams
-        cparams.cb_eval = observe
+        cparams.cb_eval = callback
         cparams.cb_eval_user_data = None
         ctx = lib.llama_init_from_model(self.model, cparams)
         if not ctx:
             raise BackendRuntimeError(f"llama.cpp could not create a profiling context: {_log_tail()}")
-        main_ctx, self.ctx = self.ctx, ctx
-        try:
-            self.reset()
-            self.prefill(prompt[:2])  # untimed: first-run allocations
-            self.reset()
-            state["cats"], state["last"] = empty(), time.perf_counter()
-            t0 = state["last"]
-            self.prefill(prompt)
-            prefill_wall, prefill = time.perf_counter() - t0, state["cats"]
-            state["cats"] = empty()
-            decode_wall = 0.0
-            for tok in follow:
-                state["last"] = t0 = time.perf_counter()
-                self.decode(tok)
-                decode_wall += time.perf_counter() - t0
-            n = max(1, len(follow))
-            decode = {c: v / n for c, v in state["cats"].items()}
-        finally:
-            self.ctx = main_ctx
-            lib.llama_free(ctx)
-            self.reset()
-        return {"instrument": "llama.cpp scheduler eval callback (every node observed)",
-                "prefill": prefill, "prefill_wall_s": prefill_wall, "decode": decode, "decode_wall_s": decode_wall / n}
+        return ctx
 
     def describe(self) -> dict[str, Any]:
         lib = self.lib

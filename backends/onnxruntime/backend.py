@@ -161,24 +161,9 @@ class OnnxRuntimeSession(Session):
         self.ort = ort
         self.artifact, self.settings = artifact, settings
         opts = settings.options
-        so = ort.SessionOptions()
-        levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                  "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
-        level = opts.get("opt_level", "all")
-        if level not in levels:
-            raise ConfigError(f"onnxruntime: opt_level must be one of {', '.join(levels)}, got {level!r}")
-        so.graph_optimization_level = levels[level]
-        so.log_severity_level = 3  # errors only: unused-initializer notes are not news
         self.threads = settings.threads or len(os.sched_getaffinity(0))
-        so.intra_op_num_threads = self.threads
-        # spinning on: turning it off cost 0.7-2 ms per decode step here (ENGINE-NOTES)
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if opts.get("spinning", True) else "0")
         self.profile = bool(opts.get("profile", False))
-        if self.profile:
-            so.enable_profiling = True
-            so.profile_file_prefix = str(artifact.path.with_name("profile"))
+        so = self._session_options(profile_prefix=str(artifact.path.with_name("profile")) if self.profile else None)
         device = settings.device
         provider = opts.get("provider") or ("CUDAExecutionProvider" if device.startswith("cuda") else
                                             "CPUExecutionProvider")
@@ -200,6 +185,26 @@ class OnnxRuntimeSession(Session):
         self.kv_bytes_per_value = 4.0
         self.profile_file: str | None = None
         self.reset()
+
+    def _session_options(self, profile_prefix: str | None = None) -> Any:
+        ort, opts = self.ort, self.settings.options
+        so = ort.SessionOptions()
+        levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+        level = opts.get("opt_level", "all")
+        if level not in levels:
+            raise ConfigError(f"onnxruntime: opt_level must be one of {', '.join(levels)}, got {level!r}")
+        so.graph_optimization_level = levels[level]
+        so.log_severity_level = 3  # errors only: unused-initializer notes are not news
+        so.intra_op_num_threads = self.threads
+        # spinning on: turning it off cost 0.7-2 ms per decode step here (ENGINE-NOTES)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if opts.get("spinning", True) else "0")
+        if profile_prefix:
+            so.enable_profiling = True
+            so.profile_file_prefix = profile_prefix
+        return so
 
     def reset(self) -> None:
         s = self.spec
@@ -241,8 +246,16 @@ class OnnxRuntimeSession(Session):
     def breakdown(self, prompt: Sequence[int], follow: Sequence[int]) -> dict[str, Any]:
         """ONNX Runtime's own per-node profile, from a second session with profiling on (the
         timed session is never instrumented). Node names carry their category
-        ("router:l3_router_topk"); time between kernels is left unattributed."""
+        ("router:l3_router_topk"); time between kernels is left unattributed. The profiler
+        costs a few microseconds per node inside each recorded duration: on tiny models,
+        whose nodes take about one, the sum overshoots the plain step severalfold.
+
+        Cut timing (as llama.cpp and PyTorch use) was tried here with one pruned session per
+        cut point, since a run cannot stop midway: the sum reconciled, but the stretches
+        between cuts moved by hundreds of microseconds from one run to the next (every
+        pruned session holds its own weights and thread pool), so it is not offered."""
         import json
+        import statistics
 
         import attrs
 
@@ -255,6 +268,8 @@ class OnnxRuntimeSession(Session):
             prefill_wall, decode_wall = time_phases(profiled, prompt, follow)
         finally:
             profiled.close()
+        plain = [time_phases(self, prompt, follow) for _ in range(5)]  # the reference, same moments
+        self.reset()
         events = json.loads(Path(profiled.profile_file).read_text())
         Path(profiled.profile_file).unlink(missing_ok=True)
         runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
@@ -276,7 +291,9 @@ class OnnxRuntimeSession(Session):
                 decode[c] += v / max(1, len(per_run) - 1)
         return {"instrument": "onnxruntime session profiling (per-node kernel times)",
                 "prefill": per_run[0] if per_run else empty(), "prefill_wall_s": prefill_wall,
-                "decode": decode, "decode_wall_s": decode_wall}
+                "prefill_plain_s": statistics.median(p for p, _ in plain),
+                "decode": decode, "decode_wall_s": decode_wall,
+                "decode_plain_s": statistics.median(d for _, d in plain)}
 
     def describe(self) -> dict[str, Any]:
         return {"provider": self.provider, "threads": self.threads, "profile": self.profile,
@@ -289,3 +306,4 @@ class OnnxRuntimeSession(Session):
                 self.profile_file = self.sess.end_profiling()
             self.sess = None
             self.past = {}
+

@@ -44,6 +44,51 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+class StepCut(Exception):
+    """Raised at the armed cut point: the step ends there (cut timing)."""
+
+
+class Cuts:
+    """Cut timing's counter: every region entry and exit is a cut point, numbered in order
+    within a step. `arm(k)` makes point k end the step (after a device synchronize, so
+    queued GPU work is inside the time); `labels`, while recording, collects each point's
+    category: the stretch ending at a region's exit is that region's, the stretch ending at
+    an entry (residual adds, Python between regions) is ``other``."""
+
+    __slots__ = ("n", "cut", "labels", "sync")
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self.n, self.cut, self.labels, self.sync = 0, -1, None, sync
+
+    def arm(self, cut: int = -1, *, record: bool = False) -> None:
+        self.n, self.cut = 0, cut
+        self.labels = [] if record else None
+
+    def mark(self, category: str) -> None:
+        if self.labels is not None:
+            self.labels.append(category)
+        n = self.n
+        self.n = n + 1
+        if n == self.cut:
+            self.sync()
+            raise StepCut
+
+
+class _CutRegion:
+    __slots__ = ("cuts", "category")
+
+    def __init__(self, cuts: Cuts, category: str) -> None:
+        self.cuts, self.category = cuts, category
+
+    def __enter__(self) -> None:
+        self.cuts.mark("other")
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.cuts.mark(self.category)
+        return False
+
+
 class Linear:
     """y = x @ W^T (+ b). On CPU the weight is pre-packed once into oneDNN's blocked layout
     (what torch's inductor does when it freezes weights): measured here, plain `F.linear`
@@ -236,15 +281,19 @@ class Model:
         self.k_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.layers]
         self.expert_counts = np.zeros((spec.num_layers, max(spec.num_experts, 1)), dtype=np.int64)
-        self.profiling = False  # True: label regions for torch.profiler (the breakdown)
+        self.instrument: Cuts | str | None = None  # the breakdown's (see region())
 
     _NO_LABEL = contextlib.nullcontext()
 
     def region(self, category: str):
-        """A torch.profiler label for one breakdown category; free when not profiling."""
-        if not self.profiling:
+        """One breakdown category's stretch of the step: free unless an instrument is set
+        (`self.instrument`: a `Cuts` counter, or "profiler" for torch.profiler labels)."""
+        inst = self.instrument
+        if inst is None:
             return self._NO_LABEL
-        return torch.profiler.record_function(f"moerun::{category}")
+        if inst == "profiler":
+            return torch.profiler.record_function(f"moerun::{category}")
+        return _CutRegion(inst, category)
 
     # attention --------------------------------------------------------------
     def attention(self, i: int, x: torch.Tensor, pos: int, use_cache: bool = True) -> torch.Tensor:

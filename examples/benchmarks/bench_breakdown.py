@@ -28,7 +28,7 @@ def main() -> int:
     args = ap.parse_args()
     cache = Cache()
     print(f"{'model':24s} {'backend':20s} {'phase':7s} " + " ".join(f"{SHORT[c]:>5s}" for c in CATEGORIES)
-          + f" {'sum/plain':>9s} {'overhead':>8s} {'route/MoE':>9s}")
+          + f" {'sum/plain':>9s} {'/timed':>6s} {'overhead':>8s} {'route/MoE':>9s}")
     for model in args.models.split(","):
         for backend in BACKENDS:
             precision = "f32" if backend == "llamacpp" else "fp32"
@@ -43,7 +43,8 @@ def main() -> int:
                 rs = d["router_share_of_moe_block"]
                 print(f"{model:24s} {backend:20s} {phase:7s} "
                       + " ".join(f"{d['shares'][c]:5.0%}" for c in CATEGORIES)
-                      + f" {d['sum_over_plain']:9.2f} {d['instrument_overhead']:+8.0%} "
+                      + f" {d['sum_over_plain']:9.2f} {d['sum_over_timed']:6.2f}"
+                      + f" {d['instrument_overhead']:+8.0%} "
                       + (f"{rs:9.1%}" if rs is not None else f"{'-':>9s}"))
     return 0
 
