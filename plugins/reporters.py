@@ -123,7 +123,7 @@ def table(results: list[dict[str, Any]], stream: TextIO) -> None:
     if with_breakdown:
         from moerun.breakdown import CATEGORIES
 
-        b = Table(title="decode time by category (share of the instrumented sum; engine's own profiler)",
+        b = Table(title="decode time by category (share of the instrumented sum; engine's own instrument)",
                   header_style="bold")
         for h in ("model", "backend", *CATEGORIES, "sum / plain", "router / MoE block"):
             b.add_column(h, justify="left" if h in ("model", "backend") else "right")
@@ -195,7 +195,7 @@ def breakdown_figure(results: list[dict[str, Any]], phase: str = "decode"):
         ax.barh(labels, widths, left=left, label=cat, color=colors(ci))
         left = [a + b for a, b in zip(left, widths)]
     ax.invert_yaxis()
-    ax.set_xlabel(f"{phase} time per {'token' if phase == 'decode' else 'prefill'} (ms), engine's own profiler")
+    ax.set_xlabel(f"{phase} time per {'token' if phase == 'decode' else 'prefill'} (ms), engine's own instrument")
     ax.set_title(f"Where {phase} time goes, by category")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
