@@ -5,13 +5,14 @@ Two kinds of instrument feed it:
 
 * **cut timing** (`cut_timing`): the engine runs the step and stops it right after the
   k-th category boundary (llama.cpp: its scheduler eval callback ends the graph there;
-  PyTorch: moerun's labelled regions in its own model code). The wall time to cut k,
+  PyTorch: moerun's labelled regions in its own model code; ONNX Runtime: a session pruned
+  to the nodes before the cut). The wall time to cut k,
   minus the time to cut k-1, is the time of the nodes between them. Each measured step
   holds at most one cut, so the instrument costs the same in every step and cancels in
   the differences; nothing is computed node by node.
-* **per-node profilers** (ONNX Runtime session profiling, TensorRT's IProfiler; torch.profiler
-  as a torch option): each node's or region's recorded duration. Their fixed cost per node,
-  microseconds, swamps the steps of small models.
+* **per-node profilers** (TensorRT's IProfiler; torch.profiler and ONNX Runtime's session
+  profiling as options): each node's or region's recorded duration. Their fixed cost per
+  node, microseconds, swamps the steps of small models.
 """
 
 from __future__ import annotations

@@ -171,9 +171,8 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
     run.add_argument("--parity", action="store_true",
                      help="also compare each point's logits with the PyTorch fp32 reference (16 positions)")
     run.add_argument("--breakdown", action="store_true",
-                     help="also time each op category with the engine's own instrument (cut timing for "
-                          "torch and llama.cpp, the profiler for ONNX Runtime and TensorRT; separate runs, "
-                          "reconciled with the plain step)")
+                     help="also time each op category with the engine's own instrument (cut timing; "
+                          "TensorRT: its profiler), in separate runs reconciled with the plain step")
     run.add_argument("-o", "--output", type=Path, metavar="PATH",
                      help=f"results JSONL; an existing file is resumed, finished points are not rerun "
                           f"(default: {DEFAULT_OUTPUT_DIR}/run-DATE-TIME.jsonl)")

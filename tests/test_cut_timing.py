@@ -162,3 +162,68 @@ def test_torch_breakdown_instrument_option(plugins, cache):
     assert raw["decode_plain_s"] > 0 and raw["detail"]["decode"]["cuts"] > 10
     with pytest.raises(ConfigError, match="breakdown must be cut or profiler"):
         b.load(art, LoadSettings(max_context=32, options={"breakdown": "sampling"}))
+
+
+@pytest.fixture()
+def ort_model(plugins, cache):
+    b = plugins.backends.get("onnxruntime-contrib")()
+    if not b.availability().available:
+        pytest.skip("onnxruntime is not installed")
+    from moerun import synthetic_checkpoint
+
+    spec = plugins.models.resolve("tiny-moe")
+    return spec, b.prepare(synthetic_checkpoint(spec, cache, seed=0), "fp32", cache)
+
+
+def test_onnx_cut_points_end_each_stretch():
+    from moerun.backends.onnxruntime.cut import cut_points
+
+    points, labels = cut_points(["attention", "attention", "embedding", "norm", "norm", "attention", "head"])
+    assert points == [0, 1, 2, 4, 5, 6]
+    assert labels == ["other", "attention", "embedding", "norm", "attention", "head"]
+
+
+def test_onnx_prefix_models_compute_what_the_full_graph_does(ort_model):
+    """A pruned session's cut output equals the full graph's tensor there; the last cut's
+    is the full model's logits, and it keeps the present KV outputs."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from moerun.backends.onnxruntime.cut import elem_types, prefix_model
+
+    spec, art = ort_model
+    model = onnx.load(str(art.path))
+    types = elem_types(model)
+    empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32)
+    feeds = {"input_ids": np.array([[3, 1, 4, 1, 5]], np.int64), "logits_from": np.array([4], np.int64),
+             **{f"past_{kv}_{i}": empty for i in range(spec.num_layers) for kv in ("key", "value")}}
+    full = ort.InferenceSession(str(art.path), providers=["CPUExecutionProvider"])
+    logits = full.run(["logits"], feeds)[0]
+    names = [n.name for n in model.graph.node]
+    last = prefix_model(model, len(names) - 1, types)
+    assert [o.name for o in last.graph.output][0] == "logits"
+    assert {o.name for o in last.graph.output} == {o.name for o in model.graph.output}
+    got = ort.InferenceSession(last.SerializeToString(), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    np.testing.assert_allclose(got, logits, atol=1e-5)
+    j = next(i for i, n in enumerate(names) if n.startswith("router:"))
+    early = prefix_model(model, j, types)
+    assert len(early.graph.node) < len(names) // 2 and {o.name for o in early.graph.output} == {
+        model.graph.node[j].output[0], "present_key_0", "present_value_0"}
+    out = ort.InferenceSession(early.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert out.shape[-1] == spec.num_experts and np.isfinite(out).all()
+
+
+def test_onnxruntime_breakdown_instruments(plugins, cache, ort_model):
+    from moerun import ConfigError, LoadSettings, token_ids
+
+    spec, art = ort_model
+    b = plugins.backends.get("onnxruntime-contrib")()
+    ids = token_ids(spec.vocab_size, 12, seed=1)
+    raw = b.load(art, LoadSettings(max_context=32)).breakdown(ids[:8], ids[8:])
+    assert raw["instrument"].startswith("cut timing") and raw["decode"]["experts"] > 0
+    assert raw["detail"]["decode"]["thread_pool"] == "process-wide" and raw["decode_plain_s"] > 0
+    raw = b.load(art, LoadSettings(max_context=32, options={"breakdown": "profile"})).breakdown(ids[:8], ids[8:])
+    assert raw["instrument"].startswith("onnxruntime session profiling") and raw["decode"]["experts"] > 0
+    with pytest.raises(ConfigError, match="breakdown must be cut or profile"):
+        b.load(art, LoadSettings(max_context=32, options={"breakdown": "sampling"}))

@@ -33,7 +33,7 @@ from moerun import (
 )
 
 BUILD_VERSION = "onnx-builder-3"
-OPTIONS = {"provider", "profile", "opt_level", "spinning"}
+OPTIONS = {"provider", "profile", "opt_level", "spinning", "breakdown"}
 EXTERNAL_DATA_BYTES = 1 << 30  # protobuf stops at 2 GiB: larger models keep weights beside the graph
 
 
@@ -163,6 +163,8 @@ class OnnxRuntimeSession(Session):
         opts = settings.options
         self.threads = settings.threads or len(os.sched_getaffinity(0))
         self.profile = bool(opts.get("profile", False))
+        if opts.get("breakdown", "cut") not in ("cut", "profile"):
+            raise ConfigError(f"onnxruntime: breakdown must be cut or profile, got {opts.get('breakdown')!r}")
         so = self._session_options(profile_prefix=str(artifact.path.with_name("profile")) if self.profile else None)
         device = settings.device
         provider = opts.get("provider") or ("CUDAExecutionProvider" if device.startswith("cuda") else
@@ -244,16 +246,57 @@ class OnnxRuntimeSession(Session):
         return self._run([token_id], False)[0]
 
     def breakdown(self, prompt: Sequence[int], follow: Sequence[int]) -> dict[str, Any]:
+        """Cut timing (backends/onnxruntime/cut.py: one pruned session per cut point, in a
+        process of its own with one shared thread pool); ONNX Runtime's session profiling
+        with ``-O breakdown=profile``, or where cut timing cannot run (weights in external
+        data, too large to hold once per cut point, the child process failing), saying why."""
+        why = None
+        if self.settings.options.get("breakdown", "cut") == "cut":
+            why = self._cut_obstacle()
+            if why is None:
+                try:
+                    return self._cut_breakdown(prompt, follow)
+                except Exception as exc:  # noqa: BLE001 - any failure there falls back, with its reason
+                    why = f"its process failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+        out = self._profile_breakdown(prompt, follow)
+        if why:
+            out["instrument"] += f" (cut timing not used: {why})"
+        return out
+
+    CUT_MEMORY_BYTES = 4 << 30  # the pruned sessions of one cut-timing process, together
+
+    def _cut_obstacle(self) -> str | None:
+        path = self.artifact.path
+        if path.with_name(path.name + ".data").exists():
+            return "the model keeps its weights in external data"
+        if self.device != "cpu":
+            return "cut timing here covers the CPU provider"
+        cuts = 2 + 8 * self.spec.num_layers  # about; each pruned session holds the weights up to its cut
+        if self.artifact.size_bytes * cuts / 2 > self.CUT_MEMORY_BYTES:
+            return f"about {cuts} pruned sessions of this model would pass {self.CUT_MEMORY_BYTES >> 30} GiB"
+        return None
+
+    def _cut_breakdown(self, prompt: Sequence[int], follow: Sequence[int]) -> dict[str, Any]:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        from .cut import run_cut_timing
+
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            out = pool.submit(run_cut_timing, str(self.artifact.path), self.provider, self.threads,
+                              self.settings.options.get("opt_level", "all"),
+                              (self.spec.num_kv_heads, self.spec.head_dim),
+                              [int(t) for t in prompt], [int(t) for t in follow]).result()
+        out["instrument"] = ("cut timing, one pruned onnxruntime session per cut point (own process, "
+                             "one shared thread pool)")
+        return out
+
+    def _profile_breakdown(self, prompt: Sequence[int], follow: Sequence[int]) -> dict[str, Any]:
         """ONNX Runtime's own per-node profile, from a second session with profiling on (the
         timed session is never instrumented). Node names carry their category
         ("router:l3_router_topk"); time between kernels is left unattributed. The profiler
         costs a few microseconds per node inside each recorded duration: on tiny models,
-        whose nodes take about one, the sum overshoots the plain step severalfold.
-
-        Cut timing (as llama.cpp and PyTorch use) was tried here with one pruned session per
-        cut point, since a run cannot stop midway: the sum reconciled, but the stretches
-        between cuts moved by hundreds of microseconds from one run to the next (every
-        pruned session holds its own weights and thread pool), so it is not offered."""
+        whose nodes take about one, the sum overshoots the plain step severalfold."""
         import json
         import statistics
 
