@@ -200,21 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         plugins = get_plugin_manager()
         args = build_parser(plugins).parse_args(argv)
-        if args.command == "backends":
-            return cmd_backends(plugins, args)
-        if args.command == "models":
-            return cmd_models(plugins, args)
-        if args.command == "plugins":
-            return cmd_plugins(plugins, args)
-        if args.command == "report":
-            return cmd_report(plugins, args)
-        if args.command == "compare":
-            return cmd_compare(plugins, args)
-        if args.command == "predict":
-            return cmd_predict(plugins, args)
-        if args.command == "study":
-            return cmd_study(plugins, args)
-        return cmd_run(plugins, args)
+        commands = {"backends": cmd_backends, "models": cmd_models, "plugins": cmd_plugins, "report": cmd_report,
+                    "compare": cmd_compare, "predict": cmd_predict, "study": cmd_study}
+        return commands.get(args.command, cmd_run)(plugins, args)
     except MoerunError as exc:
         if debug:
             raise
