@@ -46,6 +46,17 @@ def monotone(values: Sequence[float]) -> list[float]:
     return out
 
 
+def cut_points(categories: Sequence[str]) -> tuple[list[int], list[str]]:
+    """Cut points of one step whose nodes, in order, have `categories`: node 0 (with the
+    step's set-up) ending a stretch counted as ``other``, then the last node of every run of
+    one category. Returns the node indices and the label of the stretch each one ends."""
+    if not categories:
+        raise ValueError("an empty graph has no cut points")
+    n = len(categories)
+    points = [0] + [j for j in range(1, n) if j == n - 1 or categories[j] != categories[j + 1]]
+    return points, ["other"] + [categories[j] for j in points[1:]]
+
+
 def cut_timing(step: Callable[[int | None], float], labels: Sequence[str], *,
                plain: Callable[[], float] | None = None, repetitions: int = 31, budget_s: float | None = None,
                seed: int = 0) -> tuple[dict[str, float], dict[str, Any]]:

@@ -176,7 +176,7 @@ def ort_model(plugins, cache):
 
 
 def test_onnx_cut_points_end_each_stretch():
-    from moerun.backends.onnxruntime.cut import cut_points
+    from moerun.breakdown import cut_points
 
     points, labels = cut_points(["attention", "attention", "embedding", "norm", "norm", "attention", "head"])
     assert points == [0, 1, 2, 4, 5, 6]

@@ -435,7 +435,7 @@ class LlamaCppSession(Session):
         import time
 
         from moerun import Cache
-        from moerun.breakdown import cut_timing
+        from moerun.breakdown import cut_points, cut_timing
 
         from .cut import CutCallback
 
@@ -463,11 +463,6 @@ class LlamaCppSession(Session):
                 lib.llama_free(ctx)
                 self.reset()
             return list(names)
-
-        def labels_for(nodes: list[str]) -> tuple[list[int], list[str]]:
-            cats = categorize_nodes(nodes, moe)
-            points = [0] + [j for j in range(1, len(cats)) if j == len(cats) - 1 or cats[j] != cats[j + 1]]
-            return points, ["other"] + [cats[j] for j in points[1:]]
 
         if len(prompt) > self.n_batch:
             raise ConfigError(f"breakdown: the prompt ({len(prompt)} tokens) must fit one batch (n_batch {self.n_batch})")
@@ -532,8 +527,8 @@ class LlamaCppSession(Session):
             return dt
 
         try:
-            prefill_points, prefill_labels = labels_for(prefill_nodes)
-            decode_points, decode_labels = labels_for(decode_nodes)
+            prefill_points, prefill_labels = cut_points(categorize_nodes(prefill_nodes, moe))
+            decode_points, decode_labels = cut_points(categorize_nodes(decode_nodes, moe))
             for ctx in (main_ctx, cut_ctx):
                 use(ctx)
                 self.reset()

@@ -26,6 +26,14 @@ from typing import Any
 import numpy as np
 
 from moerun import Checkpoint
+from moerun.breakdown import CATEGORIES
+
+
+def node_category(name: str) -> str:
+    """The breakdown category a node name carries ("router:l0_router_topk" -> router);
+    ``other`` for names without one (nodes other tools added or renamed)."""
+    prefix = name.split(":", 1)[0]
+    return prefix if prefix in CATEGORIES else "other"
 
 OPSET = 17
 FORMULATIONS = ("standard", "contrib")

@@ -34,7 +34,24 @@ from moerun import (
 
 BUILD_VERSION = "onnx-builder-3"
 OPTIONS = {"provider", "profile", "opt_level", "spinning", "breakdown"}
+OPT_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
+              "none": "ORT_DISABLE_ALL"}  # -O opt_level -> onnxruntime.GraphOptimizationLevel
 EXTERNAL_DATA_BYTES = 1 << 30  # protobuf stops at 2 GiB: larger models keep weights beside the graph
+
+
+def bind_step(sess: Any, ids: Sequence[int], logits_from: int, past: dict[str, Any], outputs: Sequence[str],
+              device: str) -> Any:
+    """One step's IO binding for a moerun graph: the token ids, the first position whose
+    logits are wanted, the past KV as OrtValues, and `outputs` bound afresh (the cache grows
+    every step, so their shapes change)."""
+    io = sess.io_binding()
+    io.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
+    io.bind_cpu_input("logits_from", np.asarray([logits_from], dtype=np.int64))
+    for name, value in past.items():
+        io.bind_ortvalue_input(name, value)
+    for name in outputs:
+        io.bind_output(name, device)
+    return io
 
 
 class OnnxRuntimeBackend(Backend):
@@ -191,14 +208,10 @@ class OnnxRuntimeSession(Session):
     def _session_options(self, profile_prefix: str | None = None) -> Any:
         ort, opts = self.ort, self.settings.options
         so = ort.SessionOptions()
-        levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                  "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
         level = opts.get("opt_level", "all")
-        if level not in levels:
-            raise ConfigError(f"onnxruntime: opt_level must be one of {', '.join(levels)}, got {level!r}")
-        so.graph_optimization_level = levels[level]
+        if level not in OPT_LEVELS:
+            raise ConfigError(f"onnxruntime: opt_level must be one of {', '.join(OPT_LEVELS)}, got {level!r}")
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[level])
         so.log_severity_level = 3  # errors only: unused-initializer notes are not news
         so.intra_op_num_threads = self.threads
         # spinning on: turning it off cost 0.7-2 ms per decode step here (ENGINE-NOTES)
@@ -223,13 +236,7 @@ class OnnxRuntimeSession(Session):
             raise ConfigError(f"token ids must be in [0, {self.spec.vocab_size}), got {min(ids)}..{max(ids)}")
         if self.pos + len(ids) > self.max_context:
             raise ConfigError(f"context full: {self.pos} cached + {len(ids)} new tokens > {self.max_context}")
-        io = self.sess.io_binding()
-        io.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
-        io.bind_cpu_input("logits_from", np.asarray([0 if all_logits else len(ids) - 1], dtype=np.int64))
-        for name, value in self.past.items():
-            io.bind_ortvalue_input(name, value)
-        for name in self.output_names:  # a growing cache: outputs are bound afresh every step
-            io.bind_output(name, self.device)
+        io = bind_step(self.sess, ids, 0 if all_logits else len(ids) - 1, self.past, self.output_names, self.device)
         try:
             self.sess.run_with_iobinding(io)
         except Exception as exc:  # noqa: BLE001
@@ -302,7 +309,8 @@ class OnnxRuntimeSession(Session):
 
         import attrs
 
-        from moerun.breakdown import CATEGORIES, empty, time_phases
+        from moerun.backends.onnxgraph.builder import node_category
+        from moerun.breakdown import empty, time_phases
 
         profiled = OnnxRuntimeSession(self.artifact, attrs.evolve(
             self.settings, options={**self.settings.options, "profile": True}))
@@ -325,8 +333,7 @@ class OnnxRuntimeSession(Session):
                 continue  # a control-flow node's time is its subgraph's nodes, counted already
             for r, cats in zip(runs, per_run):
                 if r["ts"] <= e["ts"] <= r["ts"] + r["dur"]:
-                    prefix = e["name"].split(":", 1)[0]
-                    cats[prefix if prefix in CATEGORIES else "other"] += e["dur"] / 1e6
+                    cats[node_category(e["name"])] += e["dur"] / 1e6
                     break
         decode = empty()
         for cats in per_run[1:]:
@@ -349,4 +356,3 @@ class OnnxRuntimeSession(Session):
                 self.profile_file = self.sess.end_profiling()
             self.sess = None
             self.past = {}
-

@@ -31,17 +31,6 @@ def _subgraph_names(node: Any) -> set[str]:
     return names
 
 
-def cut_points(categories: Sequence[str]) -> tuple[list[int], list[str]]:
-    """Node indices to cut after, with the category of the stretch each one ends: node 0
-    (with the run's set-up and input binding) counts as ``other``; then the last node of
-    every run of one category."""
-    if not categories:
-        raise ValueError("an empty graph has no cut points")
-    n = len(categories)
-    points = [0] + [j for j in range(1, n) if j == n - 1 or categories[j] != categories[j + 1]]
-    return points, ["other"] + [categories[j] for j in points[1:]]
-
-
 def prefix_model(model: Any, node_index: int, elem_types: dict[str, int]) -> Any:
     """The model computing node `node_index`'s first output and only what it (and the graph
     outputs made by nodes up to it) depend on; that output first among the outputs."""
@@ -88,24 +77,23 @@ def run_cut_timing(path: str, provider: str, threads: int, opt_level: str, kv_sh
     import onnxruntime as ort
     from onnxruntime.capi import _pybind_state
 
-    from moerun.breakdown import CATEGORIES, cut_timing
+    from moerun.backends.onnxgraph.builder import node_category
+    from moerun.breakdown import cut_points, cut_timing
+
+    from .backend import OPT_LEVELS, bind_step
 
     _pybind_state.set_global_thread_pool_sizes(threads, 1)  # before the first session
-
-    levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
 
     def session(model: Any) -> Any:
         so = ort.SessionOptions()
         so.use_per_session_threads = False
-        so.graph_optimization_level = levels[opt_level]
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[opt_level])
         so.log_severity_level = 3
         return ort.InferenceSession(model, sess_options=so, providers=[provider])
 
     model = onnx.load(path)
     names = [n.name for n in model.graph.node]
-    cats = [(n.split(":", 1)[0] if n.split(":", 1)[0] in CATEGORIES else "other") for n in names]
-    points, labels = cut_points(cats)
+    points, labels = cut_points([node_category(n) for n in names])
     types = elem_types(model)
     reference = session(path)
     sessions, kept, dropped = [], [], 0
@@ -123,13 +111,7 @@ def run_cut_timing(path: str, provider: str, threads: int, opt_level: str, kv_sh
     empty_past = {n: ort.OrtValue.ortvalue_from_numpy(empty) for n in past_names}
 
     def run(sess: Any, outs: list[str], ids: Sequence[int], logits_from: int, past: dict[str, Any]) -> dict[str, Any]:
-        io = sess.io_binding()
-        io.bind_cpu_input("input_ids", np.asarray([list(ids)], dtype=np.int64))
-        io.bind_cpu_input("logits_from", np.asarray([logits_from], dtype=np.int64))
-        for name, value in past.items():
-            io.bind_ortvalue_input(name, value)
-        for name in outs:
-            io.bind_output(name, "cpu")
+        io = bind_step(sess, ids, logits_from, past, outs, "cpu")
         sess.run_with_iobinding(io)
         values = io.get_outputs()
         values[0].numpy()  # the timed session reads its logits too

@@ -243,7 +243,8 @@ class TensorRTSession(Session):
         """TensorRT's IProfiler (per-layer times; UNVERIFIED here). Layers are named after
         the ONNX nodes they came from, whose names carry the category ("router:l3_..."); a
         fused layer ("a + b") takes its first node's category."""
-        from moerun.breakdown import CATEGORIES, empty, time_phases
+        from moerun.backends.onnxgraph.builder import node_category
+        from moerun.breakdown import empty, time_phases
 
         trt = self.trt
 
@@ -254,8 +255,7 @@ class TensorRTSession(Session):
 
             def report_layer_time(self, layer_name: str, ms: float) -> None:
                 first = layer_name.split(" + ", 1)[0].lstrip("{").strip()
-                cat = first.split(":", 1)[0]
-                self.cats[cat if cat in CATEGORIES else "other"] += ms / 1e3
+                self.cats[node_category(first)] += ms / 1e3
 
         profilers = [Profiler(), Profiler()]
         for ctx, prof in zip(self.contexts, profilers):
