@@ -10,14 +10,10 @@ compiler is found the same logic runs as a ctypes (Python) callback, which costs
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import sys
-import sysconfig
 from pathlib import Path
 from typing import Any
+
+from moerun.native import compile_library
 
 SOURCE = r"""
 #include <stdbool.h>
@@ -64,29 +60,4 @@ class CutCallback:
 
     @staticmethod
     def _compile(cache_root: Path) -> Any | None:
-        cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
-        cc = shutil.which(cc.split()[0]) or shutil.which("cc") or shutil.which("gcc")
-        tag = hashlib.sha256((SOURCE + sys.platform).encode()).hexdigest()[:16]
-        lib_path = cache_root / "native" / f"moerun_cut-{tag}.so"
-        if not lib_path.exists():
-            if cc is None:
-                return None
-            lib_path.parent.mkdir(parents=True, exist_ok=True)
-            src = lib_path.with_suffix(f".{os.getpid()}.c")
-            tmp = lib_path.with_suffix(f".{os.getpid()}.tmp")
-            try:
-                src.write_text(SOURCE)
-                done = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(tmp), str(src)],
-                                      capture_output=True, timeout=120)
-                if done.returncode != 0:
-                    return None
-                os.replace(tmp, lib_path)
-            except (OSError, subprocess.SubprocessError):
-                return None
-            finally:
-                src.unlink(missing_ok=True)
-                tmp.unlink(missing_ok=True)
-        try:
-            return ctypes.CDLL(str(lib_path))
-        except OSError:
-            return None
+        return compile_library(SOURCE, "moerun_cut", cache_root)
