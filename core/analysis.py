@@ -5,21 +5,20 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 
-def _metric(result: dict[str, Any], name: str) -> float | None:
-    if result.get("status") != "ok":
-        return None
-    return result.get("metrics", {}).get(name)
-
-
 def verdicts(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (group, backend, precision) holding an MoE result and at least one twin:
-    MoE/twin ratios of decode and prefill tokens/s (> 1: the MoE is faster) and, against the
-    total-matched twin, the share of the ideal (weight bytes read per token) speed-up realised."""
+    """One row per (group, workload) holding an MoE result and at least one twin or named
+    baseline: MoE/twin ratios of decode and prefill tokens/s (> 1: the MoE is faster) paired
+    by round (`moerun.protocol.paired`), each with its 95 % interval (`_ci95`), relative
+    half-width (`_hw`), rounds used (`_n`) and contention flags, and, against the
+    total-matched twin, the share of the ideal (weight bytes read per token) speed-up realised.
+    Per-round records are collapsed first; older one-record files still work (one round)."""
+    from .protocol import collapse, paired
+
     def workload(r: dict[str, Any]) -> tuple:
         p = r.get("point") or {}
         return (r.get("backend"), r.get("precision"), p.get("prompt_tokens"), p.get("new_tokens"), p.get("threads"))
 
-    results = list(results)
+    results = collapse(results)
     by_key: dict[tuple, dict[str, dict[str, Any]]] = {}
     baselines: dict[tuple, list[dict[str, Any]]] = {}
     for r in results:
@@ -33,24 +32,46 @@ def verdicts(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         named = baselines.get((backend, precision, prompt, new, threads), [])
         if moe is None or (len(roles) < 2 and not named):
             continue
+        protocol = moe.get("protocol") or {}
+        target, min_rounds = protocol.get("target"), protocol.get("min_rounds", 3)
         row: dict[str, Any] = {"group": group, "backend": backend, "precision": precision,
-                               "prompt_tokens": prompt, "new_tokens": new, "threads": threads}
-        row["baselines"] = {
-            b["model_name"]: {
-                metric.split("_")[0]: (_metric(moe, metric) / _metric(b, metric)
-                                       if _metric(moe, metric) and _metric(b, metric) else None)
-                for metric in ("decode_tok_s", "prefill_tok_s")
-            } | {"decode_ci95": ratio_interval(_reps(moe, "decode_tok_s"), _reps(b, "decode_tok_s"))}
-            for b in named
-        }
+                               "prompt_tokens": prompt, "new_tokens": new, "threads": threads, "target": target}
+        stats: list[dict[str, Any]] = []
+
+        def compare(other: dict[str, Any], metric: str) -> dict[str, Any] | None:
+            if moe.get("status") != "ok" or other.get("status") != "ok":
+                return None
+            st = paired(moe, other, metric, min_rounds)
+            if st["value"] is not None:
+                stats.append(st)
+            return st
+
+        row["baselines"] = {}
+        for b in named:
+            entry: dict[str, Any] = {}
+            for metric in ("decode_tok_s", "prefill_tok_s"):
+                st = compare(b, metric)
+                short = metric.split("_")[0]
+                entry[short] = st["value"] if st else None
+                entry[f"{short}_ci95"] = st["ci95"] if st else None
+                entry[f"{short}_hw"] = st["halfwidth"] if st else None
+            row["baselines"][b["model_name"]] = entry
         for twin in ("dense-active", "dense-total"):
             if twin not in roles:
                 continue
             for metric in ("decode_tok_s", "prefill_tok_s"):
-                a, b = _metric(moe, metric), _metric(roles[twin], metric)
+                st = compare(roles[twin], metric)
                 key = f"{metric.split('_')[0]}_vs_{twin.split('-')[1]}"
-                row[key] = a / b if a and b else None
-                row[key + "_ci95"] = ratio_interval(_reps(moe, metric), _reps(roles[twin], metric))
+                row[key] = st["value"] if st else None
+                row[key + "_ci95"] = st["ci95"] if st else None
+                row[key + "_hw"] = st["halfwidth"] if st else None
+                row[key + "_n"] = st["n"] if st else 0
+        row["rounds"] = min((st["n"] for st in stats), default=0)
+        row["halfwidth"] = max((st["halfwidth"] for st in stats), default=None)
+        row["missed_target"] = bool(target) and row["halfwidth"] is not None and row["halfwidth"] > target
+        row["contended"] = any(st["contended"] for st in stats)
+        row["uneven_rounds"] = max((st["uneven"] for st in stats), default=0)
+        row["method"] = stats[0]["method"] if stats else None
         # Bandwidth-bound ideal: the dense model reads this many times more weight bytes.
         total = roles.get("dense-total")
         ideal = None
@@ -69,8 +90,10 @@ def maturity(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     tokens/s of the points that ran."""
     import statistics
 
+    from .protocol import collapse
+
     cells: dict[tuple, list[dict[str, Any]]] = {}
-    for r in results:
+    for r in collapse(results):
         kind = "MoE" if (r.get("model") or {}).get("is_moe") or r.get("role") == "moe" else "dense"
         cells.setdefault((r.get("backend"), kind, r.get("precision")), []).append(r)
     rows = []
@@ -92,12 +115,6 @@ def maturity(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             "reasons": sorted({r.get("error") for r in rs if r.get("status") != "ok" and r.get("error")})[:3],
         })
     return rows
-
-
-def _reps(result: dict[str, Any], metric: str) -> list[float]:
-    if result.get("status") != "ok":
-        return []
-    return list(result.get("timings", {}).get(f"{metric}_reps") or [])
 
 
 def ratio_interval(a: list[float], b: list[float], *, level: float = 0.95, resamples: int = 2000,

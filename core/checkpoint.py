@@ -291,6 +291,11 @@ class Checkpoint:
             self._files[fname] = _SafetensorsFile(fpath)
         return self._files[fname]
 
+    def release(self) -> None:
+        """Drop the memory maps of the weight files (reopened on the next read): their pages
+        stop counting as this process's memory once no array read from them is alive."""
+        self._files.clear()
+
     def read(self, name: str) -> np.ndarray:
         """One tensor as a float32 array (bf16/fp16 converted)."""
         if name not in self.weight_map:

@@ -89,6 +89,48 @@ def _subcommand(sub: Any, name: str, help_text: str, description: str) -> argpar
     return p
 
 
+def _percent(text: str) -> float:
+    try:
+        value = float(text.rstrip("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentage, got {text!r}") from None
+    if not 0 <= value < 100:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 100, got {value:g}")
+    return value / 100
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value:g}")
+    return value
+
+
+def _protocol_options(parser: argparse.ArgumentParser | Any, budget_default: str) -> None:
+    """The measurement protocol's options (docs/concepts.md, 'The measurement protocol')."""
+    g = parser.add_argument_group("protocol: rounds, precision target, busy machine")
+    g.add_argument("--min-rounds", type=_positive_int, default=None, metavar="N",
+                   help="rounds every point runs, each in a fresh process (default: 3)")
+    g.add_argument("--max-rounds", type=_positive_int, default=None, metavar="N",
+                   help="rounds a comparison may reach while chasing the target (default: 12)")
+    g.add_argument("--target", type=_percent, default=None, metavar="PCT",
+                   help="add rounds until every verdict's 95 %% interval is within +-PCT %% "
+                        "(default: 3; 0: run --min-rounds only)")
+    g.add_argument("--budget", type=_seconds, default=None, metavar="S",
+                   help=f"seconds of rounds past --min-rounds may take, counted from the first round "
+                        f"({budget_default}; 'inf': no limit)")
+    g.add_argument("--if-busy", choices=("warn", "wait", "refuse"), default=None,
+                   help="other processes using the CPU: warn and flag (default), wait for quiet (up to "
+                        "--wait-limit, before the study and after any contended point) or refuse to measure")
+    g.add_argument("--wait-limit", type=_seconds, default=120.0, metavar="S",
+                   help="longest wait for a quiet machine with --if-busy wait (default: 120)")
+    g.add_argument("--reprobe", action="store_true",
+                   help="measure the memory bandwidth again instead of using this machine's cached probe")
+
+
 def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="moerun", description=DESCRIPTION, epilog=EPILOG,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,6 +160,7 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
     st.add_argument("--no-isolate", action="store_true", help="run points in this process")
     st.add_argument("--memory-limit", type=_positive_int, default=None, metavar="MB", help="per-point memory cap")
     st.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    _protocol_options(st, "default: the study file's budget_s, else 600")
     pre = _subcommand(sub, "predict", "roofline prediction of a model on a device (published specs)",
                          description="predict decode and prefill tokens/s of a model (and its dense twins) on a "
                                      "device from its published bandwidth, compute and memory, scaled by the "
@@ -150,7 +193,8 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
     run.add_argument("--new-tokens", type=_non_negative_int, default=32, metavar="N",
                      help="tokens decoded one at a time after the prefill (default: 32)")
     run.add_argument("--repetitions", type=_positive_int, default=3, metavar="N",
-                     help="timed repetitions of prefill + decode (default: 3)")
+                     help="timed repetitions of prefill + decode inside each round's process; a round's "
+                          "value is their median (default: 3)")
     run.add_argument("--warmup", type=_non_negative_int, default=1, metavar="N",
                      help="untimed warm-up runs (default: 1)")
     run.add_argument("--threads", type=_positive_int, default=None, metavar="N",
@@ -187,6 +231,7 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
     run.add_argument("--no-isolate", action="store_true",
                      help="run points in this process (no crash isolation or timeout)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    _protocol_options(parser, "default: 150")
     if plugins is not None:
         plugins.hook.moerun_add_cli_options(parser=parser)
     return parser
@@ -315,7 +360,9 @@ def cmd_predict(plugins: Any, args: argparse.Namespace) -> int:
     if args.calibrate:
         from .results import read_results
 
-        efficiency = efficiency_from_results(read_results(args.calibrate), args.precision)
+        from .protocol import collapse
+
+        efficiency = efficiency_from_results(collapse(read_results(args.calibrate)), args.precision)
     spec = plugins.models.resolve(args.model)
     specs = [spec] + ([spec.dense_twin("active"), spec.dense_twin("total")] if spec.is_moe else [])
     rows = [predict(sp, hw, precision=args.precision, context=args.context, efficiency=efficiency) for sp in specs]
@@ -346,13 +393,14 @@ def cmd_compare(plugins: Any, args: argparse.Namespace) -> int:
     import csv
 
     from .analysis import machine_label, verdicts
+    from .protocol import collapse
     from .results import read_results
 
     rows, verdict_rows = [], []
     for path in args.results:
         if not path.is_file():
             raise ConfigError(f"no results file {path}")
-        results = read_results(path)
+        results = collapse(read_results(path))
         by_machine: dict[str, list] = {}
         for r in results:
             by_machine.setdefault(machine_label(r.get("env") or {}), []).append(r)
@@ -438,7 +486,7 @@ def cmd_run(plugins: Any, args: argparse.Namespace) -> int:
         compile=args.compile, timeout_s=args.timeout, options=_options(args.option),
         memory_limit_mb=args.memory_limit,
     )
-    return _execute(plugins, points, args, skipped)
+    return _execute(plugins, points, args, skipped, _protocol(args, budget_s=150.0))
 
 
 def cmd_study(plugins: Any, args: argparse.Namespace) -> int:
@@ -462,34 +510,110 @@ def cmd_study(plugins: Any, args: argparse.Namespace) -> int:
         points = [attrs.evolve(p, memory_limit_mb=args.memory_limit) for p in points]
     if not args.output:
         args.output = Path(DEFAULT_OUTPUT_DIR) / f"{study.name}-{datetime.now():%Y%m%d-%H%M%S}.jsonl"
-    return _execute(plugins, points, args, skipped)
+    defaults = {k: getattr(study, k) for k in ("min_rounds", "max_rounds", "target", "budget_s")}
+    return _execute(plugins, points, args, skipped, _protocol(args, **defaults))
 
 
-def _execute(plugins: Any, points: Sequence[Any], args: argparse.Namespace, skipped: Sequence[Any]) -> int:
-    """Run points (isolated unless --no-isolate) into --output and print the summary."""
+def _protocol(args: argparse.Namespace, **defaults: Any) -> Any:
+    """The protocol from the command line, over `defaults` (a study file's), over Protocol's."""
+    import math
+
+    from .protocol import Protocol
+
+    given = {"min_rounds": args.min_rounds, "max_rounds": args.max_rounds, "target": args.target,
+             "budget_s": args.budget, "if_busy": args.if_busy}
+    fields = {k: v for k, v in {**defaults, **{k: v for k, v in given.items() if v is not None}}.items()
+              if v is not None}
+    if "budget_s" in fields and math.isinf(fields["budget_s"]):
+        fields["budget_s"] = None
+    if "min_rounds" in fields and "max_rounds" not in fields:
+        fields["max_rounds"] = max(fields["min_rounds"], Protocol().max_rounds)
+    return Protocol(wait_s=args.wait_limit, **fields)
+
+
+def _busy_guard(protocol: Any, err: Any, quiet: bool) -> None:
+    """Look at the machine before measuring: warn, wait for quiet, or refuse (exit 2)."""
+    from .contention import describe, look, wait_for_quiet
+
+    sample = look()
+    if not sample.get("contended"):
+        return
+    what = describe(sample)
+    if protocol.if_busy == "refuse":
+        raise MoerunError(f"the machine is busy ({what}); not measuring (--if-busy refuse)")
+    if protocol.if_busy == "wait":
+        print(f"moerun: busy ({what}); waiting up to {protocol.wait_s:g} s for quiet", file=err, flush=True)
+        ok, sample = wait_for_quiet(protocol.wait_s)
+        if ok:
+            return
+        print(f"moerun: warning: still busy after {protocol.wait_s:g} s ({describe(sample)}); measuring anyway, "
+              f"contended points are flagged", file=err, flush=True)
+        return
+    print(f"moerun: warning: the machine is busy ({what}); points measured under contention are flagged "
+          f"('busy' column) and left out of verdicts while enough quiet rounds exist "
+          f"(--if-busy wait to wait for quiet)", file=err, flush=True)
+
+
+def _execute(plugins: Any, points: Sequence[Any], args: argparse.Namespace, skipped: Sequence[Any],
+             protocol: Any) -> int:
+    """Preflight, then the points in rounds (isolated unless --no-isolate) into --output, then
+    the summary."""
     from .cache import Cache
     from .environment import capture
-    from .study import LocalExecutor, run_study
+    from .study import LocalExecutor, preflight, run_study
 
     output = args.output or Path(DEFAULT_OUTPUT_DIR) / f"run-{datetime.now():%Y%m%d-%H%M%S}.jsonl"
     if output.exists() and output.is_dir():
         raise ConfigError(f"--output {output} is a folder; give a .jsonl file path")
     reporter = plugins.reporters.get("json" if args.json else args.report)
     err = sys.stderr
+    preflight(plugins, points)
     for name, reason in skipped:
         print(f"moerun: skipping backend {name}: {reason}", file=err)
+    _busy_guard(protocol, err, args.quiet)
+    env = capture(refresh_probe=args.reprobe)
     if not args.quiet:
-        print("moerun: measuring memory bandwidth", file=err)
-    env = capture()
+        print(f"moerun: read bandwidth {env.get('bandwidth_bytes_s', 0) / 1e9:.1f} GB/s "
+              f"({env.get('bandwidth_source', '')})", file=err)
     cache = Cache()
     _write_checkpoints(plugins, points, cache, quiet=args.quiet)
     executor = LocalExecutor(plugins=plugins, cache=cache, env=env, isolate=not args.no_isolate)
-    with _Progress(len(points), enabled=not args.quiet) as progress:
-        results = run_study(points, plugins, output=output, executor=executor,
-                            on_start=progress.start, on_result=progress.done)
-    reporter(results, sys.stdout)
-    print(f"moerun: {len(results)} results in {output}", file=err)
-    return 1 if any(r.get("status") == "failed" for r in results) else 0
+    last: dict[str, Any] = {}
+
+    def before_round() -> None:
+        if protocol.if_busy == "wait" and last.get("contended"):
+            from .contention import wait_for_quiet
+
+            wait_for_quiet(protocol.wait_s)
+
+    def on_result(record: dict[str, Any]) -> None:
+        last["contended"] = ((record.get("contention") or {}).get("timed") or {}).get("contended")
+
+    with _Progress(len(points) * protocol.min_rounds, enabled=not args.quiet) as progress:
+        outcome = run_study(list(points), plugins, output=output, executor=executor, protocol=protocol,
+                            on_start=progress.start, on_result=on_result, before_round=before_round)
+    reporter(outcome.results, sys.stdout)
+    _summary(outcome, protocol, output, err)
+    return 1 if any(r.get("status") == "failed" or r.get("round_errors") for r in outcome.results) else 0
+
+
+def _summary(outcome: Any, protocol: Any, output: Path, err: Any) -> None:
+    from .analysis import verdicts
+
+    rounds = len({r.get("round") for r in outcome.records})
+    print(f"moerun: {len(outcome.results)} points, {len(outcome.records)} measurements in {rounds} rounds "
+          f"({outcome.elapsed_s:.0f} s); rounds stopped: {outcome.stopped}", file=err)
+    rows = verdicts(outcome.results)
+    missed = [r for r in rows if r.get("missed_target")]
+    if missed and protocol.target:
+        print(f"moerun: {len(missed)} of {len(rows)} verdicts missed the ±{protocol.target:.0%} target "
+              f"({', '.join(r['group'] + ' on ' + r['backend'] for r in missed)}); more rounds "
+              f"(--budget, --max-rounds) or a quieter machine narrow them", file=err)
+    busy = [r for r in outcome.results if r.get("contended")]
+    if busy:
+        print(f"moerun: warning: {len(busy)} points had rounds measured under contention ('busy' column)",
+              file=err)
+    print(f"moerun: results in {output}", file=err)
 
 
 def _write_checkpoints(plugins: Any, points: Sequence[Any], cache: Any, *, quiet: bool) -> None:
@@ -528,7 +652,7 @@ class _Progress:
     """A rich progress bar on stderr: the point being run and an estimate of time left."""
 
     def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled and sys.stderr.isatty()
+        self.total, self.enabled = total, enabled and sys.stderr.isatty()  # total: an estimate
         self.plain = enabled and not self.enabled
         self.t0 = time.perf_counter()
 
@@ -546,16 +670,14 @@ class _Progress:
         if self.enabled:
             self.bar.__exit__(*exc)
 
-    def start(self, i: int, point: Any) -> None:
-        label = f"{point.model} on {point.backend} {point.precision or ''}".strip()
+    def start(self, i: int, round_: int, point: Any) -> None:
+        """Before measurement `i` (round `round_`); the total grows when rounds are added."""
+        label = f"round {round_ + 1}: {point.model} on {point.backend} {point.precision or ''}".strip()
+        self.total = max(self.total, i + 1)
         if self.enabled:
-            self.bar.update(self.task, description=label)
+            self.bar.update(self.task, description=label, completed=i, total=self.total)
         elif self.plain:
-            print(f"moerun: [{i + 1}/{self.total}] {label}", file=sys.stderr, flush=True)
-
-    def done(self, i: int, point: Any, result: dict[str, Any]) -> None:
-        if self.enabled:
-            self.bar.update(self.task, completed=i + 1)
+            print(f"moerun: [{i + 1}/{self.total}+] {label}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,12 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
 SCHEMA_VERSION = 1
+FINISHED = ("ok", "failed", "unsupported", "unavailable")  # statuses of a round that needs no re-run
 
 
 def _default(obj: Any) -> Any:
@@ -70,9 +71,3 @@ def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
             except ValueError:
                 warnings.warn(f"{path}:{lineno}: skipping an incomplete record (interrupted write)", stacklevel=2)
     return out
-
-
-def completed_keys(results: Iterable[dict[str, Any]]) -> set[str]:
-    """Keys of points that need no re-run: those that finished, ok or not, and were not
-    interrupted by the user."""
-    return {r["key"] for r in results if r.get("status") in ("ok", "failed", "unsupported", "unavailable")}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -25,8 +24,10 @@ import attrs
 import numpy as np
 
 from .backend import LoadSettings
+from . import memory
 from .cache import Cache
 from .checkpoint import Checkpoint, synthetic_checkpoint
+from .contention import CpuWindow
 from .convert import structure, unstructure
 from .errors import BackendUnavailableError, ConfigError, MoerunError, UnsupportedError
 from .precision import get_precision
@@ -140,9 +141,19 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _peak_rss_bytes() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
+def _memory_after_load(before: dict[str, int], load: dict[str, Any], after: dict[str, int]) -> dict[str, Any]:
+    """The engine's memory once loaded: current RSS (anonymous and file-backed apart), what
+    loading added to the harness's own RSS, and the peak while loading."""
+    out: dict[str, Any] = {
+        "rss_before_load_bytes": before.get("rss_bytes", before["hwm_bytes"]),
+        "rss_after_load_bytes": after.get("rss_bytes", after["hwm_bytes"]),
+        "load_peak_bytes": load["peak_bytes"],
+    }
+    out["engine_rss_bytes"] = out["rss_after_load_bytes"] - out["rss_before_load_bytes"]
+    for kind in ("anon_bytes", "file_bytes"):
+        if kind in after:
+            out[f"after_load_{kind}"] = after[kind]
+    return out
 
 
 def base_result(point: Point, env: dict[str, Any] | None) -> dict[str, Any]:
@@ -210,6 +221,7 @@ def measure(point: Point, plugins: "MoerunPlugins", cache: Cache | None = None,
             t1 = time.perf_counter()
             artifact = backend.prepare(ckpt, precision, cache)
             t2 = time.perf_counter()
+        result["memory"] = {"prepare_peak_bytes": memory.status()["hwm_bytes"]}
         context = point.prompt_tokens + point.new_tokens
         if context > spec.max_position_embeddings:
             raise ConfigError(
@@ -220,18 +232,27 @@ def measure(point: Point, plugins: "MoerunPlugins", cache: Cache | None = None,
             threads=point.threads, device=device, max_context=context, compile=point.compile,
             options=dict(point.options),
         )
+        if ckpt is not None:
+            ckpt.release()
+        memory.release_free()  # what preparation left behind is not the engine's
+        load_phase = memory.Phase()
         session = backend.load(artifact, settings)
         t3 = time.perf_counter()
+        loaded = load_phase.close()
+        after_load = memory.status()
+        result["memory"].update(_memory_after_load(load_phase.start, loaded, after_load))
         result["artifact"] = {"path": str(artifact.path), "size_bytes": artifact.size_bytes, **artifact.meta}
         result["phases_s"] = {"checkpoint": t1 - t0, "prepare": t2 - t1, "load": t3 - t2}
         result["session"] = session.describe()
-        rss_after_load = _peak_rss_bytes()
         plugins.hook.moerun_measurement_start(point=point.to_dict())
 
         ids = token_ids(spec.vocab_size, context, point.seed)
         prompt, follow = ids[: point.prompt_tokens], ids[point.prompt_tokens:]
         trackers = _start_trackers(plugins)
+        timed_memory, window = memory.Phase(), CpuWindow()
         timings = _time_workload(session, prompt, follow, point.repetitions, point.warmup)
+        result["contention"] = {"timed": window.close()}
+        timed = timed_memory.close()
         result["trackers"] = _stop_trackers(trackers)
         result["timings"] = timings
         counts = session.expert_counts()
@@ -239,7 +260,12 @@ def measure(point: Point, plugins: "MoerunPlugins", cache: Cache | None = None,
         if counts is not None:
             result["metrics"]["expert_counts"] = np.asarray(counts).tolist()
             result["metrics"].update(routing_stats(np.asarray(counts)))
-        result["memory"] = {"peak_rss_bytes": _peak_rss_bytes(), "rss_after_load_bytes": rss_after_load}
+        result["memory"].update(
+            peak_rss_bytes=timed["peak_bytes"],
+            engine_peak_bytes=timed["peak_bytes"] - result["memory"]["rss_before_load_bytes"],
+            timed_end_anon_bytes=timed.get("end_anon_bytes"), timed_end_file_bytes=timed.get("end_file_bytes"),
+            timed_peak_method=timed["method"],
+        )
         if point.parity:
             result["parity"] = _parity(session, spec, ckpt, plugins, cache, point)
         if point.breakdown:
@@ -444,6 +470,8 @@ def derive_metrics(spec: ModelSpec, precision: str, point: Point, timings: dict[
         # S-MBU (MoE-CAP): bytes the token actually reads (active experts); 'mbu_dense' counts
         # every weight as a dense model would, which overstates an MoE's bandwidth use
         m["mbu"] = bytes_per_token * tok_s / bw
+        if m["mbu"] > 1.0:  # the probe is no ceiling for this engine: say so, never print MBU > 100 %
+            m["mbu_exceeds_probe"] = True
         dense_bytes = spec.total_params * get_precision(precision).bits_per_weight / 8 + kv
         m["mbu_dense"] = dense_bytes * tok_s / bw
     if peak:

@@ -4,7 +4,7 @@ place points on other machines; points are self-contained and serialisable for t
 
 from __future__ import annotations
 
-import time
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
 
@@ -13,8 +13,9 @@ import attrs
 from .cache import Cache
 from .errors import BackendUnavailableError, ConfigError
 from .precision import get_precision
-from .results import append_result, completed_keys, read_results
-from .runner import Point, measure, run_isolated
+from .protocol import Protocol, collapse, run_rounds
+from .results import FINISHED, append_result, read_results
+from .runner import Point, base_result, measure, run_isolated
 
 if TYPE_CHECKING:  # pragma: no cover
     from .manager import MoerunPlugins
@@ -67,12 +68,26 @@ def build_points(plugins: "MoerunPlugins", *, models: list[str], backends: list[
             get_precision(p)  # unknown names fail before anything runs
     points = []
     for model in models:
+        takers = _file_backends(plugins, model, backends)
         for name, role, group in model_with_twins(plugins, model, twins):
-            for backend in backends:
+            for backend in takers:
                 for precision in precisions:
                     points.append(Point(model=name, backend=backend, precision=precision, role=role,
                                         group=group, **fields))
     return points
+
+
+def _file_backends(plugins: "MoerunPlugins", model: str, backends: list[str]) -> list[str]:
+    """The backends that can run `model`: all of them, unless it is an engine file, which only
+    the backends listing its suffix load (none: a one-line error)."""
+    path = Path(model)
+    if not path.is_file():
+        return backends
+    takers = [b for b in backends if path.suffix in plugins.backends.get(b).capabilities.artifact_suffixes]
+    if not takers:
+        raise ConfigError(f"{path}: none of the backends {', '.join(backends)} loads a {path.suffix or 'suffix-less'} "
+                          f"file; give a checkpoint folder or a preset")
+    return takers
 
 
 def points_from_study(plugins: "MoerunPlugins", study: Any, backends: list[str]) -> list[Point]:
@@ -125,36 +140,81 @@ class LocalExecutor:
         return result
 
 
+@attrs.frozen
+class StudyOutcome:
+    """What a study run returns: one collapsed record per point (input order), every
+    per-round record, why rounds stopped and the seconds they took."""
+
+    results: list[dict[str, Any]]
+    records: list[dict[str, Any]]
+    stopped: str
+    elapsed_s: float
+
+
 def run_study(
     points: list[Point],
     plugins: "MoerunPlugins",
     *,
     output: Path,
     executor: Executor,
-    on_start: Callable[[int, Point], None] | None = None,
-    on_result: Callable[[int, Point, dict[str, Any]], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Run every point not already in `output`, appending each result as it finishes.
-
-    Returns the results of all `points` in order (reused ones included).
-    """
+    protocol: Protocol | None = None,
+    on_start: Callable[[int, int, Point], None] | None = None,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+    before_round: Callable[[], None] | None = None,
+) -> StudyOutcome:
+    """Run `points` in rounds (`moerun.protocol`), appending every per-round record to
+    `output` as it finishes. Records already in `output` count as done (resume): only the
+    rounds the protocol still asks for run. Without a protocol: one round of each point."""
     if len({p.key for p in points}) != len(points):
         raise ConfigError("the study lists the same measurement twice")
-    previous = {r["key"]: r for r in read_results(output)}
-    done = completed_keys(previous.values())
-    results = []
-    for i, point in enumerate(points):
-        if point.key in done:
-            result = dict(previous[point.key], resumed=True)
-        else:
-            if on_start:
-                on_start(i, point)
-            t0 = time.perf_counter()
-            result = executor.run(point)
-            result["wall_s"] = time.perf_counter() - t0
-            plugins.hook.moerun_measurement_finish(point=point.to_dict(), result=result)
-            append_result(output, result)
-        results.append(result)
+    protocol = protocol or Protocol(min_rounds=1, max_rounds=1, target=0.0)
+    keys = {p.key for p in points}
+    previous = [r for r in read_results(output) if r.get("key") in keys and r.get("status") in FINISHED]
+
+    def record(result: dict[str, Any]) -> None:
+        plugins.hook.moerun_measurement_finish(point=result["point"], result=result)
+        append_result(output, result)
         if on_result:
-            on_result(i, point, result)
-    return results
+            on_result(result)
+
+    run = run_rounds(points, executor, protocol, previous=previous, record=record, on_start=on_start,
+                     before_round=before_round)
+    folded = {r["key"]: r for r in collapse(run["records"])}
+    results = [folded[p.key] if p.key in folded else base_result(p, None) for p in points]
+    return StudyOutcome(results=results, records=run["records"], stopped=run["stopped"], elapsed_s=run["elapsed_s"])
+
+
+def preflight(plugins: "MoerunPlugins", points: Iterable[Point]) -> None:
+    """Check every model input here, before any probe or child process: presets resolve,
+    checkpoint folders hold a valid config, engine files parse for a backend that takes
+    them. A bad one raises a one-line MoerunError (exit 2)."""
+    from .checkpoint import Checkpoint
+    from .errors import CheckpointError, MoerunError
+
+    seen: set[tuple[str, str]] = set()
+    for p in points:
+        path = Path(p.model)
+        if (p.model, p.backend if path.is_file() else "") in seen:
+            continue
+        seen.add((p.model, p.backend if path.is_file() else ""))
+        if path.is_dir():
+            Checkpoint.open(path)
+        elif path.is_file():
+            backend = plugins.backends.get(p.backend)()
+            takes = backend.capabilities.artifact_suffixes
+            if path.suffix not in takes:
+                known = sorted({s for n in plugins.backends.primary_names()
+                                for s in plugins.backends.get(n).capabilities.artifact_suffixes})
+                raise ConfigError(f"{path}: backend {backend.name} loads no {path.suffix or 'suffix-less'} file "
+                                  f"(give a checkpoint folder or a preset; engine files: {', '.join(known) or 'none'})")
+            try:
+                backend.prepare_file(path)
+            except MoerunError as exc:
+                raise CheckpointError(str(exc).splitlines()[0]) from None
+            except Exception as exc:  # noqa: BLE001 - a file the engine's reader chokes on
+                raise CheckpointError(f"{path}: unreadable as a {backend.name} input "
+                                      f"({type(exc).__name__}: {exc})") from None
+        elif os.sep in p.model or path.suffix in (".json", ".safetensors", ".gguf", ".onnx"):
+            raise ConfigError(f"model path {p.model} does not exist")
+        else:
+            plugins.models.resolve(p.model)

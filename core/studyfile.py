@@ -34,6 +34,11 @@ class StudySpec:
     breakdown: bool = False
     parity: bool = False
     options: dict[str, Any] = attrs.field(factory=dict)
+    # the measurement protocol (moerun.protocol; the command line overrides these)
+    min_rounds: int = 3
+    max_rounds: int = 12
+    target: float = 0.03  # relative 95 % half-width of every verdict; 0: min_rounds only
+    budget_s: float | None = 600.0  # seconds of rounds past min_rounds
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -17,13 +17,35 @@ COLUMNS = [
     ("prec", lambda r: r.get("precision") or "", "{}"),
     ("status", lambda r: r.get("status", ""), "{}"),
     ("params", lambda r: _params(r), "{}"),
+    ("rounds", lambda r: _rounds(r), "{}"),
     ("prefill tok/s", lambda r: _m(r, "prefill_tok_s"), "{:,.0f}"),
     ("decode tok/s", lambda r: _m(r, "decode_tok_s"), "{:,.1f}"),
+    ("±", lambda r: _spread(r, "decode_tok_s"), "{:.1%}"),
     ("decode p90 ms", lambda r: r.get("timings", {}).get("decode_token_ms", {}).get("p90"), "{:.2f}"),
     ("GB/s", lambda r: _gb(_m(r, "achieved_bandwidth_bytes_s")), "{:.1f}"),
-    ("MBU", lambda r: _m(r, "mbu"), "{:.0%}"),
-    ("peak RSS MiB", lambda r: _mib(r.get("memory", {}).get("peak_rss_bytes")), "{:,.0f}"),
+    ("MBU", lambda r: "exceeds probe" if _m(r, "mbu_exceeds_probe") else _m(r, "mbu"), "{:.0%}"),
+    ("RSS loaded MiB", lambda r: _mib((r.get("memory") or {}).get("rss_after_load_bytes")), "{:,.0f}"),
+    ("peak MiB", lambda r: _mib((r.get("memory") or {}).get("peak_rss_bytes")), "{:,.0f}"),
+    ("busy", lambda r: _busy(r), "{}"),
 ]
+
+
+def _rounds(r: dict[str, Any]) -> str:
+    rounds = r.get("rounds") or []
+    ok = sum(1 for x in rounds if x.get("status") == "ok")
+    return str(ok) if ok == len(rounds) else f"{ok}/{len(rounds)}"
+
+
+def _spread(r: dict[str, Any], metric: str) -> float | None:
+    hw = ((r.get("spread") or {}).get(metric) or {}).get("halfwidth")
+    return hw if hw is not None and hw != float("inf") else None
+
+
+def _busy(r: dict[str, Any]) -> str:
+    """'k/n' rounds measured under contention, blank when none."""
+    rounds = [x for x in r.get("rounds") or [] if x.get("status") == "ok"]
+    busy = sum(1 for x in rounds if x.get("contended"))
+    return f"{busy}/{len(rounds)}" if busy else ""
 
 
 def _m(r: dict[str, Any], key: str) -> Any:
@@ -62,14 +84,38 @@ def _ratio(row: dict[str, Any], key: str) -> str:
     return f"{value:.2f}x" + (f" [{ci[0]:.2f}-{ci[1]:.2f}]" if ci else "")
 
 
+def _precision_cell(row: dict[str, Any]) -> str:
+    """The verdict's achieved half-width, marked when it missed the target."""
+    hw = row.get("halfwidth")
+    if hw is None:
+        return "-"
+    text = "no interval" if hw == float("inf") else f"±{hw:.1%}"
+    return text + (" MISSED" if row.get("missed_target") else "")
+
+
+def _flags(row: dict[str, Any]) -> str:
+    flags = []
+    if row.get("contended"):
+        flags.append("contended")
+    if row.get("uneven_rounds"):
+        flags.append(f"uneven x{row['uneven_rounds']}")
+    if row.get("method", "").startswith("one round"):
+        flags.append("one round")
+    return ", ".join(flags)
+
+
 def table(results: list[dict[str, Any]], stream: TextIO) -> None:
     """Results and the MoE-vs-dense verdict as rich tables."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    console = Console(file=stream, width=200 if not stream.isatty() else None)
-    t = Table(title="moerun results", header_style="bold")
+    from moerun.protocol import collapse
+
+    results = collapse(results)
+    console = Console(file=stream, width=220 if not stream.isatty() else None)
+    t = Table(title="moerun results (medians over rounds; ± = 95 % half-width of decode tok/s over rounds)",
+              header_style="bold")
     for i, (header, _, _) in enumerate(COLUMNS):
         t.add_column(header, justify="left" if i < 6 else "right", no_wrap=i < 6)
     for r in results:
@@ -83,17 +129,21 @@ def table(results: list[dict[str, Any]], stream: TextIO) -> None:
     twin_keys = ("decode_vs_active", "prefill_vs_active", "decode_vs_total", "prefill_vs_total")
     twin_rows = [row for row in rows if any(row.get(k) is not None for k in twin_keys)]
     if twin_rows:
-        v = Table(title="MoE / dense twin (tokens/s ratio of medians, [95 % bootstrap interval over repetitions]; "
-                        "> 1 means the MoE is faster)", header_style="bold")
+        target = next((row["target"] for row in twin_rows if row.get("target")), None)
+        v = Table(title="MoE / dense twin (tokens/s ratio, geometric mean over rounds [95 % interval between "
+                        "processes]; > 1 means the MoE is faster"
+                        + (f"; target ±{target:.0%})" if target else ")"), header_style="bold")
         for h in ("model", "backend", "precision", "prompt", "decode vs active", "prefill vs active",
-                  "decode vs total", "prefill vs total", "ideal decode vs total", "realised"):
-            v.add_column(h, justify="left" if h in ("model", "backend", "precision") else "right")
+                  "decode vs total", "prefill vs total", "ideal decode vs total", "realised", "rounds", "precision got",
+                  "flags"):
+            v.add_column(h, justify="left" if h in ("model", "backend", "precision", "flags") else "right")
         for row in twin_rows:
             v.add_row(row["group"], row["backend"], row["precision"] or "", str(row.get("prompt_tokens") or ""),
                       *[_ratio(row, k) for k in ("decode_vs_active", "prefill_vs_active",
                                                  "decode_vs_total", "prefill_vs_total")],
                       _fmt(row.get("ideal_decode_vs_total"), "{:.2f}x"),
-                      _fmt(row.get("realised_share_decode"), "{:.0%}"))
+                      _fmt(row.get("realised_share_decode"), "{:.0%}"), str(row.get("rounds") or "-"),
+                      _precision_cell(row), _flags(row))
         console.print(v)
     matrix = maturity(results)
     if len(matrix) > 1:
@@ -110,14 +160,14 @@ def table(results: list[dict[str, Any]], stream: TextIO) -> None:
     if based:
         bt = Table(title="MoE / named dense baseline (tokens/s ratio; > 1 means the MoE is faster)",
                    header_style="bold")
-        for h in ("model", "baseline", "backend", "precision", "prompt", "decode", "prefill"):
+        for h in ("model", "baseline", "backend", "precision", "prompt", "decode", "prefill", "precision got"):
             bt.add_column(h, justify="right" if h in ("prompt", "decode", "prefill") else "left")
         for row, name, b in based:
-            ci = b.get("decode_ci95")
+            hw = max((b[k] for k in ("decode_hw", "prefill_hw") if b.get(k) is not None), default=None)
             bt.add_row(escape(str(row["group"])), escape(name), row["backend"], row["precision"] or "",
-                       str(row.get("prompt_tokens") or ""),
-                       _fmt(b.get("decode"), "{:.2f}x") + (f" [{ci[0]:.2f}-{ci[1]:.2f}]" if ci else ""),
-                       _fmt(b.get("prefill"), "{:.2f}x"))
+                       str(row.get("prompt_tokens") or ""), _ratio(b, "decode"), _ratio(b, "prefill"),
+                       _precision_cell({"halfwidth": hw, "missed_target": bool(row.get("target")) and hw is not None
+                                        and hw > row["target"]}))
         console.print(bt)
     with_breakdown = [r for r in results if (r.get("breakdown") or {}).get("available")]
     if with_breakdown:
@@ -135,12 +185,16 @@ def table(results: list[dict[str, Any]], stream: TextIO) -> None:
         console.print(b)
     env = next((r.get("env") for r in results if r.get("env")), None)
     if env and env.get("bandwidth_bytes_s"):
-        console.print(f"machine: {env.get('cpu_model')}, {env.get('cores')} cores, measured read bandwidth "
-                      f"{env['bandwidth_bytes_s'] / 1e9:.1f} GB/s (MBU = achieved / measured)", highlight=False)
+        console.print(f"machine: {env.get('cpu_model')}, {env.get('cores')} cores, read bandwidth "
+                      f"{env['bandwidth_bytes_s'] / 1e9:.1f} GB/s (MBU = achieved / this; "
+                      f"{escape(str(env.get('bandwidth_source', '')))})", highlight=False)
 
 
 def json_report(results: list[dict[str, Any]], stream: TextIO) -> None:
-    """Results and verdicts as one JSON document."""
+    """Results (one record per point, rounds folded) and verdicts as one JSON document."""
+    from moerun.protocol import collapse
+
+    results = collapse(results)
     _json.dump({"results": results, "verdicts": verdicts(results)}, stream, indent=2, default=str)
     stream.write("\n")
 
@@ -152,9 +206,11 @@ CSV_FIELDS = ["model_name", "role", "group", "backend", "precision", "status", "
 
 def csv_report(results: list[dict[str, Any]], stream: TextIO) -> None:
     """One row per result with the headline metrics, for spreadsheets and pandas."""
+    from moerun.protocol import collapse
+
     w = _csv.DictWriter(stream, fieldnames=CSV_FIELDS, lineterminator="\n")
     w.writeheader()
-    for r in results:
+    for r in collapse(results):
         m, tok = r.get("metrics", {}), r.get("timings", {}).get("decode_token_ms", {})
         w.writerow({
             "model_name": r.get("model_name"), "role": r.get("role"), "group": r.get("group"),
@@ -207,7 +263,10 @@ _ROLE_ORDER = {"moe": 0, "dense-active": 1, "dense-total": 2, "baseline": 3, "de
 
 def throughput_figure(results: list[dict[str, Any]], metric: str = "decode_tok_s"):
     """Grouped bars: for each backend / precision / prompt length, the median tokens/s of the
-    MoE model, its twins and baselines, with the repetitions' min-max as error bars."""
+    MoE model, its twins and baselines, with the rounds' min-max as error bars."""
+    from moerun.protocol import collapse
+
+    results = collapse(results)
     ok = [r for r in results if r.get("status") == "ok" and (r.get("metrics") or {}).get(metric)]
     if not ok:
         return None
@@ -230,7 +289,8 @@ def throughput_figure(results: list[dict[str, Any]], metric: str = "decode_tok_s
             r = next((r for r in ok if where(r) == g and r.get("model_name") == model), None)
             if r is None:
                 continue
-            reps = r["timings"].get(metric + "_reps") or [r["metrics"][metric]]
+            reps = ([x[metric] for x in r.get("rounds") or () if x.get("status") == "ok" and x.get(metric)]
+                    or r["timings"].get(metric + "_reps") or [r["metrics"][metric]])
             xs.append(gi + (mi - (len(models) - 1) / 2) * width)
             ys.append(r["metrics"][metric])
             lo.append(r["metrics"][metric] - min(reps))
@@ -238,7 +298,7 @@ def throughput_figure(results: list[dict[str, Any]], metric: str = "decode_tok_s
         ax.bar(xs, ys, width=width, label=model, yerr=[lo, hi], capsize=2)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, fontsize=8)
-    ax.set_ylabel(f"{metric.split('_')[0]} tokens/s (median, min-max bars)")
+    ax.set_ylabel(f"{metric.split('_')[0]} tokens/s (median, min-max over rounds)")
     ax.set_title(f"{metric.split('_')[0].capitalize()} tokens/s: MoE, its twins and baselines")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
@@ -311,8 +371,12 @@ def roofline_figure(results: list[dict[str, Any]]):
 def markdown_report(results: list[dict[str, Any]], stream: TextIO, assets_dir: Any = None) -> None:
     """GitHub-flavoured Markdown: the results table, failures and the verdict table; with
     `assets_dir`, breakdown figures are drawn there as PNG and linked."""
+    from moerun.protocol import collapse
+
     def row(cells: list[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |\n"
+
+    results = collapse(results)
 
     stream.write("## moerun results\n\n")
     stream.write(row([h for h, _, _ in COLUMNS]))
@@ -328,12 +392,14 @@ def markdown_report(results: list[dict[str, Any]], stream: TextIO, assets_dir: A
     if rows:
         keys = ("decode_vs_active", "prefill_vs_active", "decode_vs_total", "prefill_vs_total", "ideal_decode_vs_total")
         stream.write("\n## MoE / dense twin (tokens/s ratio; > 1 means the MoE is faster)\n\n")
-        stream.write(row(["model", "backend", "precision", *(k.replace("_", " ") for k in keys), "realised"]))
-        stream.write(row(["---"] * (len(keys) + 4)))
+        stream.write(row(["model", "backend", "precision", *(k.replace("_", " ") for k in keys), "realised",
+                          "rounds", "precision got", "flags"]))
+        stream.write(row(["---"] * (len(keys) + 7)))
         for v in rows:
             stream.write(row([v["group"], v["backend"], v["precision"] or "",
                               *(_ratio(v, k) if k != "ideal_decode_vs_total" else _fmt(v.get(k), "{:.2f}x")
-                                for k in keys), _fmt(v.get("realised_share_decode"), "{:.0%}")]))
+                                for k in keys), _fmt(v.get("realised_share_decode"), "{:.0%}"),
+                              str(v.get("rounds") or "-"), _precision_cell(v), _flags(v)]))
     if assets_dir is not None:
         from pathlib import Path
 

@@ -74,14 +74,14 @@ def test_study_goes_on_after_crash_and_hang_and_resumes(test_plugin_env, tmp_pat
         _point(backend="torch", model="tiny-dense", timeout_s=120),
     ]
     ex = LocalExecutor(plugins=pm, cache=cache, env=ENV, isolate=True)
-    results = run_study(points, pm, output=out, executor=ex)
+    results = run_study(points, pm, output=out, executor=ex).results
     assert [r["status"] for r in results] == ["failed", "failed", "ok", "ok"]
     assert "SIGSEGV" in results[0]["error"] and "timed out" in results[1]["error"]
     lines = out.read_text().splitlines()
     assert len(lines) == 4 and all(json.loads(line)["key"] for line in lines)
     # resume: nothing reruns, nothing is appended twice
     started = []
-    again = run_study(points, pm, output=out, executor=ex, on_start=lambda i, p: started.append(i))
+    again = run_study(points, pm, output=out, executor=ex, on_start=lambda i, r, p: started.append(i)).results
     assert started == [] and all(r.get("resumed") for r in again)
     assert len(out.read_text().splitlines()) == 4
 

@@ -21,6 +21,8 @@ prompt_tokens = [4, 8]
 new_tokens = [2]
 repetitions = 2
 warmup = 0
+min_rounds = 1
+target = 0
 """
 
 

@@ -1,0 +1,362 @@
+"""The measurement protocol: what makes a verdict printed twice say the same thing.
+
+- **Rounds.** The points that share a workload (one backend, precision and shape: an MoE
+  model, its dense twins, the named baselines) form a *comparison*. They run in rounds;
+  each round runs every side once, each in a fresh isolated process, in an order shuffled
+  per round, so slow drift and neighbours hit every side alike.
+- **Statistics over rounds.** A verdict pairs the sides by round: ``r_i = moe_i / twin_i``
+  from the same round, and its 95 % interval is a Student-t interval on ``log r_i`` — the
+  variation between processes, which is what a second run shows. Each round's value of a
+  point is the median of its repetitions inside that process.
+- **A precision target.** After `min_rounds`, a comparison gets another round only while a
+  verdict's relative half-width exceeds `target`, until `max_rounds` or the time `budget_s`
+  runs out (the budget counts from the first round and limits only rounds past
+  `min_rounds`); what missed the target is marked.
+- **Contention.** Each point records what else used the CPU during its timed phase (see
+  `moerun.contention`). A round in which any side was contended is left out of a verdict
+  while at least `min_rounds` quiet rounds remain; otherwise the verdict keeps them and says
+  so (`contended`), and `uneven` counts rounds whose sides saw different conditions.
+
+`run_rounds` drives an executor; `collapse` folds the per-round records of a results file
+into one record per point; `paired` and `spread` are the statistics.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import time
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+import attrs
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .runner import Point
+
+BUSY_POLICIES = ("warn", "wait", "refuse")
+METRICS = ("decode_tok_s", "prefill_tok_s")
+ONCE = ("breakdown", "parity")  # what a point measures in its first round only (neither is a speed)
+
+
+def _check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    name = attribute.name.replace("_", "-")
+    if attribute.name in ("min_rounds", "max_rounds") and value < 1:
+        raise ConfigError(f"{name} must be >= 1, got {value}")
+    if attribute.name in ("target", "wait_s") and value < 0:
+        raise ConfigError(f"{name} must be >= 0, got {value}")
+    if attribute.name == "budget_s" and value is not None and value < 0:
+        raise ConfigError(f"{name} must be >= 0, got {value}")
+    if attribute.name == "if_busy" and value not in BUSY_POLICIES:
+        raise ConfigError(f"if-busy must be one of {', '.join(BUSY_POLICIES)}, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class Protocol:
+    """How many rounds, to what precision, within what time, and what to do on a busy machine."""
+
+    min_rounds: int = attrs.field(default=3, validator=_check)
+    max_rounds: int = attrs.field(default=12, validator=_check)
+    target: float = attrs.field(default=0.03, validator=_check)  # relative 95 % half-width; 0: min_rounds only
+    budget_s: float | None = attrs.field(default=150.0, validator=_check)  # None: no limit
+    if_busy: str = attrs.field(default="warn", validator=_check)
+    wait_s: float = attrs.field(default=120.0, validator=_check)
+    seed: int = 0  # the shuffle of each round's order
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_rounds < self.min_rounds:
+            raise ConfigError(f"max-rounds ({self.max_rounds}) is below min-rounds ({self.min_rounds})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+# ------------------------------------------------------------------ statistics
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+         2.052, 2.048, 2.045, 2.042]
+
+
+def t975(df: int) -> float:
+    """Two-sided 95 % Student-t quantile for `df` degrees of freedom."""
+    return _T975[df - 1] if df <= len(_T975) else 1.96 + 2.4 / df
+
+
+def log_interval(values: Sequence[float]) -> dict[str, Any]:
+    """Geometric mean of positive `values` with a 95 % Student-t interval on their logs;
+    `halfwidth` is the interval's relative half-width (inf with one value)."""
+    logs = [math.log(v) for v in values if v and v > 0]
+    n = len(logs)
+    if n == 0:
+        return {"n": 0, "value": None, "ci95": None, "halfwidth": math.inf}
+    mean = statistics.fmean(logs)
+    if n == 1:
+        return {"n": 1, "value": math.exp(mean), "ci95": None, "halfwidth": math.inf}
+    half = t975(n - 1) * statistics.stdev(logs) / math.sqrt(n)
+    return {"n": n, "value": math.exp(mean), "ci95": [math.exp(mean - half), math.exp(mean + half)],
+            "halfwidth": math.expm1(half)}
+
+
+def _quiet_rounds(rounds: dict[int, dict[str, Any]], min_rounds: int) -> tuple[list[int], bool]:
+    """The rounds a statistic uses: the quiet ones while at least `min_rounds` of them exist,
+    else all (the flag says contended rounds were kept)."""
+    quiet = [i for i, r in rounds.items() if not r.get("contended")]
+    if len(quiet) >= min(min_rounds, len(rounds)) and quiet:
+        return sorted(quiet), False
+    return sorted(rounds), any(r.get("contended") for r in rounds.values())
+
+
+def paired(a: dict[str, Any], b: dict[str, Any], metric: str, min_rounds: int = 3) -> dict[str, Any]:
+    """a / b for `metric` from two collapsed records, paired by round. One round: the ratio of
+    the two processes' medians with the bootstrap interval over their repetitions."""
+    ra, rb = _round_values(a, metric), _round_values(b, metric)
+    both = {i: {"contended": ra[i]["contended"] or rb[i]["contended"]} for i in ra.keys() & rb.keys()}
+    uneven = sum(1 for i in both if ra[i]["contended"] != rb[i]["contended"])
+    used, kept_contended = _quiet_rounds(both, min_rounds)
+    out = log_interval([ra[i]["value"] / rb[i]["value"] for i in used])
+    out.update(rounds=len(both), used_rounds=len(used), contended=kept_contended, uneven=uneven,
+               method="paired rounds (between processes)")
+    if out["n"] == 1:
+        from .analysis import ratio_interval
+
+        ci = ratio_interval(_reps(a, metric), _reps(b, metric))
+        out.update(ci95=ci, method="one round: bootstrap over repetitions inside one process (understates spread)")
+        if ci:
+            out["halfwidth"] = max(ci[1] / out["value"] - 1, 1 - ci[0] / out["value"])
+    return out
+
+
+def spread(record: dict[str, Any], metric: str, min_rounds: int = 3) -> dict[str, Any]:
+    """One point's `metric` over its rounds: geometric mean and 95 % interval."""
+    rv = _round_values(record, metric)
+    used, kept_contended = _quiet_rounds(rv, min_rounds)
+    return {**log_interval([rv[i]["value"] for i in used]), "rounds": len(rv), "contended": kept_contended}
+
+
+def _round_values(record: dict[str, Any], metric: str) -> dict[int, dict[str, Any]]:
+    return {r["round"]: {"value": r[metric], "contended": bool(r.get("contended"))}
+            for r in record.get("rounds") or () if r.get("status") == "ok" and r.get(metric)}
+
+
+def _reps(record: dict[str, Any], metric: str) -> list[float]:
+    return list((record.get("timings") or {}).get(f"{metric}_reps") or []) if record.get("status") == "ok" else []
+
+
+# ------------------------------------------------------------------ folding rounds
+def _median_tree(values: list[Any]) -> Any:
+    """The median of numbers; dicts folded key by key; anything else: the last value."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    if all(isinstance(v, bool) for v in present):
+        return any(present)
+    if all(isinstance(v, (int, float)) for v in present):
+        return statistics.median(present)
+    if all(isinstance(v, dict) for v in present):
+        keys = dict.fromkeys(k for v in present for k in v)
+        return {k: _median_tree([v.get(k) for v in present]) for k in keys}
+    return present[-1]
+
+
+def round_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """What a collapsed record keeps of one round."""
+    m, memory = record.get("metrics") or {}, record.get("memory") or {}
+    contention = (record.get("contention") or {}).get("timed") or {}
+    return {"round": record.get("round", 0), "status": record.get("status"), "error": record.get("error"),
+            "decode_tok_s": m.get("decode_tok_s"), "prefill_tok_s": m.get("prefill_tok_s"),
+            "rss_after_load_bytes": memory.get("rss_after_load_bytes"),
+            "contended": bool(contention.get("contended")), "others_cores": contention.get("others_cores"),
+            "steal_share": contention.get("steal_share"), "wall_s": record.get("wall_s"),
+            "started_at": record.get("started_at"), "resumed": bool(record.get("resumed"))}
+
+
+def collapse(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per point (first-seen order) from per-round records: metrics and memory are
+    medians over the point's ok rounds, `rounds` lists every round, `spread` gives each
+    speed's interval over rounds. Already-collapsed records pass through."""
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    out_order: list[Any] = []
+    for r in records:
+        if "rounds" in r:
+            out_order.append(r)
+            continue
+        key = r.get("key")
+        if key not in by_key:
+            by_key[key] = []
+            out_order.append(key)
+        by_key[key].append(r)
+    out = []
+    for item in out_order:
+        if isinstance(item, dict):
+            out.append(item)
+            continue
+        rs = sorted(by_key[item], key=lambda r: r.get("round", 0))
+        ok = [r for r in rs if r.get("status") == "ok"]
+        base = dict((ok or rs)[-1])
+        base.pop("round", None)
+        base["rounds"] = [round_summary(r) for r in rs]
+        base["resumed"] = all(r.get("resumed") for r in rs)
+        for extra in ONCE:  # measured in a point's first round only
+            found = next((r[extra] for r in rs if r.get(extra) is not None), None)
+            if found is not None:
+                base[extra] = found
+        if ok:
+            base["metrics"] = _median_tree([r.get("metrics") for r in ok])
+            base["memory"] = _median_tree([r.get("memory") for r in ok])
+            base["contended"] = any(r["contended"] for r in base["rounds"] if r["status"] == "ok")
+            errors = [f"round {r.get('round', 0) + 1}: {r.get('error')}" for r in rs if r.get("status") != "ok"]
+            if errors:
+                base["round_errors"] = errors
+            min_rounds = (base.get("protocol") or {}).get("min_rounds", 3)
+            base["spread"] = {m: spread(base, m, min_rounds) for m in METRICS if base["metrics"].get(m)}
+        out.append(base)
+    return out
+
+
+# ------------------------------------------------------------------ scheduling
+def workload(point: dict[str, Any]) -> tuple:
+    """What the sides of a comparison share (everything but the model)."""
+    p = dict(point)
+    for k in ("model", "role", "group", "timeout_s", "memory_limit_mb"):
+        p.pop(k, None)
+    return tuple(sorted((k, repr(v)) for k, v in p.items()))
+
+
+def comparisons(points: Sequence["Point"]) -> list[list["Point"]]:
+    """Points grouped by workload, in first-seen order."""
+    groups: dict[tuple, list["Point"]] = {}
+    for p in points:
+        groups.setdefault(workload(p.to_dict()), []).append(p)
+    return list(groups.values())
+
+
+def _pairs(cluster: Sequence["Point"]) -> list[tuple["Point", "Point"]]:
+    """The (MoE, other side) pairs whose verdicts the cluster yields."""
+    moes = [p for p in cluster if p.role == "moe"]
+    out = []
+    for moe in moes:
+        for p in cluster:
+            if (p.role in ("dense-active", "dense-total") and p.group == moe.group) or p.role == "baseline":
+                out.append((moe, p))
+    return out
+
+
+@attrs.define
+class _State:
+    """Per point key: its collapsed record so far (rebuilt after each round)."""
+
+    records: dict[str, list[dict[str, Any]]] = attrs.field(factory=dict)
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.records.setdefault(record["key"], []).append(record)
+
+    def folded(self, key: str) -> dict[str, Any] | None:
+        rs = self.records.get(key)
+        return collapse(rs)[0] if rs else None
+
+    def rounds(self, key: str) -> int:
+        return len(self.records.get(key, ()))
+
+    def first_failed(self, key: str) -> bool:
+        rs = sorted(self.records.get(key, ()), key=lambda r: r.get("round", 0))
+        return bool(rs) and rs[0].get("status") != "ok"
+
+
+def _needs_round(cluster: Sequence["Point"], state: _State, protocol: Protocol, limits: bool = True) -> set[str]:
+    """Keys of the cluster's points that another round would help (`limits`: and that
+    max-rounds still allows). With a target of 0 only min-rounds counts."""
+    def runnable(p: "Point") -> bool:
+        return not state.first_failed(p.key) and (not limits or state.rounds(p.key) < protocol.max_rounds)
+
+    if protocol.target <= 0:
+        return {p.key for p in cluster if runnable(p) and state.rounds(p.key) < protocol.min_rounds}
+
+    need: set[str] = set()
+    in_pair: set[str] = set()
+    for moe, other in _pairs(cluster):
+        in_pair |= {moe.key, other.key}
+        if not (runnable(moe) and runnable(other)):
+            continue
+        a, b = state.folded(moe.key), state.folded(other.key)
+        if a is None or b is None or a.get("status") != "ok" or b.get("status") != "ok":
+            if state.rounds(moe.key) < protocol.min_rounds or state.rounds(other.key) < protocol.min_rounds:
+                need |= {moe.key, other.key}
+            continue
+        stats = [paired(a, b, m, protocol.min_rounds) for m in METRICS if a["metrics"].get(m)]
+        if any(s["used_rounds"] < protocol.min_rounds or s["halfwidth"] > protocol.target for s in stats):
+            need |= {moe.key, other.key}
+    for p in cluster:
+        if p.key in in_pair or not runnable(p):
+            continue
+        rec = state.folded(p.key)
+        if rec is None or state.rounds(p.key) < protocol.min_rounds:
+            need.add(p.key)
+        elif rec.get("status") == "ok" and any(
+                s["n"] < protocol.min_rounds or s["halfwidth"] > protocol.target for s in rec["spread"].values()):
+            need.add(p.key)
+    return need
+
+
+def run_rounds(points: Sequence["Point"], executor: Any, protocol: Protocol, *,
+               previous: Iterable[dict[str, Any]] = (),
+               record: Callable[[dict[str, Any]], None] = lambda r: None,
+               on_start: Callable[[int, int, "Point"], None] | None = None,
+               before_round: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Run `points` in rounds until the protocol is satisfied; every new per-round record
+    goes to `record` as it finishes. `previous` records (a resumed file) count as done.
+    Returns {"records": every per-round record, "stopped": why rounds stopped}."""
+    state = _State()
+    for r in previous:
+        state.add({**r, "round": r.get("round", 0), "resumed": True})
+    clusters = comparisons(points)
+    rng = random.Random(protocol.seed)
+    next_round = 1 + max((r.get("round", 0) for rs in state.records.values() for r in rs), default=-1)
+    t0 = time.monotonic()
+    stopped = "every verdict met the target" if protocol.target > 0 else f"{protocol.min_rounds} rounds"
+    done_count = 0
+    while True:
+        plan = [(c, _needs_round(c, state, protocol)) for c in clusters]
+        plan = [(c, need) for c, need in plan if need]
+        if not plan:
+            break
+        rng.shuffle(plan)
+        ran = False
+        for cluster, need in plan:
+            todo = [p for p in cluster if p.key in need]
+            mandatory = any(state.rounds(p.key) < protocol.min_rounds for p in todo)
+            if not mandatory and protocol.budget_s is not None:
+                projected = sum(_last_wall(state, p.key) for p in todo)
+                if time.monotonic() - t0 + projected > protocol.budget_s:
+                    stopped = f"the time budget ({protocol.budget_s:g} s) ran out"
+                    continue
+            rng.shuffle(todo)
+            if before_round:
+                before_round()
+            for p in todo:
+                if on_start:
+                    on_start(done_count, next_round, p)
+                started = time.perf_counter()
+                first = state.rounds(p.key) == 0
+                result = executor.run(p if first else attrs.evolve(p, **{k: False for k in ONCE}))
+                result["wall_s"] = time.perf_counter() - started
+                result["key"], result["point"] = p.key, p.to_dict()
+                result["round"] = next_round
+                result["protocol"] = protocol.to_dict()
+                state.add(result)
+                record(result)
+                done_count += 1
+            ran = True
+        if not ran:
+            break
+        next_round += 1
+    if "budget" not in stopped and any(_needs_round(c, state, protocol, limits=False) for c in clusters):
+        stopped = f"max-rounds ({protocol.max_rounds}) reached"
+    return {"records": [r for rs in state.records.values() for r in rs], "stopped": stopped,
+            "elapsed_s": time.monotonic() - t0}
+
+
+def _last_wall(state: _State, key: str) -> float:
+    walls = [r.get("wall_s") for r in state.records.get(key, ()) if r.get("wall_s")]
+    return walls[-1] if walls else 0.0
