@@ -68,7 +68,8 @@ def verdicts(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                 row[key + "_n"] = st["n"] if st else 0
         row["rounds"] = min((st["n"] for st in stats), default=0)
         row["halfwidth"] = max((st["halfwidth"] for st in stats), default=None)
-        row["missed_target"] = bool(target) and row["halfwidth"] is not None and row["halfwidth"] > target
+        row["missed_target"] = bool(target) and row["halfwidth"] is not None and (
+            row["halfwidth"] > target or row["rounds"] < min_rounds)
         row["contended"] = any(st["contended"] for st in stats)
         row["uneven_rounds"] = max((st["uneven"] for st in stats), default=0)
         row["method"] = stats[0]["method"] if stats else None

@@ -113,14 +113,15 @@ def _protocol_options(parser: argparse.ArgumentParser | Any, budget_default: str
     """The measurement protocol's options (docs/concepts.md, 'The measurement protocol')."""
     g = parser.add_argument_group("protocol: rounds, precision target, busy machine")
     g.add_argument("--min-rounds", type=_positive_int, default=None, metavar="N",
-                   help="rounds every point runs, each in a fresh process (default: 3)")
+                   help="rounds every point runs, each in a fresh process, unless --budget runs out "
+                        "first (default: 3)")
     g.add_argument("--max-rounds", type=_positive_int, default=None, metavar="N",
                    help="rounds a comparison may reach while chasing the target (default: 12)")
     g.add_argument("--target", type=_percent, default=None, metavar="PCT",
                    help="add rounds until every verdict's 95 %% interval is within +-PCT %% "
                         "(default: 3; 0: run --min-rounds only)")
     g.add_argument("--budget", type=_seconds, default=None, metavar="S",
-                   help=f"seconds of rounds past --min-rounds may take, counted from the first round "
+                   help=f"seconds the rounds after the first may take, counted from the first round "
                         f"({budget_default}; 'inf': no limit)")
     g.add_argument("--if-busy", choices=("warn", "wait", "refuse"), default=None,
                    help="other processes using the CPU: warn and flag (default), wait for quiet (up to "
@@ -192,11 +193,11 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
                      help="prompt length for the timed prefill (default: 64)")
     run.add_argument("--new-tokens", type=_non_negative_int, default=32, metavar="N",
                      help="tokens decoded one at a time after the prefill (default: 32)")
-    run.add_argument("--repetitions", type=_positive_int, default=3, metavar="N",
+    run.add_argument("--repetitions", type=_positive_int, default=5, metavar="N",
                      help="timed repetitions of prefill + decode inside each round's process; a round's "
-                          "value is their median (default: 3)")
+                          "value is their median (default: 5)")
     run.add_argument("--warmup", type=_non_negative_int, default=1, metavar="N",
-                     help="untimed warm-up runs (default: 1)")
+                     help="untimed warm-up runs of the whole workload (default: 1)")
     run.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                      help="engine threads (default: the engine's choice)")
     run.add_argument("--device", default=None, metavar="DEV",
@@ -531,13 +532,14 @@ def _protocol(args: argparse.Namespace, **defaults: Any) -> Any:
     return Protocol(wait_s=args.wait_limit, **fields)
 
 
-def _busy_guard(protocol: Any, err: Any, quiet: bool) -> None:
-    """Look at the machine before measuring: warn, wait for quiet, or refuse (exit 2)."""
+def _busy_guard(protocol: Any, err: Any) -> dict[str, Any]:
+    """Look at the machine before measuring: warn, wait for quiet, or refuse (exit 2); the
+    last look is returned for the results' environment record."""
     from .contention import describe, look, wait_for_quiet
 
     sample = look()
     if not sample.get("contended"):
-        return
+        return sample
     what = describe(sample)
     if protocol.if_busy == "refuse":
         raise MoerunError(f"the machine is busy ({what}); not measuring (--if-busy refuse)")
@@ -545,13 +547,14 @@ def _busy_guard(protocol: Any, err: Any, quiet: bool) -> None:
         print(f"moerun: busy ({what}); waiting up to {protocol.wait_s:g} s for quiet", file=err, flush=True)
         ok, sample = wait_for_quiet(protocol.wait_s)
         if ok:
-            return
+            return sample
         print(f"moerun: warning: still busy after {protocol.wait_s:g} s ({describe(sample)}); measuring anyway, "
               f"contended points are flagged", file=err, flush=True)
-        return
+        return sample
     print(f"moerun: warning: the machine is busy ({what}); points measured under contention are flagged "
           f"('busy' column) and left out of verdicts while enough quiet rounds exist "
           f"(--if-busy wait to wait for quiet)", file=err, flush=True)
+    return sample
 
 
 def _execute(plugins: Any, points: Sequence[Any], args: argparse.Namespace, skipped: Sequence[Any],
@@ -570,8 +573,8 @@ def _execute(plugins: Any, points: Sequence[Any], args: argparse.Namespace, skip
     preflight(plugins, points)
     for name, reason in skipped:
         print(f"moerun: skipping backend {name}: {reason}", file=err)
-    _busy_guard(protocol, err, args.quiet)
-    env = capture(refresh_probe=args.reprobe)
+    before = _busy_guard(protocol, err)
+    env = {**capture(refresh_probe=args.reprobe), "contention_before": before}
     if not args.quiet:
         print(f"moerun: read bandwidth {env.get('bandwidth_bytes_s', 0) / 1e9:.1f} GB/s "
               f"({env.get('bandwidth_source', '')})", file=err)

@@ -13,7 +13,7 @@ import threading
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -100,7 +100,7 @@ def _read_kernels(cache_root: Any) -> dict[str, Callable[[np.ndarray], Any]]:
 
 
 def measure_read_bandwidth(nbytes: int = PROBE_BYTES, rounds: int = 7, threads: int | None = None,
-                           cache_root: Any = None) -> dict[str, Any]:
+                           cache_root: Any = None, kernels: Sequence[str] | None = None) -> dict[str, Any]:
     """Memory read bandwidth, the figure MBU divides by: the best over several kernels,
     `rounds` tries each, of a parallel read of `nbytes`, one slice per usable core. Each
     thread starts at a barrier; a round's time runs from the first start to the last end."""
@@ -111,6 +111,8 @@ def measure_read_bandwidth(nbytes: int = PROBE_BYTES, rounds: int = 7, threads: 
     parts = np.array_split(buf, threads)
     per_kernel: dict[str, float] = {}
     for name, kernel in _read_kernels(cache_root or default_cache_root()).items():
+        if kernels and name not in kernels:
+            continue
         best = 0.0
         for _ in range(rounds):
             barrier = threading.Barrier(threads)
@@ -136,12 +138,22 @@ def measure_read_bandwidth(nbytes: int = PROBE_BYTES, rounds: int = 7, threads: 
 
 
 PROBE_TTL_S = 12 * 3600
+QUICK_BYTES = 256 << 20
+
+
+def quick_probe(kernel: str, cache_root: Any = None) -> float:
+    """One kernel over 256 MiB, best of 3 (a fifth of a second): the machine's read bandwidth
+    now, to keep a cached figure a ceiling on a machine whose bandwidth moves."""
+    return measure_read_bandwidth(nbytes=QUICK_BYTES, rounds=3, cache_root=cache_root,
+                                  kernels=[kernel])["bandwidth_bytes_s"]
 
 
 def bandwidth_probe(cache_root: Any = None, *, refresh: bool = False, ttl_s: float = PROBE_TTL_S) -> dict[str, Any]:
     """The machine's read bandwidth, cached per machine (host, CPU, cores, memory) for
     `ttl_s`; a probe taken while other processes kept the CPU busy is used but not cached,
-    and a cached figure is replaced only by a higher one until it expires."""
+    and a cached figure is replaced only by a higher one until it expires. A cached figure
+    is checked with a quick probe (its best kernel, 256 MiB, 3 rounds, under a second): shared
+    machines' bandwidth moves, and the figure must stay a ceiling."""
     from .cache import default_cache_root
     from .contention import CpuWindow
 
@@ -154,20 +166,31 @@ def bandwidth_probe(cache_root: Any = None, *, refresh: bool = False, ttl_s: flo
     except (OSError, ValueError):
         pass
     fresh = cached and time.time() - cached.get("measured_at", 0) < ttl_s
-    if fresh and not refresh:
-        return {**cached, "cached": True}
     window = CpuWindow()
+    if fresh and not refresh:
+        quick = quick_probe(cached["kernel"], root)
+        if quick <= cached["bandwidth_bytes_s"] or window.close()["contended"]:
+            return {**cached, "cached": True}
+        probe = {**cached, "bandwidth_bytes_s": quick,  # the quick look saw more
+                 "per_kernel_bytes_s": {**cached["per_kernel_bytes_s"], cached["kernel"]: quick},
+                 "contention": {"contended": False}}
+        _write_json(path, probe)
+        return {**probe, "cached": False}
     probe = measure_read_bandwidth(cache_root=root)
     probe["contention"] = window.close()
     probe["measured_at"] = time.time()
     if fresh and cached["bandwidth_bytes_s"] > probe["bandwidth_bytes_s"]:
         return {**cached, "cached": True}  # a probe only ever raises the figure within its lifetime
     if not probe["contention"]["contended"]:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(probe))
-        os.replace(tmp, path)
+        _write_json(path, probe)
     return {**probe, "cached": False}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
 
 
 def measure_gemm_flops(n: int = 1024, rounds: int = 5) -> float:
@@ -210,6 +233,7 @@ def capture(measure_bandwidth: bool = True, refresh_probe: bool = False) -> dict
         probe = bandwidth_probe(refresh=refresh_probe)
         env["bandwidth_bytes_s"] = probe["bandwidth_bytes_s"]
         env["bandwidth_per_kernel_bytes_s"] = probe["per_kernel_bytes_s"]
+        env["bandwidth_kernel"] = probe["kernel"]
         env["bandwidth_source"] = (f"{'cached' if probe['cached'] else 'measured'} probe: {probe['method']}; "
                                    f"best kernel {probe['kernel']}")
         env["bandwidth_measured_at"] = probe["measured_at"]

@@ -10,8 +10,9 @@
   point is the median of its repetitions inside that process.
 - **A precision target.** After `min_rounds`, a comparison gets another round only while a
   verdict's relative half-width exceeds `target`, until `max_rounds` or the time `budget_s`
-  runs out (the budget counts from the first round and limits only rounds past
-  `min_rounds`); what missed the target is marked.
+  runs out. The budget counts from the first round and limits every round after it (a busy
+  machine can make even the minimum rounds take many times longer); a verdict with fewer
+  than `min_rounds` rounds, or wider than the target, is marked as having missed it.
 - **Contention.** Each point records what else used the CPU during its timed phase (see
   `moerun.contention`). A round in which any side was contended is left out of a verdict
   while at least `min_rounds` quiet rounds remain; otherwise the verdict keeps them and says
@@ -245,7 +246,7 @@ def _pairs(cluster: Sequence["Point"]) -> list[tuple["Point", "Point"]]:
 
 @attrs.define
 class _State:
-    """Per point key: its collapsed record so far (rebuilt after each round)."""
+    """Per point key: its per-round records so far (folded on demand)."""
 
     records: dict[str, list[dict[str, Any]]] = attrs.field(factory=dict)
 
@@ -325,8 +326,8 @@ def run_rounds(points: Sequence["Point"], executor: Any, protocol: Protocol, *,
         ran = False
         for cluster, need in plan:
             todo = [p for p in cluster if p.key in need]
-            mandatory = any(state.rounds(p.key) < protocol.min_rounds for p in todo)
-            if not mandatory and protocol.budget_s is not None:
+            first = any(state.rounds(p.key) == 0 for p in todo)
+            if not first and protocol.budget_s is not None:
                 projected = sum(_last_wall(state, p.key) for p in todo)
                 if time.monotonic() - t0 + projected > protocol.budget_s:
                     stopped = f"the time budget ({protocol.budget_s:g} s) ran out"

@@ -58,7 +58,7 @@ class Point:
     precision: str | None = None  # None: the backend's default
     prompt_tokens: int = attrs.field(default=64, validator=_positive)
     new_tokens: int = attrs.field(default=32, validator=_non_negative)
-    repetitions: int = attrs.field(default=3, validator=_positive)
+    repetitions: int = attrs.field(default=5, validator=_positive)
     warmup: int = attrs.field(default=1, validator=_non_negative)
     seed: int = 0
     threads: int | None = None
@@ -256,7 +256,8 @@ def measure(point: Point, plugins: "MoerunPlugins", cache: Cache | None = None,
         result["trackers"] = _stop_trackers(trackers)
         result["timings"] = timings
         counts = session.expert_counts()
-        result["metrics"] = derive_metrics(spec, _nominal(precision), point, timings, result["env"], session)
+        result["metrics"] = derive_metrics(spec, _nominal(precision), point, timings,
+                                           _bandwidth_now(result, cache), session)
         if counts is not None:
             result["metrics"]["expert_counts"] = np.asarray(counts).tolist()
             result["metrics"].update(routing_stats(np.asarray(counts)))
@@ -333,7 +334,7 @@ def _time_workload(session: Any, prompt: list[int], follow: list[int], reps: int
         session.synchronize()
         t = clock()
         session.prefill(prompt)
-        for tok in follow[: min(4, len(follow))]:
+        for tok in follow:  # the whole workload: the first timed repetition must not be the one that warms
             session.decode(tok)
         session.synchronize()
         warm_ns.append(clock() - t)
@@ -442,6 +443,22 @@ def _breakdown(session: Any, prompt: list[int], follow: list[int], timings: dict
     return out
 
 
+def _bandwidth_now(result: dict[str, Any], cache: Cache) -> dict[str, Any]:
+    """The environment MBU divides by: the study's probe, raised to the machine's read bandwidth
+    measured right after this point's timed phase when that is higher (a shared machine's
+    bandwidth moves over minutes; the ceiling must hold for this point). Recorded as
+    `bandwidth_after_timed`; a fixed figure (MOERUN_BANDWIDTH_GBPS) is left alone."""
+    env = result["env"]
+    kernel = env.get("bandwidth_kernel")
+    if not env.get("bandwidth_bytes_s") or not kernel:
+        return env
+    from .environment import quick_probe
+
+    now = quick_probe(kernel, cache.root)
+    result["bandwidth_after_timed"] = {"bytes_s": now, "kernel": kernel}
+    return {**env, "bandwidth_bytes_s": max(env["bandwidth_bytes_s"], now)}
+
+
 def derive_metrics(spec: ModelSpec, precision: str, point: Point, timings: dict[str, Any],
                    env: dict[str, Any], session: Any) -> dict[str, Any]:
     """Bandwidth and MBU: bytes actually read per decoded token x tokens/s."""
@@ -470,6 +487,7 @@ def derive_metrics(spec: ModelSpec, precision: str, point: Point, timings: dict[
         # S-MBU (MoE-CAP): bytes the token actually reads (active experts); 'mbu_dense' counts
         # every weight as a dense model would, which overstates an MoE's bandwidth use
         m["mbu"] = bytes_per_token * tok_s / bw
+        m["mbu_reference_bytes_s"] = bw
         if m["mbu"] > 1.0:  # the probe is no ceiling for this engine: say so, never print MBU > 100 %
             m["mbu_exceeds_probe"] = True
         dense_bytes = spec.total_params * get_precision(precision).bits_per_weight / 8 + kv

@@ -133,10 +133,17 @@ class LocalExecutor:
     isolate: bool = True
 
     def run(self, point: Point) -> dict[str, Any]:
+        """The point's result, with what else used the CPU over its whole life (load included)
+        as `contention.point`, beside the child's own view of its timed phase."""
+        from .contention import CpuWindow
+
+        window = CpuWindow(include_children=True)
         if self.isolate:
-            return run_isolated(point, cache=self.cache, env=self.env)
-        result = measure(point, self.plugins, self.cache, self.env)
-        result["isolated"] = False
+            result = run_isolated(point, cache=self.cache, env=self.env)
+        else:
+            result = measure(point, self.plugins, self.cache, self.env)
+            result["isolated"] = False
+        result.setdefault("contention", {})["point"] = window.close()
         return result
 
 

@@ -26,7 +26,7 @@ class StudySpec:
     prompt_tokens: list[int] = attrs.field(factory=lambda: [64])
     new_tokens: list[int] = attrs.field(factory=lambda: [32])
     threads: list[int] = attrs.field(factory=list)  # empty: the engine's choice
-    repetitions: int = 3
+    repetitions: int = 5
     warmup: int = 1
     seed: int = 0
     checkpoint_dtype: str = "float32"
@@ -38,7 +38,7 @@ class StudySpec:
     min_rounds: int = 3
     max_rounds: int = 12
     target: float = 0.03  # relative 95 % half-width of every verdict; 0: min_rounds only
-    budget_s: float | None = 600.0  # seconds of rounds past min_rounds
+    budget_s: float | None = 600.0  # seconds the rounds after the first may take
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -186,7 +186,8 @@ def table(results: list[dict[str, Any]], stream: TextIO) -> None:
     env = next((r.get("env") for r in results if r.get("env")), None)
     if env and env.get("bandwidth_bytes_s"):
         console.print(f"machine: {env.get('cpu_model')}, {env.get('cores')} cores, read bandwidth "
-                      f"{env['bandwidth_bytes_s'] / 1e9:.1f} GB/s (MBU = achieved / this; "
+                      f"{env['bandwidth_bytes_s'] / 1e9:.1f} GB/s (MBU = achieved / the larger of this and a quick "
+                      f"probe right after each point; "
                       f"{escape(str(env.get('bandwidth_source', '')))})", highlight=False)
 
 

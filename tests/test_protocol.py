@@ -90,10 +90,15 @@ def test_noisy_comparison_stops_at_max_rounds_and_is_marked():
     assert v["rounds"] == 5 and v["missed_target"] and v["halfwidth"] > 0.03
 
 
-def test_budget_limits_rounds_past_the_minimum_only():
+def test_budget_limits_every_round_after_the_first():
     ex = Scripted(noise=0.3)
     run = run_rounds(_points(), ex, Protocol(min_rounds=2, max_rounds=10, target=0.01, budget_s=0))
-    assert len(ex.calls) == 6 and "budget" in run["stopped"]
+    assert len(ex.calls) == 3 and "budget" in run["stopped"]
+    (v,) = verdicts(collapse(run["records"]))
+    assert v["rounds"] == 1 and v["missed_target"]  # fewer rounds than the minimum: marked
+    ex = Scripted(noise=0.3)
+    run = run_rounds(_points(), ex, Protocol(min_rounds=2, max_rounds=2, target=0.01, budget_s=60))
+    assert len(ex.calls) == 6
     ex = Scripted(noise=0.3)
     run_rounds(_points(), ex, Protocol(min_rounds=4, target=0.0))
     assert len(ex.calls) == 12  # target 0: exactly min-rounds
