@@ -72,6 +72,8 @@ def verdicts(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             row["halfwidth"] > target or row["rounds"] < min_rounds)
         row["contended"] = any(st["contended"] for st in stats)
         row["uneven_rounds"] = max((st["uneven"] for st in stats), default=0)
+        row["bandwidth_range"] = max((st["bandwidth_range"] for st in stats if st.get("bandwidth_range")),
+                                     default=None)
         row["method"] = stats[0]["method"] if stats else None
         # Bandwidth-bound ideal: the dense model reads this many times more weight bytes.
         total = roles.get("dense-total")

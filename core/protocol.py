@@ -17,6 +17,8 @@
   `moerun.contention`). A round in which any side was contended is left out of a verdict
   while at least `min_rounds` quiet rounds remain; otherwise the verdict keeps them and says
   so (`contended`), and `uneven` counts rounds whose sides saw different conditions.
+  `bandwidth_range` (max / min of the read bandwidth probed right after each side's timed
+  phase over the rounds used) says how far the machine itself moved meanwhile.
 
 `run_rounds` drives an executor; `collapse` folds the per-round records of a results file
 into one record per point; `paired` and `spread` are the statistics.
@@ -118,7 +120,7 @@ def paired(a: dict[str, Any], b: dict[str, Any], metric: str, min_rounds: int = 
     used, kept_contended = _quiet_rounds(both, min_rounds)
     out = log_interval([ra[i]["value"] / rb[i]["value"] for i in used])
     out.update(rounds=len(both), used_rounds=len(used), contended=kept_contended, uneven=uneven,
-               method="paired rounds (between processes)")
+               bandwidth_range=_bandwidth_range(ra, rb, rounds=used), method="paired rounds (between processes)")
     if out["n"] == 1:
         from .analysis import ratio_interval
 
@@ -137,8 +139,16 @@ def spread(record: dict[str, Any], metric: str, min_rounds: int = 3) -> dict[str
 
 
 def _round_values(record: dict[str, Any], metric: str) -> dict[int, dict[str, Any]]:
-    return {r["round"]: {"value": r[metric], "contended": bool(r.get("contended"))}
+    return {r["round"]: {"value": r[metric], "contended": bool(r.get("contended")),
+                         "bandwidth": r.get("bandwidth_bytes_s")}
             for r in record.get("rounds") or () if r.get("status") == "ok" and r.get(metric)}
+
+
+def _bandwidth_range(*sides: dict[int, dict[str, Any]], rounds: Iterable[int]) -> float | None:
+    """max / min of the read bandwidth measured right after each side's timed phase over
+    `rounds`: how far the machine itself moved while the verdict was measured."""
+    seen = [side[i]["bandwidth"] for side in sides for i in rounds if side[i].get("bandwidth")]
+    return max(seen) / min(seen) if len(seen) > 1 else None
 
 
 def _reps(record: dict[str, Any], metric: str) -> list[float]:
@@ -168,6 +178,7 @@ def round_summary(record: dict[str, Any]) -> dict[str, Any]:
     return {"round": record.get("round", 0), "status": record.get("status"), "error": record.get("error"),
             "decode_tok_s": m.get("decode_tok_s"), "prefill_tok_s": m.get("prefill_tok_s"),
             "rss_after_load_bytes": memory.get("rss_after_load_bytes"),
+            "bandwidth_bytes_s": (record.get("bandwidth_after_timed") or {}).get("bytes_s"),
             "contended": bool(contention.get("contended")), "others_cores": contention.get("others_cores"),
             "steal_share": contention.get("steal_share"), "wall_s": record.get("wall_s"),
             "started_at": record.get("started_at"), "resumed": bool(record.get("resumed"))}

@@ -84,6 +84,9 @@ def _ratio(row: dict[str, Any], key: str) -> str:
     return f"{value:.2f}x" + (f" [{ci[0]:.2f}-{ci[1]:.2f}]" if ci else "")
 
 
+BANDWIDTH_MOVED = 1.5  # max / min read bandwidth over a verdict's rounds that the flags mention
+
+
 def _precision_cell(row: dict[str, Any]) -> str:
     """The verdict's achieved half-width, marked when it missed the target."""
     hw = row.get("halfwidth")
@@ -99,8 +102,10 @@ def _flags(row: dict[str, Any]) -> str:
         flags.append("contended")
     if row.get("uneven_rounds"):
         flags.append(f"uneven x{row['uneven_rounds']}")
-    if row.get("method", "").startswith("one round"):
+    if (row.get("method") or "").startswith("one round"):
         flags.append("one round")
+    if (row.get("bandwidth_range") or 1.0) >= BANDWIDTH_MOVED:
+        flags.append(f"bandwidth moved x{row['bandwidth_range']:.2f}")
     return ", ".join(flags)
 
 

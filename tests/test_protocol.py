@@ -28,10 +28,10 @@ class Scripted:
 
     SPEED = {"moe": 100.0, "dense-active": 125.0, "dense-total": 40.0}
 
-    def __init__(self, noise=0.02, drift=0.2, seed=1, busy=(), fail=()):
+    def __init__(self, noise=0.02, drift=0.2, seed=1, busy=(), fail=(), fast=()):
         self.rng, self.noise, self.drift = random.Random(seed), noise, drift
         self.calls: list[Point] = []
-        self.busy, self.fail = set(busy), set(fail)
+        self.busy, self.fail, self.fast = set(busy), set(fail), set(fast)
         self.round_factor, self.this_round = 1.0, set()
 
     def run(self, point):
@@ -51,6 +51,7 @@ class Scripted:
         r.update(status="ok", metrics={"decode_tok_s": v, "prefill_tok_s": 10 * v},
                  memory={"rss_after_load_bytes": 1000 + i}, timings={},
                  contention={"timed": {"contended": i in self.busy, "others_cores": 1.0 if i in self.busy else 0.0}})
+        r["bandwidth_after_timed"] = {"bytes_s": 80e9 if i in self.fast else 40e9, "kernel": "numpy-sum"}
         if point.breakdown:
             r["breakdown"] = {"available": True}
         return r
@@ -182,3 +183,19 @@ def test_protocol_options_are_checked():
         Protocol(min_rounds=5, max_rounds=3)
     with pytest.raises(ConfigError, match="if-busy"):
         Protocol(if_busy="sometimes")
+
+
+def test_a_machine_whose_bandwidth_moved_is_flagged():
+    import io
+
+    from moerun.plugins.reporters import table
+
+    steady = run_rounds(_points(), Scripted(), Protocol(min_rounds=3, target=0.0))
+    (v,) = verdicts(collapse(steady["records"]))
+    assert v["bandwidth_range"] == pytest.approx(1.0)
+    moved = run_rounds(_points(), Scripted(fast={4}), Protocol(min_rounds=3, target=0.0))
+    (v,) = verdicts(collapse(moved["records"]))
+    assert v["bandwidth_range"] == pytest.approx(2.0)
+    out = io.StringIO()
+    table(moved["records"], out)
+    assert "bandwidth moved x2.00" in out.getvalue()
