@@ -108,8 +108,9 @@ def moerun_measurement_start(point: dict[str, Any]) -> None:
 def moerun_measurement_finish(point: dict[str, Any], result: dict[str, Any]) -> None:
     """A measurement finished (successfully or not).
 
-    Called in the parent process once the point's result is final and before it is
-    appended to the results file. Implementations may add keys under
+    Called in the parent process once per round of a point (``result["round"]`` numbers it),
+    when that round's result is final and before it is appended to the results file.
+    Implementations may add keys under
     ``result["extra"]``; other keys must not be changed.
 
     :param point: the measurement point as a dict; read-only.
