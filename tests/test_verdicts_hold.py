@@ -177,6 +177,25 @@ def test_busy_machine_is_refused_or_flagged(tmp_path):
     assert all(r["contended"] for r in doc["results"]) and doc["verdicts"][0]["contended"]
 
 
+def test_if_busy_wait_waits_for_the_burner_to_stop(tmp_path):
+    burner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 4: pass"])
+    try:
+        time.sleep(0.5)
+        out_file = tmp_path / "wait.jsonl"
+        t0 = time.perf_counter()
+        out = run_cli("-b", "llamacpp", "-m", "tiny-moe", "--no-twins", "--prompt-tokens", "8", "--new-tokens", "4",
+                      "--repetitions", "1", "--if-busy", "wait", "--wait-limit", "60", "-o", str(out_file), *ONE_ROUND)
+        took = time.perf_counter() - t0
+    finally:
+        burner.kill()
+        burner.wait()
+    assert out.returncode == 0, out.stderr
+    assert "waiting up to 60 s for quiet" in out.stderr and "still busy" not in out.stderr
+    assert took > 2.5  # it waited for the burner to end
+    (r,) = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert not r["env"]["contention_before"]["contended"]  # the look that let it start was quiet
+
+
 def test_rounds_through_the_cli_pair_sides_and_resume(tmp_path):
     out_file = tmp_path / "rounds.jsonl"
     args = ["-b", "llamacpp", "-m", "tiny-moe", "--prompt-tokens", "8", "--new-tokens", "4", "--repetitions", "2",
