@@ -23,7 +23,7 @@ COLUMNS = [
     ("±", lambda r: _spread(r, "decode_tok_s"), "{:.1%}"),
     ("decode p90 ms", lambda r: r.get("timings", {}).get("decode_token_ms", {}).get("p90"), "{:.2f}"),
     ("GB/s", lambda r: _gb(_m(r, "achieved_bandwidth_bytes_s")), "{:.1f}"),
-    ("MBU", lambda r: "exceeds probe" if _m(r, "mbu_exceeds_probe") else _m(r, "mbu"), "{:.0%}"),
+    ("MBU", lambda r: "exceeds probe" if (_m(r, "mbu") or 0) > 1 else _m(r, "mbu"), "{:.0%}"),
     ("RSS loaded MiB", lambda r: _mib((r.get("memory") or {}).get("rss_after_load_bytes")), "{:,.0f}"),
     ("peak MiB", lambda r: _mib((r.get("memory") or {}).get("peak_rss_bytes")), "{:,.0f}"),
     ("busy", lambda r: _busy(r), "{}"),
