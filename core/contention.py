@@ -171,7 +171,7 @@ def describe(sample: dict[str, Any]) -> str:
     return text
 
 
-def wait_for_quiet(limit_s: float, *, on_wait: Any = None) -> tuple[bool, dict[str, Any]]:
+def wait_for_quiet(limit_s: float) -> tuple[bool, dict[str, Any]]:
     """Look until two looks in a row are quiet or `limit_s` passes; (quiet?, last look)."""
     deadline = time.monotonic() + limit_s
     quiet_in_a_row = 0
@@ -182,6 +182,4 @@ def wait_for_quiet(limit_s: float, *, on_wait: Any = None) -> tuple[bool, dict[s
             return True, sample
         if time.monotonic() >= deadline:
             return False, sample
-        if on_wait and sample["contended"]:
-            on_wait(sample)
         sample = look(1.0)

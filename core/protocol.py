@@ -337,8 +337,8 @@ def run_rounds(points: Sequence["Point"], executor: Any, protocol: Protocol, *,
         ran = False
         for cluster, need in plan:
             todo = [p for p in cluster if p.key in need]
-            first = any(state.rounds(p.key) == 0 for p in todo)
-            if not first and protocol.budget_s is not None:
+            opening = any(state.rounds(p.key) == 0 for p in todo)  # round 1 always runs in full
+            if not opening and protocol.budget_s is not None:
                 projected = sum(_last_wall(state, p.key) for p in todo)
                 if time.monotonic() - t0 + projected > protocol.budget_s:
                     stopped = f"the time budget ({protocol.budget_s:g} s) ran out"
@@ -350,8 +350,8 @@ def run_rounds(points: Sequence["Point"], executor: Any, protocol: Protocol, *,
                 if on_start:
                     on_start(done_count, next_round, p)
                 started = time.perf_counter()
-                first = state.rounds(p.key) == 0
-                result = executor.run(p if first else attrs.evolve(p, **{k: False for k in ONCE}))
+                point_first = state.rounds(p.key) == 0
+                result = executor.run(p if point_first else attrs.evolve(p, **{k: False for k in ONCE}))
                 result["wall_s"] = time.perf_counter() - started
                 result["key"], result["point"] = p.key, p.to_dict()
                 result["round"] = next_round

@@ -13,7 +13,8 @@ import attrs
 from .cache import Cache
 from .errors import BackendUnavailableError, ConfigError
 from .precision import get_precision
-from .protocol import Protocol, collapse, run_rounds
+from .protocol import Protocol as MeasurementProtocol
+from .protocol import collapse, run_rounds
 from .results import FINISHED, append_result, read_results
 from .runner import Point, base_result, measure, run_isolated
 
@@ -164,7 +165,7 @@ def run_study(
     *,
     output: Path,
     executor: Executor,
-    protocol: Protocol | None = None,
+    protocol: MeasurementProtocol | None = None,
     on_start: Callable[[int, int, Point], None] | None = None,
     on_result: Callable[[dict[str, Any]], None] | None = None,
     before_round: Callable[[], None] | None = None,
@@ -174,7 +175,7 @@ def run_study(
     rounds the protocol still asks for run. Without a protocol: one round of each point."""
     if len({p.key for p in points}) != len(points):
         raise ConfigError("the study lists the same measurement twice")
-    protocol = protocol or Protocol(min_rounds=1, max_rounds=1, target=0.0)
+    protocol = protocol or MeasurementProtocol(min_rounds=1, max_rounds=1, target=0.0)
     keys = {p.key for p in points}
     previous = [r for r in read_results(output) if r.get("key") in keys and r.get("status") in FINISHED]
 

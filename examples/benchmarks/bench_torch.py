@@ -42,9 +42,9 @@ def main() -> int:
     cache = Cache()
     env = capture()
     bw = env["bandwidth_bytes_s"]
-    print(f"machine: {env['cpu_model']}, {env['cores']} cores; measured read bandwidth "
-          f"{bw / 1e9:.1f} GB/s (best of {len(env.get('bandwidth_samples_bytes_s', []))}: "
-          f"{', '.join(f'{s / 1e9:.1f}' for s in env.get('bandwidth_samples_bytes_s', []))})")
+    kernels = env.get("bandwidth_per_kernel_bytes_s", {})
+    print(f"machine: {env['cpu_model']}, {env['cores']} cores; read bandwidth {bw / 1e9:.1f} GB/s "
+          f"(best kernel of {', '.join(f'{k} {v / 1e9:.1f}' for k, v in kernels.items()) or 'a fixed figure'})")
     rows = []
 
     def run(spec, precision):
