@@ -16,7 +16,8 @@ def verdicts(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
     def workload(r: dict[str, Any]) -> tuple:
         p = r.get("point") or {}
-        return (r.get("backend"), r.get("precision"), p.get("prompt_tokens"), p.get("new_tokens"), p.get("threads"))
+        return (hardware(r), r.get("backend"), r.get("precision"), p.get("prompt_tokens"), p.get("new_tokens"),
+                p.get("threads"))
 
     results = collapse(results)
     by_key: dict[tuple, dict[str, dict[str, Any]]] = {}
@@ -27,14 +28,14 @@ def verdicts(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         elif r.get("role") == "baseline" and r.get("status") == "ok":
             baselines.setdefault(workload(r), []).append(r)
     rows = []
-    for (group, backend, precision, prompt, new, threads), roles in by_key.items():
+    for (group, label, backend, precision, prompt, new, threads), roles in by_key.items():
         moe = roles.get("moe")
-        named = baselines.get((backend, precision, prompt, new, threads), [])
+        named = baselines.get((label, backend, precision, prompt, new, threads), [])
         if moe is None or (len(roles) < 2 and not named):
             continue
         protocol = moe.get("protocol") or {}
         target, min_rounds = protocol.get("target"), protocol.get("min_rounds", 3)
-        row: dict[str, Any] = {"group": group, "backend": backend, "precision": precision,
+        row: dict[str, Any] = {"group": group, "hardware": label, "backend": backend, "precision": precision,
                                "prompt_tokens": prompt, "new_tokens": new, "threads": threads, "target": target}
         stats: list[dict[str, Any]] = []
 
@@ -98,15 +99,15 @@ def maturity(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     cells: dict[tuple, list[dict[str, Any]]] = {}
     for r in collapse(results):
         kind = "MoE" if (r.get("model") or {}).get("is_moe") or r.get("role") == "moe" else "dense"
-        cells.setdefault((r.get("backend"), kind, r.get("precision")), []).append(r)
+        cells.setdefault((hardware(r), r.get("backend"), kind, r.get("precision")), []).append(r)
     rows = []
-    for (backend, kind, precision), rs in sorted(cells.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+    for (label, backend, kind, precision), rs in sorted(cells.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
         statuses = [r.get("status") for r in rs]
         parity = [r["parity"] for r in rs if (r.get("parity") or {}).get("available")]
         decode = [r["metrics"]["decode_tok_s"] for r in rs if r.get("status") == "ok"
                   and (r.get("metrics") or {}).get("decode_tok_s")]
         rows.append({
-            "backend": backend, "kind": kind, "precision": precision, "points": len(rs),
+            "hardware": label, "backend": backend, "kind": kind, "precision": precision, "points": len(rs),
             "ok": statuses.count("ok"), "unsupported": statuses.count("unsupported"),
             "failed": statuses.count("failed") + statuses.count("unavailable"),
             "verdict": "runs" if statuses.count("ok") == len(rs) else
@@ -135,6 +136,11 @@ def ratio_interval(a: list[float], b: list[float], *, level: float = 0.95, resam
     rb = np.median(xb[rng.integers(0, len(xb), (resamples, len(xb)))], axis=1)
     lo, hi = np.percentile(ra / rb, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
     return [float(lo), float(hi)]
+
+
+def hardware(r: dict[str, Any]) -> str | None:
+    """A result's fleet label (`--hardware`), None for a point measured without one."""
+    return r.get("hardware") or (r.get("point") or {}).get("hardware")
 
 
 def machine_label(env: dict[str, Any]) -> str:

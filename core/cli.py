@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from datetime import datetime
@@ -109,27 +110,44 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _protocol_options(parser: argparse.ArgumentParser | Any, budget_default: str) -> None:
-    """The measurement protocol's options (docs/concepts.md, 'The measurement protocol')."""
+def _protocol_options(parser: argparse.ArgumentParser | Any, budget_default: str, sub: bool = False) -> None:
+    """The measurement protocol's options (docs/concepts.md, 'The measurement protocol'). On a
+    subcommand (`sub`) an option not given leaves the main parser's value alone, so it may be
+    given before or after the subcommand's name."""
+    d = (lambda value: argparse.SUPPRESS) if sub else (lambda value: value)
     g = parser.add_argument_group("protocol: rounds, precision target, busy machine")
-    g.add_argument("--min-rounds", type=_positive_int, default=None, metavar="N",
+    g.add_argument("--min-rounds", type=_positive_int, default=d(None), metavar="N",
                    help="rounds every point runs, each in a fresh process, unless --budget runs out "
                         "first (default: 3)")
-    g.add_argument("--max-rounds", type=_positive_int, default=None, metavar="N",
+    g.add_argument("--max-rounds", type=_positive_int, default=d(None), metavar="N",
                    help="rounds a comparison may reach while chasing the target (default: 12)")
-    g.add_argument("--target", type=_percent, default=None, metavar="PCT",
+    g.add_argument("--target", type=_percent, default=d(None), metavar="PCT",
                    help="add rounds until every verdict's 95 %% interval is within +-PCT %% "
                         "(default: 3; 0: run --min-rounds only)")
-    g.add_argument("--budget", type=_seconds, default=None, metavar="S",
+    g.add_argument("--budget", type=_seconds, default=d(None), metavar="S",
                    help=f"seconds the rounds after the first may take, counted from the first round "
                         f"({budget_default}; 'inf': no limit)")
-    g.add_argument("--if-busy", choices=("warn", "wait", "refuse"), default=None,
+    g.add_argument("--if-busy", choices=("warn", "wait", "refuse"), default=d(None),
                    help="other processes using the CPU: warn and flag (default), wait for quiet (up to "
                         "--wait-limit, before the study and after any contended point) or refuse to measure")
-    g.add_argument("--wait-limit", type=_seconds, default=120.0, metavar="S",
+    g.add_argument("--wait-limit", type=_seconds, default=d(120.0), metavar="S",
                    help="longest wait for a quiet machine with --if-busy wait (default: 120)")
-    g.add_argument("--reprobe", action="store_true",
+    g.add_argument("--reprobe", action="store_true", default=d(False),
                    help="measure the memory bandwidth again instead of using this machine's cached probe")
+
+
+def _fleet_options(parser: argparse.ArgumentParser | Any, sub: bool = False) -> None:
+    """Where points run (docs/fleet.md); `sub` as for `_protocol_options`."""
+    d = (lambda value: argparse.SUPPRESS) if sub else (lambda value: value)
+    g = parser.add_argument_group("fleet: measure on other machines (Ray)")
+    g.add_argument("--executor", choices=("local", "ray"), default=d("local"),
+                   help="local: this machine (default); ray: the nodes of a Ray cluster, placed by --hardware "
+                        "label, one point at a time per node, labels in parallel (pip install 'moerun[ray]')")
+    g.add_argument("--ray-address", metavar="ADDR", default=d(None),
+                   help="the Ray cluster to join (default: $RAY_ADDRESS, else the one 'ray start' left here)")
+    g.add_argument("--hardware", action="append", default=d(None), metavar="LABEL",
+                   help="run the grid on the nodes with this label (Ray resource moerun-hw:LABEL); repeatable or "
+                        "comma-separated; 'all': every label on the cluster (overrides a study file's hardware)")
 
 
 def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
@@ -161,7 +179,8 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
     st.add_argument("--no-isolate", action="store_true", help="run points in this process")
     st.add_argument("--memory-limit", type=_positive_int, default=None, metavar="MB", help="per-point memory cap")
     st.add_argument("-q", "--quiet", action="store_true", help="no progress display")
-    _protocol_options(st, "default: the study file's budget_s, else 600")
+    _protocol_options(st, "default: the study file's budget_s, else 600", sub=True)
+    _fleet_options(st, sub=True)
     pre = _subcommand(sub, "predict", "roofline prediction of a model on a device (published specs)",
                          description="predict decode and prefill tokens/s of a model (and its dense twins) on a "
                                      "device from its published bandwidth, compute and memory, scaled by the "
@@ -233,6 +252,7 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
                      help="run points in this process (no crash isolation or timeout)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     _protocol_options(parser, "default: 150")
+    _fleet_options(parser)
     if plugins is not None:
         plugins.hook.moerun_add_cli_options(parser=parser)
     return parser
@@ -393,7 +413,7 @@ def cmd_predict(plugins: Any, args: argparse.Namespace) -> int:
 def cmd_compare(plugins: Any, args: argparse.Namespace) -> int:
     import csv
 
-    from .analysis import machine_label, verdicts
+    from .analysis import hardware, machine_label, verdicts
     from .protocol import collapse
     from .results import read_results
 
@@ -403,12 +423,15 @@ def cmd_compare(plugins: Any, args: argparse.Namespace) -> int:
             raise ConfigError(f"no results file {path}")
         results = collapse(read_results(path))
         by_machine: dict[str, list] = {}
-        for r in results:
-            by_machine.setdefault(machine_label(r.get("env") or {}), []).append(r)
+        for r in results:  # a fleet's merged file: keyed by hardware label, the node's machine beside it
+            label = hardware(r)
+            machine = machine_label(r.get("env") or {})
+            by_machine.setdefault(f"{label}: {machine}" if label else machine, []).append(r)
         for machine, rs in by_machine.items():
             for r in rs:
                 m = r.get("metrics") or {}
-                rows.append({"machine": machine, "file": str(path), "model": r.get("model_name"),
+                rows.append({"machine": machine, "hardware": hardware(r), "node": (r.get("node") or {}).get("hostname"),
+                             "file": str(path), "model": r.get("model_name"),
                              "role": r.get("role"), "backend": r.get("backend"), "precision": r.get("precision"),
                              "status": r.get("status"), "decode_tok_s": m.get("decode_tok_s"),
                              "prefill_tok_s": m.get("prefill_tok_s"), "mbu": m.get("mbu")})
@@ -471,12 +494,14 @@ def cmd_report(plugins: Any, args: argparse.Namespace) -> int:
 def cmd_run(plugins: Any, args: argparse.Namespace) -> int:
     from .study import build_points, select_backends
 
-    backends, skipped = select_backends(plugins, _csv_list(args.backend))
+    fleet = args.executor == "ray"
+    backends, skipped = select_backends(plugins, _csv_list(args.backend), here=not fleet)
     if not backends:
         raise ConfigError("no backend is available here; see 'moerun backends'")
+    hardware = _hardware_labels(args, [])
     models = _csv_list(args.model) or [DEFAULT_MODEL]
     for m in models:  # fail on a typo before anything runs
-        if not Path(m).exists():
+        if not Path(m).exists() and not (fleet and os.sep in m):
             plugins.models.resolve(m)
     precisions: list[str | None] = _csv_list(args.precision) or [None]
     points = build_points(
@@ -485,7 +510,7 @@ def cmd_run(plugins: Any, args: argparse.Namespace) -> int:
         warmup=args.warmup, threads=args.threads, device=args.device, seed=args.seed, router_skew=args.router_skew,
         checkpoint_dtype=args.checkpoint_dtype, breakdown=args.breakdown, parity=args.parity,
         compile=args.compile, timeout_s=args.timeout, options=_options(args.option),
-        memory_limit_mb=args.memory_limit,
+        memory_limit_mb=args.memory_limit, hardware=hardware,
     )
     return _execute(plugins, points, args, skipped, _protocol(args, budget_s=150.0))
 
@@ -501,11 +526,13 @@ def cmd_study(plugins: Any, args: argparse.Namespace) -> int:
             print(f"{name:26s} {d['description']}")
         return 0
     study = load_study(args.file, args.preset)
-    backends, skipped = select_backends(plugins, _csv_list(args.backend) or study.backends)
+    fleet = args.executor == "ray"
+    backends, skipped = select_backends(plugins, _csv_list(args.backend) or study.backends, here=not fleet)
     if not backends:
         raise ConfigError("no backend is available here; see 'moerun backends'")
     for m in (*study.models, *study.dense):
         plugins.models.resolve(m)
+    study = attrs.evolve(study, hardware=_hardware_labels(args, study.hardware))
     points = points_from_study(plugins, study, backends)
     if args.memory_limit:
         points = [attrs.evolve(p, memory_limit_mb=args.memory_limit) for p in points]
@@ -513,6 +540,26 @@ def cmd_study(plugins: Any, args: argparse.Namespace) -> int:
         args.output = Path(DEFAULT_OUTPUT_DIR) / f"{study.name}-{datetime.now():%Y%m%d-%H%M%S}.jsonl"
     defaults = {k: getattr(study, k) for k in ("min_rounds", "max_rounds", "target", "budget_s")}
     return _execute(plugins, points, args, skipped, _protocol(args, **defaults))
+
+
+def _hardware_labels(args: argparse.Namespace, defaults: Sequence[str]) -> list[str | None]:
+    """The fleet labels the grid runs on: --hardware over the study file's; 'all' is every
+    label the Ray cluster offers. Labels need the ray executor, and the ray executor needs labels."""
+    given = _csv_list(args.hardware) or list(defaults)
+    if args.executor != "ray":
+        if given:
+            raise ConfigError(f"hardware labels ({', '.join(given)}) place points on a fleet's nodes: "
+                              f"add --executor ray")
+        return [None]
+    from .fleet import RayExecutor, describe_labels
+
+    labels = RayExecutor(address=args.ray_address).labels()
+    if "all" in given:
+        given = [g for g in given if g != "all"] + [x for x in sorted(labels) if x not in given]
+    if not given:
+        raise ConfigError(f"the ray executor places points by hardware label: give --hardware LABEL (or 'all'), "
+                          f"or hardware = [...] in the study file; labels on the cluster: {describe_labels(labels)}")
+    return list(dict.fromkeys(given))
 
 
 def _protocol(args: argparse.Namespace, **defaults: Any) -> Any:
@@ -570,21 +617,30 @@ def _execute(plugins: Any, points: Sequence[Any], args: argparse.Namespace, skip
         raise ConfigError(f"--output {output} is a folder; give a .jsonl file path")
     reporter = plugins.reporters.get("json" if args.json else args.report)
     err = sys.stderr
-    preflight(plugins, points)
+    fleet = getattr(args, "executor", "local") == "ray"
+    preflight(plugins, points, local_files=not fleet)
     for name, reason in skipped:
         print(f"moerun: skipping backend {name}: {reason}", file=err)
-    before = _busy_guard(protocol, err)
-    env = {**capture(refresh_probe=args.reprobe), "contention_before": before}
-    if not args.quiet:
-        print(f"moerun: read bandwidth {env.get('bandwidth_bytes_s', 0) / 1e9:.1f} GB/s "
-              f"({env.get('bandwidth_source', '')})", file=err)
-    cache = Cache()
-    _write_checkpoints(plugins, points, cache, quiet=args.quiet)
-    executor = LocalExecutor(plugins=plugins, cache=cache, env=env, isolate=not args.no_isolate)
+    if fleet:
+        # each node looks at its own contention, probes its own bandwidth and writes its own checkpoints
+        from .fleet import RayExecutor, describe_labels
+
+        executor: Any = RayExecutor(address=args.ray_address, if_busy=protocol.if_busy, wait_s=protocol.wait_s)
+        if not args.quiet:
+            print(f"moerun: Ray cluster labels: {describe_labels(executor.labels())}", file=err)
+    else:
+        before = _busy_guard(protocol, err)
+        env = {**capture(refresh_probe=args.reprobe), "contention_before": before}
+        if not args.quiet:
+            print(f"moerun: read bandwidth {env.get('bandwidth_bytes_s', 0) / 1e9:.1f} GB/s "
+                  f"({env.get('bandwidth_source', '')})", file=err)
+        cache = Cache()
+        _write_checkpoints(plugins, points, cache, quiet=args.quiet)
+        executor = LocalExecutor(plugins=plugins, cache=cache, env=env, isolate=not args.no_isolate)
     last: dict[str, Any] = {}
 
     def before_round() -> None:
-        if protocol.if_busy == "wait" and last.get("contended"):
+        if protocol.if_busy == "wait" and last.get("contended") and not fleet:  # a node waits for itself
             from .contention import wait_for_quiet
 
             wait_for_quiet(protocol.wait_s)
@@ -676,6 +732,8 @@ class _Progress:
     def start(self, i: int, round_: int, point: Any) -> None:
         """Before measurement `i` (round `round_`); the total grows when rounds are added."""
         label = f"round {round_ + 1}: {point.model} on {point.backend} {point.precision or ''}".strip()
+        if point.hardware:
+            label += f" @ {point.hardware}"
         self.total = max(self.total, i + 1)
         if self.enabled:
             self.bar.update(self.task, description=label, completed=i, total=self.total)

@@ -187,7 +187,8 @@ def round_summary(record: dict[str, Any]) -> dict[str, Any]:
 def collapse(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """One record per point (first-seen order) from per-round records: metrics and memory are
     medians over the point's ok rounds, `rounds` lists every round, `spread` gives each
-    speed's interval over rounds. Already-collapsed records pass through."""
+    speed's interval over rounds. Already-collapsed records pass through. A `retry` record
+    (the fleet could not measure the point) gives way once the point has any other."""
     by_key: dict[str, list[dict[str, Any]]] = {}
     out_order: list[Any] = []
     for r in records:
@@ -205,6 +206,7 @@ def collapse(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             out.append(item)
             continue
         rs = sorted(by_key[item], key=lambda r: r.get("round", 0))
+        rs = [r for r in rs if not r.get("retry")] or rs  # the fleet's failures, once measured again
         ok = [r for r in rs if r.get("status") == "ok"]
         base = dict((ok or rs)[-1])
         base.pop("round", None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,6 +50,15 @@ def _non_negative(instance: Any, attribute: attrs.Attribute, value: int) -> None
         raise ConfigError(f"{attribute.name.replace('_', '-')} must be >= 0, got {value}")
 
 
+HARDWARE_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def _hardware_label(instance: Any, attribute: attrs.Attribute, value: str | None) -> None:
+    if value is not None and not HARDWARE_LABEL.fullmatch(value):
+        raise ConfigError(f"hardware label {value!r}: use letters, digits, '.', '_' and '-' (at most 63), "
+                          f"e.g. jetson-orin-nano-8gb")
+
+
 @attrs.frozen(kw_only=True)
 class Point:
     """One measurement: a model on a backend at a precision with a workload shape."""
@@ -72,6 +82,7 @@ class Point:
     group: str = ""  # the MoE model a twin belongs to
     timeout_s: float = 600.0
     memory_limit_mb: int | None = None  # address-space limit of the isolated child (RLIMIT_AS)
+    hardware: str | None = attrs.field(default=None, validator=_hardware_label)  # the fleet label of the machine that measures (the ray executor places by it)
     options: dict[str, Any] = attrs.field(factory=dict, hash=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,6 +98,8 @@ class Point:
         d = self.to_dict()
         for k in ("timeout_s", "role", "group", "memory_limit_mb"):
             d.pop(k)
+        if d.get("hardware") is None:  # keys of points measured before fleets existed stay the same
+            d.pop("hardware", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -166,6 +179,7 @@ def base_result(point: Point, env: dict[str, Any] | None) -> dict[str, Any]:
         "role": point.role,
         "group": point.group,
         "precision": point.precision,
+        "hardware": point.hardware,
         "status": "failed",
         "error": None,
         "env": env or {},

@@ -1,12 +1,14 @@
 """A study: a list of points, run one at a time (isolated by default), appended to a
-JSONL file, resumable. The Executor is the seam where a distributed engine could later
-place points on other machines; points are self-contained and serialisable for that."""
+JSONL file, resumable. The Executor is the seam that places points: `LocalExecutor` on this
+machine, `moerun.fleet.RayExecutor` on a Ray cluster's labelled nodes (points are
+self-contained and serialisable for that)."""
 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, Sequence
 
 import attrs
 
@@ -35,15 +37,18 @@ def model_with_twins(plugins: "MoerunPlugins", model: str, twins: bool = True) -
             (f"{model}:dense-total", "dense-total", model)]
 
 
-def select_backends(plugins: "MoerunPlugins", names: Iterable[str] | None) -> tuple[list[str], list[tuple[str, str]]]:
+def select_backends(plugins: "MoerunPlugins", names: Iterable[str] | None,
+                    here: bool = True) -> tuple[list[str], list[tuple[str, str]]]:
     """Explicit names must exist and be available (else a one-line error); with none,
-    every available backend runs and the others are returned with their reasons."""
+    every available backend runs and the others are returned with their reasons. With
+    `here` off (points measured on other machines) only the names are checked: each node
+    reports its own availability per point."""
     if names:
         chosen = []
         for name in names:
             cls = plugins.backends.get(name)  # UnknownBackendError lists the rest
-            av = cls().availability()
-            if not av.available:
+            av = cls().availability() if here else None
+            if av is not None and not av.available:
                 hint = f"; install: {av.install_hint}" if av.install_hint else ""
                 raise BackendUnavailableError(f"backend {cls.name} is unavailable here: {av.reason}{hint}")
             if cls.name not in chosen:
@@ -54,6 +59,9 @@ def select_backends(plugins: "MoerunPlugins", names: Iterable[str] | None) -> tu
         cls = plugins.backends.get(name)
         if not cls.capabilities.in_default_study:
             continue
+        if not here:
+            chosen.append(name)
+            continue
         av = cls().availability()
         if av.available:
             chosen.append(name)
@@ -63,18 +71,21 @@ def select_backends(plugins: "MoerunPlugins", names: Iterable[str] | None) -> tu
 
 
 def build_points(plugins: "MoerunPlugins", *, models: list[str], backends: list[str],
-                 precisions: list[str | None], twins: bool = True, **fields: Any) -> list[Point]:
+                 precisions: list[str | None], twins: bool = True, hardware: Sequence[str | None] = (None,),
+                 **fields: Any) -> list[Point]:
+    """Each model (with its twins) x backends x precisions x `hardware` labels."""
     for p in precisions:
         if p is not None:
             get_precision(p)  # unknown names fail before anything runs
     points = []
-    for model in models:
-        takers = _file_backends(plugins, model, backends)
-        for name, role, group in model_with_twins(plugins, model, twins):
-            for backend in takers:
-                for precision in precisions:
-                    points.append(Point(model=name, backend=backend, precision=precision, role=role,
-                                        group=group, **fields))
+    for label in hardware or (None,):
+        for model in models:
+            takers = _file_backends(plugins, model, backends)
+            for name, role, group in model_with_twins(plugins, model, twins):
+                for backend in takers:
+                    for precision in precisions:
+                        points.append(Point(model=name, backend=backend, precision=precision, role=role,
+                                            group=group, hardware=label, **fields))
     return points
 
 
@@ -111,11 +122,11 @@ def points_from_study(plugins: "MoerunPlugins", study: Any, backends: list[str])
     for p in study.precisions:
         get_precision(p)
     points = []
-    grid = itertools.product(models, backends, study.precisions or [None], study.prompt_tokens,
-                             study.new_tokens, study.threads or [None])
-    for (name, role, group), backend, precision, prompt, new, threads in grid:
+    grid = itertools.product(study.hardware or [None], models, backends, study.precisions or [None],
+                             study.prompt_tokens, study.new_tokens, study.threads or [None])
+    for label, (name, role, group), backend, precision, prompt, new, threads in grid:
         points.append(Point(model=name, backend=backend, precision=precision, role=role, group=group,
-                            prompt_tokens=prompt, new_tokens=new, threads=threads, **fields))
+                            prompt_tokens=prompt, new_tokens=new, threads=threads, hardware=label, **fields))
     return points
 
 
@@ -172,36 +183,73 @@ def run_study(
 ) -> StudyOutcome:
     """Run `points` in rounds (`moerun.protocol`), appending every per-round record to
     `output` as it finishes. Records already in `output` count as done (resume): only the
-    rounds the protocol still asks for run. Without a protocol: one round of each point."""
+    rounds the protocol still asks for run. Without a protocol: one round of each point.
+    An executor with a `lane(point)` method (the fleet's) runs each lane's rounds in order
+    and different lanes in parallel."""
     if len({p.key for p in points}) != len(points):
         raise ConfigError("the study lists the same measurement twice")
     protocol = protocol or MeasurementProtocol(min_rounds=1, max_rounds=1, target=0.0)
     keys = {p.key for p in points}
-    previous = [r for r in read_results(output) if r.get("key") in keys and r.get("status") in FINISHED]
+    # a `retry` record is the fleet's failure (no node, node lost), not the point's: measure again
+    previous = [r for r in read_results(output) if r.get("key") in keys and r.get("status") in FINISHED
+                and not r.get("retry")]
+    lock = threading.Lock()
+    started = [0]
 
     def record(result: dict[str, Any]) -> None:
-        plugins.hook.moerun_measurement_finish(point=result["point"], result=result)
-        append_result(output, result)
-        if on_result:
-            on_result(result)
+        with lock:
+            plugins.hook.moerun_measurement_finish(point=result["point"], result=result)
+            append_result(output, result)
+            if on_result:
+                on_result(result)
 
-    run = run_rounds(points, executor, protocol, previous=previous, record=record, on_start=on_start,
-                     before_round=before_round)
-    folded = {r["key"]: r for r in collapse(run["records"])}
+    def start(i: int, round_: int, point: Point) -> None:
+        with lock:
+            if on_start:
+                on_start(started[0], round_, point)
+            started[0] += 1
+
+    lane_of = getattr(executor, "lane", lambda p: None)
+    lanes: dict[Any, list[Point]] = {}
+    for p in points:
+        lanes.setdefault(lane_of(p), []).append(p)
+
+    def run_lane(lane_points: list[Point]) -> dict[str, Any]:
+        lane_keys = {p.key for p in lane_points}
+        return run_rounds(lane_points, executor, protocol, previous=[r for r in previous if r["key"] in lane_keys],
+                          record=record, on_start=start, before_round=before_round)
+
+    if len(lanes) <= 1:
+        runs = {None: run_lane(list(points))}
+    else:  # one measurement at a time per lane (a machine), the lanes in parallel
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=len(lanes), thread_name_prefix="moerun-lane") as pool:
+            futures = {lane: pool.submit(run_lane, ps) for lane, ps in lanes.items()}
+            runs = {lane: f.result() for lane, f in futures.items()}
+    records = [r for run in runs.values() for r in run["records"]]
+    reasons = {run["stopped"] for run in runs.values()}
+    stopped = reasons.pop() if len(reasons) == 1 else "; ".join(f"{lane}: {run['stopped']}"
+                                                                 for lane, run in runs.items())
+    folded = {r["key"]: r for r in collapse(records)}
     results = [folded[p.key] if p.key in folded else base_result(p, None) for p in points]
-    return StudyOutcome(results=results, records=run["records"], stopped=run["stopped"], elapsed_s=run["elapsed_s"])
+    return StudyOutcome(results=results, records=records, stopped=stopped,
+                        elapsed_s=max(run["elapsed_s"] for run in runs.values()))
 
 
-def preflight(plugins: "MoerunPlugins", points: Iterable[Point]) -> None:
+def preflight(plugins: "MoerunPlugins", points: Iterable[Point], local_files: bool = True) -> None:
     """Check every model input here, before any probe or child process: presets resolve,
     checkpoint folders hold a valid config, engine files parse for a backend that takes
-    them. A bad one raises a one-line MoerunError (exit 2)."""
+    them. A bad one raises a one-line MoerunError (exit 2). Without `local_files` (points
+    measured on other machines) paths are the nodes' to check; presets still resolve here."""
     from .checkpoint import Checkpoint
     from .errors import CheckpointError, MoerunError
 
     seen: set[tuple[str, str]] = set()
     for p in points:
         path = Path(p.model)
+        if not local_files and (path.exists() or os.sep in p.model):
+            continue
         if (p.model, p.backend if path.is_file() else "") in seen:
             continue
         seen.add((p.model, p.backend if path.is_file() else ""))

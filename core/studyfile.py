@@ -34,6 +34,7 @@ class StudySpec:
     breakdown: bool = False
     parity: bool = False
     options: dict[str, Any] = attrs.field(factory=dict)
+    hardware: list[str] = attrs.field(factory=list)  # fleet labels to run the grid on (--executor ray)
     # the measurement protocol (moerun.protocol; the command line overrides these)
     min_rounds: int = 3
     max_rounds: int = 12

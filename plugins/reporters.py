@@ -7,7 +7,7 @@ import json as _json
 from typing import Any, TextIO
 
 from moerun import hookimpl
-from moerun.analysis import human_count, maturity, verdicts
+from moerun.analysis import hardware, human_count, maturity, verdicts
 
 COLUMNS = [
     # (header, getter, format)
@@ -28,6 +28,22 @@ COLUMNS = [
     ("peak MiB", lambda r: _mib((r.get("memory") or {}).get("peak_rss_bytes")), "{:,.0f}"),
     ("busy", lambda r: _busy(r), "{}"),
 ]
+
+
+def _columns(results: list[dict[str, Any]]) -> list[tuple]:
+    """COLUMNS, led by the fleet label when any result was measured on a labelled node."""
+    if any(hardware(r) for r in results):
+        return [("hardware", lambda r: hardware(r) or "", "{}"), *COLUMNS]
+    return COLUMNS
+
+
+def _lead(rows: list[dict[str, Any]]) -> list[str]:
+    """The 'hardware' header for verdict-like rows from a fleet, else nothing."""
+    return ["hardware"] if any(row.get("hardware") for row in rows) else []
+
+
+def _lead_cells(rows: list[dict[str, Any]], row: dict[str, Any]) -> list[str]:
+    return [str(row.get("hardware") or "")] if _lead(rows) else []
 
 
 def _rounds(r: dict[str, Any]) -> str:
@@ -121,15 +137,19 @@ def table(results: list[dict[str, Any]], stream: TextIO) -> None:
     console = Console(file=stream, width=220 if not stream.isatty() else None)
     t = Table(title="moerun results (medians over rounds; ± = 95 % half-width of decode tok/s over rounds)",
               header_style="bold")
-    for i, (header, _, _) in enumerate(COLUMNS):
-        t.add_column(header, justify="left" if i < 6 else "right", no_wrap=i < 6)
+    columns = _columns(results)
+    left = 6 + len(columns) - len(COLUMNS)
+    for i, (header, _, _) in enumerate(columns):
+        t.add_column(header, justify="left" if i < left else "right", no_wrap=i < left)
     for r in results:
-        t.add_row(*[escape(_fmt(get(r), fmt)) for _, get, fmt in COLUMNS])
+        t.add_row(*[escape(_fmt(get(r), fmt)) for _, get, fmt in columns])
     console.print(t)
     failures = [r for r in results if r.get("status") not in ("ok",)]
     for r in failures:
+        where = f" @ {hardware(r)}" if hardware(r) else ""
         console.print(f"[bold]{r.get('status')}[/]: "
-                      + escape(f"{r.get('model_name')} on {r.get('backend')}: {r.get('error')}"), highlight=False)
+                      + escape(f"{r.get('model_name')} on {r.get('backend')}{where}: {r.get('error')}"),
+                      highlight=False)
     rows = verdicts(results)
     twin_keys = ("decode_vs_active", "prefill_vs_active", "decode_vs_total", "prefill_vs_total")
     twin_rows = [row for row in rows if any(row.get(k) is not None for k in twin_keys)]
@@ -138,12 +158,12 @@ def table(results: list[dict[str, Any]], stream: TextIO) -> None:
         v = Table(title="MoE / dense twin (tokens/s ratio, geometric mean over rounds [95 % interval between "
                         "processes]; > 1 means the MoE is faster"
                         + (f"; target ±{target:.0%})" if target else ")"), header_style="bold")
-        for h in ("model", "backend", "precision", "prompt", "decode vs active", "prefill vs active",
-                  "decode vs total", "prefill vs total", "ideal decode vs total", "realised", "rounds", "precision got",
-                  "flags"):
-            v.add_column(h, justify="left" if h in ("model", "backend", "precision", "flags") else "right")
+        for h in (*_lead(twin_rows), "model", "backend", "precision", "prompt", "decode vs active",
+                  "prefill vs active", "decode vs total", "prefill vs total", "ideal decode vs total", "realised",
+                  "rounds", "precision got", "flags"):
+            v.add_column(h, justify="left" if h in ("hardware", "model", "backend", "precision", "flags") else "right")
         for row in twin_rows:
-            v.add_row(row["group"], row["backend"], row["precision"] or "", str(row.get("prompt_tokens") or ""),
+            v.add_row(*_lead_cells(twin_rows, row), row["group"], row["backend"], row["precision"] or "", str(row.get("prompt_tokens") or ""),
                       *[_ratio(row, k) for k in ("decode_vs_active", "prefill_vs_active",
                                                  "decode_vs_total", "prefill_vs_total")],
                       _fmt(row.get("ideal_decode_vs_total"), "{:.2f}x"),
@@ -154,10 +174,11 @@ def table(results: list[dict[str, Any]], stream: TextIO) -> None:
     if len(matrix) > 1:
         mt = Table(title="framework maturity: does it run, does it agree with PyTorch fp32, how fast",
                    header_style="bold")
-        for h in ("backend", "model kind", "precision", "verdict", "ok / points", "max |diff|", "top-1", "decode tok/s"):
+        for h in (*_lead(matrix), "backend", "model kind", "precision", "verdict", "ok / points", "max |diff|",
+                  "top-1", "decode tok/s"):
             mt.add_column(h, justify="right" if h in ("ok / points", "max |diff|", "top-1", "decode tok/s") else "left")
         for m in matrix:
-            mt.add_row(escape(str(m["backend"])), m["kind"], escape(str(m["precision"] or "")), m["verdict"],
+            mt.add_row(*_lead_cells(matrix, m), escape(str(m["backend"])), m["kind"], escape(str(m["precision"] or "")), m["verdict"],
                        f"{m['ok']} / {m['points']}", _fmt(m["max_abs_diff"], "{:.1e}"), _fmt(m["min_top1"], "{:.0%}"),
                        _fmt(m["decode_tok_s"], "{:,.1f}"))
         console.print(mt)
@@ -165,11 +186,12 @@ def table(results: list[dict[str, Any]], stream: TextIO) -> None:
     if based:
         bt = Table(title="MoE / named dense baseline (tokens/s ratio; > 1 means the MoE is faster)",
                    header_style="bold")
-        for h in ("model", "baseline", "backend", "precision", "prompt", "decode", "prefill", "precision got"):
+        lead = _lead([row for row, _, _ in based])
+        for h in (*lead, "model", "baseline", "backend", "precision", "prompt", "decode", "prefill", "precision got"):
             bt.add_column(h, justify="right" if h in ("prompt", "decode", "prefill") else "left")
         for row, name, b in based:
             hw = max((b[k] for k in ("decode_hw", "prefill_hw") if b.get(k) is not None), default=None)
-            bt.add_row(escape(str(row["group"])), escape(name), row["backend"], row["precision"] or "",
+            bt.add_row(*([str(row.get("hardware") or "")] if lead else []), escape(str(row["group"])), escape(name), row["backend"], row["precision"] or "",
                        str(row.get("prompt_tokens") or ""), _ratio(b, "decode"), _ratio(b, "prefill"),
                        _precision_cell({"halfwidth": hw, "missed_target": bool(row.get("target")) and hw is not None
                                         and hw > row["target"]}))
@@ -207,7 +229,7 @@ def json_report(results: list[dict[str, Any]], stream: TextIO) -> None:
 
 CSV_FIELDS = ["model_name", "role", "group", "backend", "precision", "status", "total_params", "active_params",
               "prefill_tok_s", "decode_tok_s", "decode_p50_ms", "decode_p90_ms", "decode_p99_ms",
-              "bytes_per_token", "achieved_bandwidth_bytes_s", "mbu", "peak_rss_bytes", "error"]
+              "bytes_per_token", "achieved_bandwidth_bytes_s", "mbu", "peak_rss_bytes", "error", "hardware"]
 
 
 def csv_report(results: list[dict[str, Any]], stream: TextIO) -> None:
@@ -228,6 +250,7 @@ def csv_report(results: list[dict[str, Any]], stream: TextIO) -> None:
             "bytes_per_token": m.get("bytes_per_token"),
             "achieved_bandwidth_bytes_s": m.get("achieved_bandwidth_bytes_s"), "mbu": m.get("mbu"),
             "peak_rss_bytes": (r.get("memory") or {}).get("peak_rss_bytes"), "error": r.get("error"),
+            "hardware": hardware(r),
         })
 
 
@@ -385,24 +408,27 @@ def markdown_report(results: list[dict[str, Any]], stream: TextIO, assets_dir: A
     results = collapse(results)
 
     stream.write("## moerun results\n\n")
-    stream.write(row([h for h, _, _ in COLUMNS]))
-    stream.write(row(["---"] * len(COLUMNS)))
+    columns = _columns(results)
+    stream.write(row([h for h, _, _ in columns]))
+    stream.write(row(["---"] * len(columns)))
     for r in results:
-        stream.write(row([_fmt(get(r), fmt) for _, get, fmt in COLUMNS]))
+        stream.write(row([_fmt(get(r), fmt) for _, get, fmt in columns]))
     failures = [r for r in results if r.get("status") != "ok"]
     if failures:
         stream.write("\n")
         for r in failures:
-            stream.write(f"- **{r.get('status')}**: {r.get('model_name')} on {r.get('backend')}: {r.get('error')}\n")
+            where = f" @ {hardware(r)}" if hardware(r) else ""
+            stream.write(f"- **{r.get('status')}**: {r.get('model_name')} on {r.get('backend')}{where}: "
+                         f"{r.get('error')}\n")
     rows = verdicts(results)
     if rows:
         keys = ("decode_vs_active", "prefill_vs_active", "decode_vs_total", "prefill_vs_total", "ideal_decode_vs_total")
         stream.write("\n## MoE / dense twin (tokens/s ratio; > 1 means the MoE is faster)\n\n")
-        stream.write(row(["model", "backend", "precision", *(k.replace("_", " ") for k in keys), "realised",
-                          "rounds", "precision got", "flags"]))
-        stream.write(row(["---"] * (len(keys) + 7)))
+        stream.write(row([*_lead(rows), "model", "backend", "precision", *(k.replace("_", " ") for k in keys),
+                          "realised", "rounds", "precision got", "flags"]))
+        stream.write(row(["---"] * (len(keys) + 7 + len(_lead(rows)))))
         for v in rows:
-            stream.write(row([v["group"], v["backend"], v["precision"] or "",
+            stream.write(row([*_lead_cells(rows, v), v["group"], v["backend"], v["precision"] or "",
                               *(_ratio(v, k) if k != "ideal_decode_vs_total" else _fmt(v.get(k), "{:.2f}x")
                                 for k in keys), _fmt(v.get("realised_share_decode"), "{:.0%}"),
                               str(v.get("rounds") or "-"), _precision_cell(v), _flags(v)]))

@@ -21,8 +21,10 @@ class FaultBackend(TorchBackend):
     def load(self, artifact, settings):
         mode = settings.options.get("mode", "ok")
         gate = settings.options.get("hang_while")
-        if gate and artifact.spec.name == settings.options.get("hang_model"):
-            import os
+        only = settings.options.get("hang_if_env")  # hang only where this variable is set (one fleet node)
+        import os
+
+        if gate and artifact.spec.name == settings.options.get("hang_model") and (not only or os.environ.get(only)):
             from pathlib import Path
 
             Path(gate + ".pid").write_text(str(os.getpid()))  # the test checks this process dies
@@ -47,7 +49,8 @@ class FaultBackend(TorchBackend):
             hoard = []
             while True:
                 hoard.append(bytearray(64 << 20))
-        options = {k: v for k, v in settings.options.items() if k not in ("mode", "hang_while", "hang_model")}
+        options = {k: v for k, v in settings.options.items()
+                   if k not in ("mode", "hang_while", "hang_model", "hang_if_env")}
         import attrs
 
         return super().load(artifact, attrs.evolve(settings, options=options))
