@@ -31,7 +31,9 @@ class Availability:
     reason: str = ""
     install_hint: str = ""
     version: str = ""
-    devices: tuple[str, ...] = ()
+    devices: tuple[str, ...] = ()  # the devices usable here (a subset of Capabilities.devices)
+    # why a device the backend knows is not usable here, and how to get it: {"cuda": "...; rebuild ..."}
+    device_notes: dict[str, str] = attrs.field(factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)

@@ -208,8 +208,9 @@ def measure(point: Point, plugins: "MoerunPlugins", cache: Cache | None = None,
         if device.split(":")[0] not in devices:
             raise UnsupportedError(f"backend {backend.name} does not run on {device} (devices: {', '.join(devices)})")
         if av.devices and device.split(":")[0] not in av.devices:
+            note = av.device_notes.get(device.split(":")[0])
             raise UnsupportedError(f"no {device} device here for backend {backend.name} "
-                                   f"(present: {', '.join(av.devices)})")
+                                   f"(present: {', '.join(av.devices)})" + (f": {note}" if note else ""))
         model_path = Path(point.model)
         ckpt: Checkpoint | None = None  # None when the model is an engine file
         t0 = time.perf_counter()

@@ -36,6 +36,7 @@ from moerun import (
     UnsupportedError,
 )
 
+from . import devices as dv
 from .gguf_export import unsupported_reason, write_gguf
 
 # moerun precision -> (GGUF file type written by moerun, or llama.cpp quantize ftype name)
@@ -49,7 +50,7 @@ QUANT_TYPES = {
     "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
     "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K",
 }
-OPTIONS = {"repack", "flash_attn", "type_k", "type_v", "mmap", "n_batch"}
+OPTIONS = {"repack", "flash_attn", "type_k", "type_v", "mmap", "n_batch", "n_gpu_layers", "n_cpu_moe"}
 EXPORT_VERSION = "gguf-export-1"
 
 
@@ -76,15 +77,35 @@ def _init_llama() -> None:
     @lib.llama_log_callback
     def _log(level: int, text: bytes, _user: Any) -> None:
         if text:
+            line = text.decode(errors="replace").rstrip()
             with _LOG_LOCK:
-                _LOG_TAIL.append(text.decode(errors="replace").rstrip())
+                _LOG_TAIL.append(line)
                 del _LOG_TAIL[:-40]
+                for capture in _LOG_CAPTURE:
+                    capture.append(line)
 
     _LOG_CB = _log
     if not os.environ.get("MOERUN_LLAMA_LOG"):
         lib.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
     lib.llama_backend_init()
     _INIT = True
+
+
+_LOG_CAPTURE: list[list[str]] = []  # open captures: every log line goes to each, too
+
+
+class _capture_log:
+    """Collect llama.cpp's whole log while a call runs (the ring buffer keeps only the tail)."""
+
+    def __enter__(self) -> list[str]:
+        self.lines: list[str] = []
+        with _LOG_LOCK:
+            _LOG_CAPTURE.append(self.lines)
+        return self.lines
+
+    def __exit__(self, *exc: object) -> None:
+        with _LOG_LOCK:
+            _LOG_CAPTURE.remove(self.lines)
 
 
 def _log_tail(n: int = 3) -> str:
@@ -204,7 +225,7 @@ class LlamaCppBackend(Backend):
         precisions=tuple(FLOAT_TYPES) + tuple(QUANT_TYPES),
         default_precision="f16",
         supports_moe=True,
-        devices=("cpu",),
+        devices=("cpu", "cuda", "metal", "vulkan", "gpu"),
         artifact_suffixes=(".gguf",),
     )
     install_hint = "pip install 'moerun[llamacpp]'"
@@ -216,7 +237,12 @@ class LlamaCppBackend(Backend):
         except Exception as exc:  # noqa: BLE001
             return Availability(available=False, reason=f"llama-cpp-python or gguf not importable ({exc})",
                                 install_hint=self.install_hint)
-        return Availability(available=True, version=getattr(llama_cpp, "__version__", "?"), devices=("cpu",))
+        _init_llama()
+        found = dv.registered_devices()
+        present = dv.moerun_devices(found)
+        return Availability(available=True, version=getattr(llama_cpp, "__version__", "?"), devices=present,
+                            device_notes=dv.absent_notes(present, bool(llama_cpp.llama_supports_gpu_offload()),
+                                                         found))
 
     def check(self, spec, precision):
         super().check(spec, precision)
@@ -285,8 +311,6 @@ class LlamaCppBackend(Backend):
         if unknown:
             raise ConfigError(f"llamacpp backend: unknown option(s) {', '.join(sorted(unknown))}; "
                               f"known: {', '.join(sorted(OPTIONS))}")
-        if settings.device != "cpu":
-            raise UnsupportedError("this llama.cpp build runs on the CPU only")
         check_gguf_file(artifact.path)
         return LlamaCppSession(artifact, settings)
 
@@ -301,15 +325,17 @@ class LlamaCppSession(Session):
         opts = settings.options
         self.spec = artifact.spec
         self.repack = bool(opts.get("repack", False))
+        self.device = settings.device
         mparams = lib.llama_model_default_params()
-        mparams.n_gpu_layers = 0
+        self.offload_request = self._place(mparams, settings)
         mparams.use_extra_bufts = self.repack
         mparams.load_mode = lib.LLAMA_LOAD_MODE_MMAP if opts.get("mmap", True) else lib.LLAMA_LOAD_MODE_NONE
-        self.model = lib.llama_model_load_from_file(str(artifact.path).encode(), mparams)
-        if not self.model:
-            raise BackendRuntimeError(f"llama.cpp could not load {artifact.path}: {_log_tail()}")
         self.ctx = None
         self.batch = None
+        with _capture_log() as load_log:
+            self.model = lib.llama_model_load_from_file(str(artifact.path).encode(), mparams)
+        if not self.model:
+            raise BackendRuntimeError(f"llama.cpp could not load {artifact.path}: {_log_tail()}")
         try:
             n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
             if n_vocab != self.spec.vocab_size:
@@ -335,7 +361,9 @@ class LlamaCppSession(Session):
             cparams.no_perf = False
             self.flash_attn = fa
             self.cparams = cparams
-            self.ctx = lib.llama_init_from_model(self.model, cparams)
+            with _capture_log() as context_log:
+                self.ctx = lib.llama_init_from_model(self.model, cparams)
+            self.offload = None if os.environ.get("MOERUN_LLAMA_LOG") else dv.read_back(load_log + context_log)
             if not self.ctx:
                 raise BackendRuntimeError(f"llama.cpp could not create a context: {_log_tail()}")
             self.batch = lib.llama_batch_init(self.n_batch, 0, 1)
@@ -355,6 +383,36 @@ class LlamaCppSession(Session):
         self._logit_bytes = 4 * n_vocab
         self.pos = 0
         self.kv_bytes_per_value = 4.0 if self.kv_types[0] == "f32" else 2.0
+
+    def _place(self, mparams: Any, settings: LoadSettings) -> dict[str, Any]:
+        """Devices, GPU layers and expert overrides into the model params. On a GPU device all
+        layers are offloaded unless `n_gpu_layers` says otherwise; on the CPU `n_gpu_layers`
+        (default 0) is passed as given, so a CPU-only build shows it offloaded nothing.
+        `n_cpu_moe` keeps the experts of the first N layers in CPU memory."""
+        opts = settings.options
+        found = dv.registered_devices()
+        gpu = self.device.split(":")[0] != "cpu"
+        chosen = dv.select(self.device, found) if gpu else []
+        if gpu and not chosen:
+            present = dv.moerun_devices(found)
+            note = dv.absent_notes(present, bool(self.lib.llama_supports_gpu_offload()), found).get(
+                self.device.split(":")[0], f"devices here: {', '.join(d['name'] for d in found)}")
+            raise UnsupportedError(f"llama.cpp has no {self.device} device: {note}")
+        try:
+            n_gpu = int(opts.get("n_gpu_layers", -1 if gpu else 0))
+            n_cpu_moe = int(opts.get("n_cpu_moe", 0))
+        except (TypeError, ValueError):
+            raise ConfigError("llamacpp: n_gpu_layers and n_cpu_moe take whole numbers") from None
+        mparams.n_gpu_layers = n_gpu
+        if chosen:  # offload to these devices only (NULL-terminated ggml_backend_dev_t array)
+            self._devices = (ctypes.c_void_p * (len(chosen) + 1))(*[d["_handle"] for d in chosen], None)
+            mparams.devices = ctypes.cast(self._devices, ctypes.c_void_p)
+        if n_cpu_moe:
+            self._overrides, self._patterns = dv.expert_overrides(n_cpu_moe, self.spec.num_layers, found)
+            mparams.tensor_buft_overrides = ctypes.cast(self._overrides, ctypes.c_void_p)
+        return {"device": self.device, "ggml_devices": [d["name"] for d in chosen] or ["CPU"],
+                "n_gpu_layers": n_gpu, "n_cpu_moe": n_cpu_moe,
+                "registered": dv.public(found)}
 
     # ------------------------------------------------------------------ running
     def _decode(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
@@ -573,7 +631,8 @@ class LlamaCppSession(Session):
                 "n_ctx": self.n_ctx, "n_batch": self.n_batch, "flash_attn": self.flash_attn,
                 "type_k": self.kv_types[0], "type_v": self.kv_types[1],
                 "model_size_bytes": lib.llama_model_size(self.model),
-                "model_n_params": lib.llama_model_n_params(self.model)}
+                "model_n_params": lib.llama_model_n_params(self.model),
+                "placement": {**self.offload_request, "read_back": self.offload}}
 
     def engine_timings(self) -> dict[str, Any] | None:
         d = self.lib.llama_perf_context(self.ctx)
