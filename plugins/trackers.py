@@ -7,6 +7,7 @@
   unreadable (most VMs, non-root on recent kernels).
 - ``nvml``: NVIDIA board energy and memory in use (nvidia-ml-py).
 - ``torch_cuda``: torch's peak CUDA memory.
+- ``torch_mps``: torch's memory on Apple's GPU (MPS): allocated by tensors and by the driver.
 - ``tegrastats``: Jetson board input power (VDD_IN), integrated.
 - ``powermetrics``: macOS CPU+GPU+ANE power (root), integrated.
 
@@ -289,11 +290,43 @@ class TorchCudaMemoryTracker:
                 "peak_reserved_bytes": self.torch.cuda.max_memory_reserved()}
 
 
+class TorchMpsMemoryTracker:
+    """Memory on Apple's GPU through torch.mps counters. MPS keeps no peak, so the tracker
+    samples every 5 ms during the timed phase and reports the largest values seen."""
+
+    def start(self) -> None:
+        torch = sys.modules.get("torch")  # never import an engine just to look
+        mps = getattr(getattr(torch, "backends", None), "mps", None) if torch is not None else None
+        self.torch = torch if mps is not None and mps.is_available() and torch.mps.current_allocated_memory() else None
+        self.peak = [0, 0]
+        if self.torch is None:
+            return
+        self.done = threading.Event()
+
+        def sample() -> None:
+            while not self.done.is_set():
+                self.peak[0] = max(self.peak[0], self.torch.mps.current_allocated_memory())
+                self.peak[1] = max(self.peak[1], self.torch.mps.driver_allocated_memory())
+                self.done.wait(0.005)
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> dict[str, Any]:
+        if self.torch is None:
+            return {"available": False, "reason": "no MPS memory in use by torch in this measurement"}
+        self.done.set()
+        self.thread.join(timeout=1)
+        return {"available": True, "peak_allocated_bytes": self.peak[0], "peak_driver_bytes": self.peak[1],
+                "method": "torch.mps counters sampled every 5 ms"}
+
+
 @hookimpl
 def moerun_register_trackers(registry):
     registry.add("rss", RssTracker)
     registry.add("rapl", RaplTracker)
     registry.add("nvml", NvmlTracker)
     registry.add("torch_cuda", TorchCudaMemoryTracker)
+    registry.add("torch_mps", TorchMpsMemoryTracker)
     registry.add("tegrastats", TegrastatsTracker)
     registry.add("powermetrics", PowermetricsTracker)

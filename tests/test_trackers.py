@@ -68,7 +68,12 @@ def test_measurement_carries_tracker_results(plugins, cache):
                 plugins, cache, {"bandwidth_bytes_s": 20e9})
     assert r["status"] == "ok"
     assert r["trackers"]["rss"]["available"] and r["trackers"]["rss"]["peak_bytes"] > 0
-    assert {"rss", "rapl", "nvml", "tegrastats", "powermetrics", "torch_cuda"} == set(r["trackers"])
+    assert {"rss", "rapl", "nvml", "tegrastats", "powermetrics", "torch_cuda", "torch_mps"} == set(r["trackers"])
+    import torch
+
+    if not torch.backends.mps.is_available():
+        assert r["trackers"]["torch_mps"] == {"available": False,
+                                              "reason": "no MPS memory in use by torch in this measurement"}
     assert "available" in r["trackers"]["rapl"]
 
 

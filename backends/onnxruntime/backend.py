@@ -12,6 +12,8 @@ fp32 in every precision, as llama.cpp keeps them.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,7 +35,46 @@ from moerun import (
 )
 
 BUILD_VERSION = "onnx-builder-3"
-OPTIONS = {"provider", "profile", "opt_level", "spinning", "breakdown"}
+OPTIONS = {"provider", "profile", "opt_level", "spinning", "breakdown", "placement"}
+# moerun device -> execution provider, and why a missing one is missing
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+             "tensorrt": "TensorrtExecutionProvider", "coreml": "CoreMLExecutionProvider"}
+MISSING_PROVIDER = {
+    "cuda": "on NVIDIA GPUs install the GPU package instead: pip uninstall -y onnxruntime && "
+            "pip install onnxruntime-gpu (CUDA 12 and cuDNN 9 on the machine)",
+    "tensorrt": "TensorrtExecutionProvider comes with onnxruntime-gpu and needs NVIDIA's TensorRT libraries "
+                "on the library path",
+    "coreml": "CoreMLExecutionProvider is in onnxruntime's macOS wheels only (Apple hardware)",
+}
+
+
+def provider_devices(available: Sequence[str]) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The moerun devices the installed onnxruntime serves, and why the others are absent."""
+    devices = tuple(d for d, ep in PROVIDERS.items() if ep in available)
+    notes = {d: f"this onnxruntime has no {PROVIDERS[d]} (providers: {', '.join(available)}); {why}"
+             for d, why in MISSING_PROVIDER.items() if d not in devices}
+    return devices, notes
+
+
+def node_placement(profile_path: str) -> dict[str, Any]:
+    """Which execution provider ran each node, from an ONNX Runtime profile: node kernels
+    per provider, and per provider the op types it ran."""
+    import json
+
+    with open(profile_path) as f:
+        events = json.load(f)
+    nodes: dict[str, str] = {}
+    ops: dict[str, set[str]] = {}
+    for e in events:
+        args = e.get("args") or {}
+        if e.get("cat") == "Node" and args.get("provider"):
+            name = e.get("name", "").removesuffix("_kernel_time")
+            nodes[name] = args["provider"]
+            ops.setdefault(args["provider"], set()).add(args.get("op_name", "?"))
+    counts: dict[str, int] = {}
+    for provider in nodes.values():
+        counts[provider] = counts.get(provider, 0) + 1
+    return {"measured": True, "nodes_by_provider": counts, "op_types_by_provider": {k: sorted(v) for k, v in ops.items()}}
 OPT_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
               "none": "ORT_DISABLE_ALL"}  # -O opt_level -> onnxruntime.GraphOptimizationLevel
 EXTERNAL_DATA_BYTES = 1 << 30  # protobuf stops at 2 GiB: larger models keep weights beside the graph
@@ -63,7 +104,7 @@ class OnnxRuntimeBackend(Backend):
     attention = "plain"
     description = "ONNX Runtime, MoE as standard ONNX ops (TopK, Gather of the selected experts, MatMul)"
     capabilities = Capabilities(precisions=("fp32", "int8", "int4"), default_precision="fp32", supports_moe=True,
-                                devices=("cpu", "cuda"))
+                                devices=tuple(PROVIDERS))
     install_hint = "pip install 'moerun[onnxruntime]'"
 
     def availability(self) -> Availability:
@@ -73,9 +114,8 @@ class OnnxRuntimeBackend(Backend):
         except Exception as exc:  # noqa: BLE001
             return Availability(available=False, reason=f"onnxruntime or onnx not importable ({exc})",
                                 install_hint=self.install_hint)
-        providers = ort.get_available_providers()
-        devices = ("cpu",) + (("cuda",) if "CUDAExecutionProvider" in providers else ())
-        return Availability(available=True, version=ort.__version__, devices=devices)
+        devices, notes = provider_devices(ort.get_available_providers())
+        return Availability(available=True, version=ort.__version__, devices=devices, device_notes=notes)
 
     # ------------------------------------------------------------------ artifacts
     def prepare(self, checkpoint: Checkpoint, precision: str, cache: Cache) -> Artifact:
@@ -182,21 +222,32 @@ class OnnxRuntimeSession(Session):
         self.profile = bool(opts.get("profile", False))
         if opts.get("breakdown", "cut") not in ("cut", "profile"):
             raise ConfigError(f"onnxruntime: breakdown must be cut or profile, got {opts.get('breakdown')!r}")
-        so = self._session_options(profile_prefix=str(artifact.path.with_name("profile")) if self.profile else None)
         device = settings.device
-        provider = opts.get("provider") or ("CUDAExecutionProvider" if device.startswith("cuda") else
-                                            "CPUExecutionProvider")
+        provider = opts.get("provider") or PROVIDERS.get(device.split(":")[0], "CPUExecutionProvider")
         if provider not in ort.get_available_providers():
-            raise UnsupportedError(f"onnxruntime here has no {provider} (available: "
-                                   f"{', '.join(ort.get_available_providers())})")
+            _, notes = provider_devices(ort.get_available_providers())
+            why = next((notes[d] for d, ep in PROVIDERS.items() if ep == provider and d in notes), None)
+            raise UnsupportedError(why or f"onnxruntime here has no {provider} (available: "
+                                          f"{', '.join(ort.get_available_providers())})")
+        # where nodes ran: ONNX Runtime falls back to the CPU node by node, so on any other
+        # provider (or with -O placement=true) one profiled step at load says which ran what
+        self.placement_wanted = not self.profile and (provider != "CPUExecutionProvider"
+                                                      or str(opts.get("placement", "")).lower() in ("1", "true"))
+        placement_dir = tempfile.mkdtemp(prefix="moerun-ort-placement-") if self.placement_wanted else None
+        prefix = (str(artifact.path.with_name("profile")) if self.profile else
+                  os.path.join(placement_dir, "placement") if placement_dir else None)
+        so = self._session_options(profile_prefix=prefix)
         try:
-            self.sess = ort.InferenceSession(str(artifact.path), sess_options=so, providers=[provider])
+            self.sess = ort.InferenceSession(str(artifact.path), sess_options=so,
+                                             providers=[provider] + (["CPUExecutionProvider"]
+                                                                     if provider != "CPUExecutionProvider" else []))
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"onnxruntime could not load {artifact.path}: {msg}") from None
         self.provider = provider
         self.spec = artifact.spec
-        self.device = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
+        # KV cache and outputs live where the provider computes: CUDA memory for CUDA and TensorRT
+        self.device = "cuda" if provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         self.output_names = [o.name for o in self.sess.get_outputs()]
         self.gqa = artifact.meta.get("attention") == "gqa"
         self.kv_names = [n for n in self.output_names if n.startswith("present_")]
@@ -204,6 +255,22 @@ class OnnxRuntimeSession(Session):
         self.kv_bytes_per_value = 4.0
         self.profile_file: str | None = None
         self.reset()
+        self.placement: dict[str, Any] = {"measured": False, "providers": self.sess.get_providers(),
+                                          "why": "only the CPU provider is registered: every node runs there"}
+        if placement_dir:
+            try:
+                self._run([0, 1], False)  # one step whose profile names each node's provider
+                self.placement = node_placement(self.sess.end_profiling())
+                self.placement["providers"] = self.sess.get_providers()
+                counts = self.placement["nodes_by_provider"]
+                fallen = counts.get("CPUExecutionProvider", 0) if provider != "CPUExecutionProvider" else 0
+                self.placement["cpu_fallback_nodes"] = fallen
+                if fallen:
+                    self.placement["note"] = (f"{fallen} of {sum(counts.values())} nodes fell back to the CPU "
+                                              f"(op types: {', '.join(self.placement['op_types_by_provider']['CPUExecutionProvider'])})")
+            finally:
+                shutil.rmtree(placement_dir, ignore_errors=True)
+                self.reset()
 
     def _session_options(self, profile_prefix: str | None = None) -> Any:
         ort, opts = self.ort, self.settings.options
@@ -346,7 +413,8 @@ class OnnxRuntimeSession(Session):
                 "decode_plain_s": statistics.median(d for _, d in plain)}
 
     def describe(self) -> dict[str, Any]:
-        return {"provider": self.provider, "threads": self.threads, "profile": self.profile,
+        return {"provider": self.provider, "placement": self.placement, "threads": self.threads,
+                "profile": self.profile,
                 "kv_cache": "OrtValues via IO binding",
                 "attention": "GroupQueryAttention" if self.gqa else "plain ops"}
 

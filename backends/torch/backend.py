@@ -24,6 +24,26 @@ from moerun import (
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+def torch_devices(torch: Any) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The devices this torch can use, and why the others are absent."""
+    devices, notes = ["cpu"], {}
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    elif torch.version.cuda is None:
+        notes["cuda"] = (f"this torch ({torch.__version__}) is a build without CUDA; on NVIDIA install a CUDA "
+                         f"build (pip install torch --index-url https://download.pytorch.org/whl/cu128)")
+    else:
+        notes["cuda"] = f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device or driver"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    elif mps is None or not mps.is_built():
+        notes["mps"] = "this torch was built without MPS: MPS is Apple's GPU on Apple silicon, macOS builds only"
+    else:
+        notes["mps"] = "torch has MPS but no usable device (needs Apple silicon and macOS 12.3 or later)"
+    return tuple(devices), notes
+
+
 class TorchBackend(Backend):
     name = "torch"
     aliases = ("pytorch",)
@@ -32,7 +52,7 @@ class TorchBackend(Backend):
         precisions=("fp32", "bf16", "fp16"),
         default_precision="fp32",
         supports_moe=True,
-        devices=("cpu", "cuda"),
+        devices=("cpu", "cuda", "mps"),
         routing_stats=True,
     )
     install_hint = "pip install 'moerun[torch]'"
@@ -42,8 +62,8 @@ class TorchBackend(Backend):
             import torch
         except Exception as exc:  # noqa: BLE001 - a broken install is "unavailable"
             return Availability(available=False, reason=f"torch not importable ({exc})", install_hint=self.install_hint)
-        devices = ("cpu",) + (("cuda",) if torch.cuda.is_available() else ())
-        return Availability(available=True, version=torch.__version__, devices=devices)
+        devices, notes = torch_devices(torch)
+        return Availability(available=True, version=torch.__version__, devices=devices, device_notes=notes)
 
     def prepare(self, checkpoint: Checkpoint, precision: str, cache: Cache) -> Artifact:
         # torch reads the HF checkpoint directly: the artifact is the checkpoint itself.
@@ -60,8 +80,9 @@ class TorchBackend(Backend):
         from .model import Model
 
         device = settings.device
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise UnsupportedError("device cuda requested but torch sees no CUDA device")
+        present, notes = torch_devices(torch)
+        if device.split(":")[0] not in present:
+            raise UnsupportedError(notes.get(device.split(":")[0], f"torch here has no {device} device"))
         if settings.threads:
             torch.set_num_threads(int(settings.threads))
         unknown = set(settings.options) - {"compile_mode", "breakdown"}
@@ -126,8 +147,11 @@ class TorchSession(Session):
         self.model.reset()
 
     def synchronize(self) -> None:
+        """Wait for the device: moerun's clock reads only after the queued kernels ran."""
         if self.model.device.type == "cuda":
             self.torch.cuda.synchronize(self.model.device)
+        elif self.model.device.type == "mps":
+            self.torch.mps.synchronize()
 
     def describe(self) -> dict[str, Any]:
         return {"linear_kernel": self.model.linear_kernel, "threads": self.torch.get_num_threads(),

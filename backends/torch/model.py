@@ -28,13 +28,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rope_tables(spec: ModelSpec, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [length, head_dim] in float32 (HF's rotate-half convention)."""
+    """cos/sin [length, head_dim] in float32 (HF's rotate-half convention), computed in float64
+    on the CPU (Apple's MPS has no float64) and moved to `device`."""
     half = spec.head_dim // 2
-    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, half, dtype=torch.float64, device=device) / half))
-    t = torch.arange(length, dtype=torch.float64, device=device)
+    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, half, dtype=torch.float64) / half))
+    t = torch.arange(length, dtype=torch.float64)
     freqs = torch.outer(t, inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().float(), emb.sin().float()
+    return emb.cos().float().to(device), emb.sin().float().to(device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
