@@ -17,7 +17,7 @@ def verdicts(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     def workload(r: dict[str, Any]) -> tuple:
         p = r.get("point") or {}
         return (hardware(r), r.get("backend"), r.get("precision"), p.get("prompt_tokens"), p.get("new_tokens"),
-                p.get("threads"))
+                p.get("threads"), options_text(r))
 
     results = collapse(results)
     by_key: dict[tuple, dict[str, dict[str, Any]]] = {}
@@ -28,14 +28,15 @@ def verdicts(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         elif r.get("role") == "baseline" and r.get("status") == "ok":
             baselines.setdefault(workload(r), []).append(r)
     rows = []
-    for (group, label, backend, precision, prompt, new, threads), roles in by_key.items():
+    for (group, label, backend, precision, prompt, new, threads, options), roles in by_key.items():
         moe = roles.get("moe")
-        named = baselines.get((label, backend, precision, prompt, new, threads), [])
+        named = baselines.get((label, backend, precision, prompt, new, threads, options), [])
         if moe is None or (len(roles) < 2 and not named):
             continue
         protocol = moe.get("protocol") or {}
         target, min_rounds = protocol.get("target"), protocol.get("min_rounds", 3)
-        row: dict[str, Any] = {"group": group, "hardware": label, "backend": backend, "precision": precision,
+        row: dict[str, Any] = {"group": group, "hardware": label, "options": options, "backend": backend,
+                               "precision": precision,
                                "prompt_tokens": prompt, "new_tokens": new, "threads": threads, "target": target}
         stats: list[dict[str, Any]] = []
 
@@ -136,6 +137,12 @@ def ratio_interval(a: list[float], b: list[float], *, level: float = 0.95, resam
     rb = np.median(xb[rng.integers(0, len(xb), (resamples, len(xb)))], axis=1)
     lo, hi = np.percentile(ra / rb, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
     return [float(lo), float(hi)]
+
+
+def options_text(r: dict[str, Any]) -> str:
+    """A result's backend options as 'k=v k=v' (sorted), '' when none."""
+    options = (r.get("point") or {}).get("options") or {}
+    return " ".join(f"{k}={options[k]}" for k in sorted(options))
 
 
 def hardware(r: dict[str, Any]) -> str | None:

@@ -104,13 +104,20 @@ def _file_backends(plugins: "MoerunPlugins", model: str, backends: list[str]) ->
 
 def points_from_study(plugins: "MoerunPlugins", study: Any, backends: list[str]) -> list[Point]:
     """The study's grid as points: each MoE model with its twins (or alone), each named dense
-    baseline once, x backends x precisions x prompt lengths x generation lengths x threads."""
+    baseline once, x backends x precisions x prompt lengths x generation lengths x threads
+    (x hardware labels x the values of any option given as a list)."""
     import itertools
 
     fields = dict(repetitions=study.repetitions, warmup=study.warmup, seed=study.seed,
                   checkpoint_dtype=study.checkpoint_dtype, timeout_s=study.timeout_s, breakdown=study.breakdown,
-                  parity=study.parity,
-                  options=dict(study.options))
+                  parity=study.parity)
+    # an option given as a list is a grid dimension: options = { n_cpu_moe = [0, 4, 8] }
+    swept = {k: v for k, v in study.options.items() if isinstance(v, list)}
+    for k, v in swept.items():
+        if not v:
+            raise ConfigError(f"study option {k!r} sweeps an empty list")
+    option_sets = [{**study.options, **dict(zip(swept, values))}
+                   for values in itertools.product(*swept.values())] or [dict(study.options)]
     models: list[tuple[str, str, str]] = []
     for m in study.models:
         models += model_with_twins(plugins, m, study.twins)
@@ -122,11 +129,12 @@ def points_from_study(plugins: "MoerunPlugins", study: Any, backends: list[str])
     for p in study.precisions:
         get_precision(p)
     points = []
-    grid = itertools.product(study.hardware or [None], models, backends, study.precisions or [None],
+    grid = itertools.product(study.hardware or [None], option_sets, models, backends, study.precisions or [None],
                              study.prompt_tokens, study.new_tokens, study.threads or [None])
-    for label, (name, role, group), backend, precision, prompt, new, threads in grid:
+    for label, options, (name, role, group), backend, precision, prompt, new, threads in grid:
         points.append(Point(model=name, backend=backend, precision=precision, role=role, group=group,
-                            prompt_tokens=prompt, new_tokens=new, threads=threads, hardware=label, **fields))
+                            prompt_tokens=prompt, new_tokens=new, threads=threads, hardware=label,
+                            options=dict(options), **fields))
     return points
 
 

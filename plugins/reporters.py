@@ -7,7 +7,7 @@ import json as _json
 from typing import Any, TextIO
 
 from moerun import hookimpl
-from moerun.analysis import hardware, human_count, maturity, verdicts
+from moerun.analysis import hardware, human_count, maturity, options_text, verdicts
 
 COLUMNS = [
     # (header, getter, format)
@@ -31,10 +31,22 @@ COLUMNS = [
 
 
 def _columns(results: list[dict[str, Any]]) -> list[tuple]:
-    """COLUMNS, led by the fleet label when any result was measured on a labelled node."""
+    """COLUMNS, led by the fleet label when any result was measured on a labelled node, and
+    with the backend options after the precision when they differ between results (a sweep)."""
+    columns = list(COLUMNS)
+    if len({options_text(r) for r in results}) > 1:
+        at = [h for h, _, _ in columns].index("prec") + 1
+        columns.insert(at, ("options", options_text, "{}"))
     if any(hardware(r) for r in results):
-        return [("hardware", lambda r: hardware(r) or "", "{}"), *COLUMNS]
-    return COLUMNS
+        columns.insert(0, ("hardware", lambda r: hardware(r) or "", "{}"))
+    return columns
+
+
+def _model_cell(rows: list[dict[str, Any]], row: dict[str, Any]) -> str:
+    """A verdict's model, with its options when the rows differ in them (a sweep)."""
+    if len({r.get("options") or "" for r in rows}) > 1 and row.get("options"):
+        return f"{row['group']} [{row['options']}]"
+    return str(row["group"])
 
 
 def _lead(rows: list[dict[str, Any]]) -> list[str]:
@@ -138,7 +150,7 @@ def table(results: list[dict[str, Any]], stream: TextIO) -> None:
     t = Table(title="moerun results (medians over rounds; ± = 95 % half-width of decode tok/s over rounds)",
               header_style="bold")
     columns = _columns(results)
-    left = 6 + len(columns) - len(COLUMNS)
+    left = [h for h, _, _ in columns].index("params") + 1
     for i, (header, _, _) in enumerate(columns):
         t.add_column(header, justify="left" if i < left else "right", no_wrap=i < left)
     for r in results:
@@ -163,7 +175,7 @@ def table(results: list[dict[str, Any]], stream: TextIO) -> None:
                   "rounds", "precision got", "flags"):
             v.add_column(h, justify="left" if h in ("hardware", "model", "backend", "precision", "flags") else "right")
         for row in twin_rows:
-            v.add_row(*_lead_cells(twin_rows, row), row["group"], row["backend"], row["precision"] or "", str(row.get("prompt_tokens") or ""),
+            v.add_row(*_lead_cells(twin_rows, row), escape(_model_cell(twin_rows, row)), row["backend"], row["precision"] or "", str(row.get("prompt_tokens") or ""),
                       *[_ratio(row, k) for k in ("decode_vs_active", "prefill_vs_active",
                                                  "decode_vs_total", "prefill_vs_total")],
                       _fmt(row.get("ideal_decode_vs_total"), "{:.2f}x"),
@@ -428,7 +440,7 @@ def markdown_report(results: list[dict[str, Any]], stream: TextIO, assets_dir: A
                           "realised", "rounds", "precision got", "flags"]))
         stream.write(row(["---"] * (len(keys) + 7 + len(_lead(rows)))))
         for v in rows:
-            stream.write(row([*_lead_cells(rows, v), v["group"], v["backend"], v["precision"] or "",
+            stream.write(row([*_lead_cells(rows, v), _model_cell(rows, v), v["backend"], v["precision"] or "",
                               *(_ratio(v, k) if k != "ideal_decode_vs_total" else _fmt(v.get(k), "{:.2f}x")
                                 for k in keys), _fmt(v.get("realised_share_decode"), "{:.0%}"),
                               str(v.get("rounds") or "-"), _precision_cell(v), _flags(v)]))

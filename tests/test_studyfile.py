@@ -36,6 +36,29 @@ def test_grid_has_twins_baselines_and_every_prompt_length(plugins, tmp_path):
     assert len({p.key for p in points}) == len(points)
 
 
+def test_an_option_given_as_a_list_is_swept_and_verdicts_keep_the_values_apart(plugins, tmp_path):
+    """llama.cpp's n_cpu_moe swept as a grid dimension; each value is its own comparison."""
+    f = tmp_path / "s.toml"
+    f.write_text(STUDY.replace('backends = ["torch"]', 'backends = ["llamacpp"]\noptions = { n_cpu_moe = [0, 1], '
+                                                       'mmap = false }').replace("dense = [\"tiny-dense\"]\n", ""))
+    points = points_from_study(plugins, load_study(f), ["llamacpp"])
+    assert len(points) == 3 * 2 * 2  # moe and twins x 2 prompt lengths x 2 sweep values
+    assert {(p.options["n_cpu_moe"], p.options["mmap"]) for p in points} == {(0, False), (1, False)}
+    from moerun.analysis import verdicts
+    from moerun.runner import base_result
+
+    results = []
+    for p in points:
+        r = base_result(p, {})
+        r.update(status="ok", metrics={"decode_tok_s": 2.0 if p.role == "moe" else 1.0, "prefill_tok_s": 1.0})
+        results.append(r)
+    rows = verdicts(results)
+    assert len(rows) == 4 and {row["options"] for row in rows} == {"mmap=False n_cpu_moe=0", "mmap=False n_cpu_moe=1"}
+    f.write_text(STUDY.replace('backends = ["torch"]', 'backends = ["torch"]\noptions = { mode = [] }'))
+    with pytest.raises(ConfigError, match="sweeps an empty list"):
+        points_from_study(plugins, load_study(f), ["torch"])
+
+
 def test_typos_and_bad_files_name_the_problem(tmp_path):
     f = tmp_path / "bad.toml"
     f.write_text(STUDY.replace("prompt_tokens", "prompt_token"))
