@@ -220,7 +220,8 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
     run.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                      help="engine threads (default: the engine's choice)")
     run.add_argument("--device", default=None, metavar="DEV",
-                     help="cpu or cuda (cuda:N); a backend without that device records 'unsupported' "
+                     help="cpu, cuda (cuda:N), mps (torch), metal/vulkan/gpu (llama.cpp), tensorrt/coreml "
+                          "(onnxruntime); a device the installed engine lacks records 'unsupported' with why "
                           "(default: cpu, or the backend's only device)")
     run.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights and token ids (default: 0)")
     run.add_argument("--checkpoint-dtype", choices=("float32", "bfloat16"), default="float32",
@@ -305,7 +306,13 @@ def cmd_backends(plugins: Any, args: argparse.Namespace) -> int:
         t.add_row(r["name"], "yes" if r["available"] else "no", escape(r["version"] or "-"),
                   ", ".join(caps["precisions"]), "yes" if caps["supports_moe"] else "no",
                   ", ".join(r["devices"] or caps["devices"]), escape(why))
-    Console(width=140).print(t)
+    console = Console(width=140)
+    console.print(t)
+    notes = [(r["name"], dev, note) for r in rows if r["available"] for dev, note in (r.get("device_notes") or {}).items()]
+    if notes:
+        console.print("devices a backend knows but cannot use here:", highlight=False)
+        for name, dev, note in notes:
+            console.print(escape(f"  {name} {dev}: {note}"), highlight=False)
     return 0
 
 
