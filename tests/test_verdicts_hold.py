@@ -162,8 +162,10 @@ def test_busy_machine_is_refused_or_flagged(tmp_path):
         assert out.returncode == 2 and "busy" in out.stderr and "refuse" in out.stderr
         assert not (tmp_path / "x.jsonl").exists()
         out_file = tmp_path / "busy.jsonl"
-        out = run_cli("-b", "llamacpp", "-m", "tiny-moe", "--prompt-tokens", "32", "--new-tokens", "200",
-                      "--repetitions", "5", "-o", str(out_file), "--json", *ONE_ROUND)
+        # one engine thread: with two on a 2-core machine beside a burner, llama.cpp's threads
+        # wait on each other for whole time slices (200 tokens took minutes), not the point here
+        out = run_cli("-b", "llamacpp", "-m", "tiny-moe", "--prompt-tokens", "32", "--new-tokens", "400",
+                      "--repetitions", "3", "--threads", "1", "-o", str(out_file), "--json", *ONE_ROUND)
     finally:
         burner.kill()
         burner.wait()
