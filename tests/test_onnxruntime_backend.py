@@ -170,3 +170,61 @@ def test_graph_has_no_dead_nodes(pm, cache, backend):
     subgraph_reads(g)
     dead = [n.name for n in g.node if not any(o in read for o in n.output)]
     assert dead == []
+
+
+class _Grouped:
+    """The onnxruntime backend with the grouped formulation at any expert size (the tiny
+    presets' experts are small enough that the backend itself picks the gather one)."""
+
+    @staticmethod
+    def make(pm):
+        from moerun.backends.onnxruntime.backend import OnnxRuntimeBackend
+
+        class Grouped(OnnxRuntimeBackend):
+            name = "onnxruntime-grouped"
+            aliases = ()
+
+            def moe_formulation(self, spec):
+                return "grouped"
+
+        return Grouped()
+
+
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n != "tiny-dense"])
+def test_grouped_formulation_matches_the_reference_and_copies_no_weights(pm, cache, name):
+    import onnx
+
+    spec = pm.models.resolve(name)
+    ck = synthetic_checkpoint(spec, cache, seed=0)
+    b = _Grouped.make(pm)
+    ids = token_ids(spec.vocab_size, 48, seed=4)
+    ref = _reference(pm, ck, cache, ids, 32)
+    for precision, tol, min_top1 in (("fp32", 1e-4, 1.0), ("int8", None, 0.75)):
+        art = b.prepare(ck, precision, cache)
+        assert art.meta["moe_formulation"] == "grouped"
+        session = b.load(art, LoadSettings(max_context=64))
+        got = teacher_forced_logits(session, ids, 32)
+        assert session.describe()["moe_formulation"] == "grouped"
+        top1 = (got.argmax(-1) == ref.argmax(-1)).mean()
+        print(f"{name} grouped {precision}: max abs diff {np.abs(got - ref).max():.2e}, top-1 {top1:.0%}")
+        assert top1 >= min_top1 and (tol is None or np.abs(got - ref).max() < tol)
+        model = onnx.load(str(art.path))
+        ifs = [n for n in model.graph.node if n.op_type == "If"]
+        assert len(ifs) == spec.num_layers * spec.num_experts  # one per expert per layer
+        # each branch multiplies by its expert's own initializers, read in place: nothing
+        # gathers (copies) a weight
+        main_inits = {t.name for t in model.graph.initializer}
+        for e, n in enumerate(ifs[: spec.num_experts]):
+            then = next(a.g for a in n.attribute if a.name == "then_branch")
+            mm = [m for m in then.node if m.op_type == ("MatMulInteger" if precision == "int8" else "MatMul")]
+            assert len(mm) == 2 and all(m.input[1] in main_inits and f".expert{e}." in m.input[1] for m in mm)
+            gathered = {m.input[0] for m in then.node if m.op_type == "Gather"}
+            assert not gathered & main_inits  # tokens and routing weights only
+
+
+def test_the_backend_picks_grouped_for_real_experts_and_gather_for_tiny_ones(pm):
+    b = pm.backends.get("onnxruntime")()
+    assert b.moe_formulation(pm.models.resolve("small-moe")) == "grouped"
+    assert b.moe_formulation(pm.models.resolve("olmoe-1b-7b")) == "grouped"
+    assert b.moe_formulation(pm.models.resolve("tiny-moe")) == "standard"  # 8 experts of 64x128
+    assert pm.backends.get("onnxruntime-contrib")().moe_formulation(pm.models.resolve("small-moe")) == "contrib"

@@ -5,7 +5,12 @@ Engine-neutral: only `onnx` is imported; ONNX Runtime and TensorRT consume the s
 Opset 17, plain ops (RMSNorm as Pow/ReduceMean/Add/Sqrt/Div/Mul, the form ONNX Runtime
 fuses). Two MoE formulations:
 
-- ``standard``: ops every runtime has. An ``If`` on the token count picks, for one token,
+- ``grouped`` (the onnxruntime backend's): ops every runtime has. Per expert an ``If`` runs
+  the expert only when some token chose it, on those tokens (Gather, NonZero) and on the
+  expert's own weight initializers, and places the weighted result (ScatterND); a Sum
+  combines the experts. Bytes read per token = the k chosen experts, no weight copies;
+  prefill FLOPs = the routed tokens' only.
+- ``standard`` (TensorRT's; kept for comparison): An ``If`` on the token count picks, for one token,
   a Gather of only the k selected experts' weights and a batched MatMul over them (bytes
   read = k experts); for several tokens, every expert on every token combined with the
   sparse routing weights (ONNX has no grouped GEMM; E/k times the expert FLOPs).
@@ -36,7 +41,7 @@ def node_category(name: str) -> str:
     return prefix if prefix in CATEGORIES else "other"
 
 OPSET = 17
-FORMULATIONS = ("standard", "contrib")
+FORMULATIONS = ("grouped", "standard", "contrib")
 
 
 class _G:
@@ -78,8 +83,8 @@ class OnnxDecoderBuilder:
         if expert_bits is not None and formulation != "contrib":
             raise ValueError("quantised experts need the contrib (QMoE) formulation")
         self.ckpt, self.spec = ckpt, ckpt.spec
-        if int8_experts and formulation != "standard":
-            raise ValueError("int8_experts is the standard formulation's quantisation (contrib: expert_bits)")
+        if int8_experts and formulation not in ("standard", "grouped"):
+            raise ValueError("int8_experts is the standard-op formulations' quantisation (contrib: expert_bits)")
         self.formulation, self.expert_bits, self.block_size = formulation, expert_bits, block_size
         self.int8_experts = int8_experts
         if attention not in ("plain", "gqa"):
@@ -295,6 +300,8 @@ class OnnxDecoderBuilder:
         if self.formulation == "contrib":
             g.scope = "experts"  # the MoE op does softmax and top-k itself: routing and experts in one kernel
             out = self._contrib_moe(i, h, router, name)
+        elif self.formulation == "grouped":
+            out = self._grouped_moe(i, h, router, name)
         else:
             out = self._standard_moe(i, h, router, name)
         if s.shared_expert_intermediate_size:
@@ -312,16 +319,102 @@ class OnnxDecoderBuilder:
         mats = [self.ckpt.read(name(e, kind)) for e in range(s.num_experts)]
         return np.stack([m.T if transpose else m for m in mats])
 
-    def _standard_moe(self, i: int, h: str, router: str, name) -> str:
-        from onnx import helper
-
+    def _routing(self, i: int, router: str) -> tuple[str, str, str]:
+        """Softmax over the experts, top-k, optional renormalisation: (probs, topv, topi)."""
         s, g = self.spec, self.g
-        I = s.intermediate_size
         probs = g.op("Softmax", [router], axis=-1, name=f"l{i}_router_softmax")
         topv, topi = g.op("TopK", [probs, g.const(np.array([s.top_k], np.int64))], outputs=2, axis=-1,
                           name=f"l{i}_router_topk")
         if s.renormalize_topk:
             topv = g.op("Div", [topv, g.op("ReduceSum", [topv, g.const(np.array([-1], np.int64))], keepdims=1)])
+        return probs, topv, topi
+
+    def _branch(self, label: str, build: Any) -> Any:
+        """An If branch: `build(g)` adds nodes to a fresh graph (outer-scope names stay visible)
+        and returns its output name; the graph is returned."""
+        saved = self.g
+        sub = _G()
+        sub.scope, sub.count = saved.scope, saved.count + 1
+        sub.helper, sub.numpy_helper = saved.helper, saved.numpy_helper
+        self.g = sub
+        try:
+            out = build(sub)
+        finally:
+            self.g = saved
+        saved.count = sub.count + 1
+        return saved.helper.make_graph(sub.nodes, label, [], [saved.helper.make_tensor_value_info(out, 1, None)],
+                                       initializer=sub.inits)
+
+    def _grouped_moe(self, i: int, h: str, router: str, name) -> str:
+        """Tokens grouped by expert, in standard ops: for each expert an ``If`` that runs only
+        when some token chose it, gathers those tokens, runs the expert's SwiGLU on its own
+        weight initializers (no copy of the weights) and scatter-adds the weighted result.
+        One token touches exactly its k experts' weights; a prompt runs each used expert once
+        over its own tokens (the expert FLOPs of the routed tokens, no more)."""
+        s, g = self.spec, self.g
+        E, H, I = s.num_experts, s.hidden_size, s.intermediate_size
+        probs, topv, topi = self._routing(i, router)
+        g.scope = "experts"
+        dense = g.op("ScatterElements", [g.op("Mul", [probs, g.const(np.float32(0.0))]), topi, topv], axis=-1)
+        dense = g.op("Reshape", [dense, g.const(np.array([-1, E], np.int64))], name=f"l{i}_experts_weights")  # [T,E]
+        hits = g.op("Greater", [g.op("ReduceMax", [dense], axes=[0], keepdims=0), g.const(np.float32(0.0))],
+                    name=f"l{i}_experts_used")  # [E]
+        # one condition per expert, [1] each, from a single Split (E Gathers cost ~1 us apiece)
+        conds = g.op("Split", [hits], outputs=E, axis=0, name=f"l{i}_experts_conditions") if E > 1 else [hits]
+        x2 = g.op("Reshape", [h, g.const(np.array([-1, H], np.int64))])  # [T, H]
+        zeros = g.op("Mul", [x2, g.const(np.float32(0.0))])  # [T, H]
+        parts = []
+        for e in range(E):
+            gate_t, up_t, down_t = (self.ckpt.read(name(e, k)).T for k in ("gate", "up", "down"))
+            gu_np, d_np = np.concatenate([gate_t, up_t], axis=1), down_t  # [H, 2I], [I, H]
+
+            def matmul(gr: _G, x: str, w: np.ndarray, label: str) -> str:
+                """x @ w, the expert's weight an initializer of the main graph read from the
+                branch (outer scope). As initializers of the branch itself ONNX Runtime kept
+                about three copies resident (small-moe's extra expert weights: 300 MB of RSS
+                for 94 MB of weights) at no measurable speed gain. int8: the weight stays int8
+                and MatMulInteger reads it directly (x quantised per call), one scale per
+                output channel afterwards: what quantize_dynamic emits for the other MatMuls,
+                which it does not look for inside If branches."""
+                tag = f"l{i}_experts_{label.split('.')[0]}"
+                if not self.int8_experts:
+                    return gr.op("MatMul", [x, g.const(np.ascontiguousarray(w), f"l{i}.expert{e}.{label}")], name=tag)
+                q, sc = quantize_per_channel(w[None])
+                xq, xs, xz = gr.op("DynamicQuantizeLinear", [x], outputs=3)
+                acc = gr.op("MatMulInteger", [xq, g.const(q[0], f"l{i}.expert{e}.{label}.q"), xz], name=tag)
+                scale = gr.op("Mul", [xs, g.const(sc[0].reshape(-1), f"l{i}.expert{e}.{label}.s")])
+                return gr.op("Mul", [gr.op("Cast", [acc], to=1), scale])
+
+            def run_expert(gr: _G, e=e, gu_np=gu_np, d_np=d_np) -> str:
+                # constants local to the branch: every outer-scope name is an implicit input of
+                # the If, passed on each execution, taken or not
+                index, flat = gr.const(np.array(e, np.int64)), gr.const(np.array([-1], np.int64))
+                split, col_axis = gr.const(np.array([I, I], np.int64)), gr.const(np.array([1], np.int64))
+                col = gr.op("Gather", [dense, index], axis=1)  # [T]: this expert's weight per token
+                tok = gr.op("Reshape", [gr.op("NonZero", [col]), flat], name=f"l{i}_expert{e}_tokens")  # [n]
+                xe = gr.op("Gather", [x2, tok], axis=0)  # [n, H]
+                gu = matmul(gr, xe, gu_np, "gate_up.T")
+                gt, up = gr.op("Split", [gu, split], outputs=2, axis=-1)
+                act = gr.op("Mul", [gr.op("Mul", [gt, gr.op("Sigmoid", [gt])]), up])
+                y = matmul(gr, act, d_np, "down.T")  # [n, H]
+                we = gr.op("Unsqueeze", [gr.op("Gather", [col, tok], axis=0), col_axis])  # [n, 1]
+                return gr.op("ScatterND", [zeros, gr.op("Unsqueeze", [tok, col_axis]), gr.op("Mul", [y, we])],
+                             name=f"l{i}_experts_place")
+
+            then_graph = self._branch(f"l{i}_expert{e}_run", run_expert)
+            else_graph = self._branch(f"l{i}_expert{e}_skip",  # no node: an all-zero row, broadcast by Sum
+                                      lambda gr, e=e: gr.const(np.zeros((1, H), np.float32), f"l{i}_expert{e}_none"))
+            parts.append(g.op("If", [conds[e]], then_branch=then_graph, else_branch=else_graph,
+                              name=f"l{i}_expert{e}"))
+        acc = g.op("Sum", parts, name=f"l{i}_experts_combine")
+        return g.op("Reshape", [acc, g.const(np.array([1, -1, H], np.int64))])
+
+    def _standard_moe(self, i: int, h: str, router: str, name) -> str:
+        from onnx import helper
+
+        s, g = self.spec, self.g
+        I = s.intermediate_size
+        probs, topv, topi = self._routing(i, router)
         g.scope = "experts"
         gu_np = np.concatenate([self._stack(name, "gate", True), self._stack(name, "up", True)], axis=2)  # [E,H,2I]
         d_np = self._stack(name, "down", True)  # [E, I, H]

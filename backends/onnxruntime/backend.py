@@ -1,9 +1,10 @@
 """The ONNX Runtime backend: graphs from the shared builder (backends/onnxgraph), the KV
 cache kept in ONNX Runtime's own OrtValues between steps (IO binding), two MoE
-formulations selected with ``-O moe=standard|contrib``.
+formulations: ``grouped`` standard ops (backend onnxruntime) and ONNX Runtime's contrib MoE
+op (backend onnxruntime-contrib).
 
 Precisions: fp32; int8 (attention/FFN/head MatMuls by ``quantize_dynamic``, per channel;
-experts as int8 with per-channel scales: Cast+Mul of the gathered experts in the standard
+experts as int8 with per-channel scales: Cast+Mul of each used expert in the grouped
 formulation, QMoE 8-bit in the contrib one); int4 (MatMulNBits, block 32, accuracy level
 4; experts QMoE 4-bit, contrib formulation only: opset 17 has no 4-bit type). Routers stay
 fp32 in every precision, as llama.cpp keeps them.
@@ -35,6 +36,7 @@ from moerun import (
 )
 
 BUILD_VERSION = "onnx-builder-3"
+DISPATCH_BYTES = 64 << 10  # what one If dispatch costs, in bytes copied (~2 us at ~30 GB/s)
 OPTIONS = {"provider", "profile", "opt_level", "spinning", "breakdown", "placement"}
 # moerun device -> execution provider, and why a missing one is missing
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
@@ -100,9 +102,10 @@ class OnnxRuntimeBackend(Backend):
 
     name = "onnxruntime"
     aliases = ("ort",)
-    formulation = "standard"
+    formulation = "grouped"
     attention = "plain"
-    description = "ONNX Runtime, MoE as standard ONNX ops (TopK, Gather of the selected experts, MatMul)"
+    description = ("ONNX Runtime, MoE as standard ONNX ops: TopK, then per expert an If that runs it on its own "
+                   "tokens (no weight copies)")
     capabilities = Capabilities(precisions=("fp32", "int8", "int4"), default_precision="fp32", supports_moe=True,
                                 devices=tuple(PROVIDERS))
     install_hint = "pip install 'moerun[onnxruntime]'"
@@ -118,8 +121,21 @@ class OnnxRuntimeBackend(Backend):
         return Availability(available=True, version=ort.__version__, devices=devices, device_notes=notes)
 
     # ------------------------------------------------------------------ artifacts
+    def moe_formulation(self, spec: Any) -> str:
+        """`grouped` (one If per expert, no weight copies) unless the experts are so small that
+        the per-expert dispatch costs more than copying the k chosen experts would: one If
+        executes in about 2 us here, as long as copying ~DISPATCH_BYTES. Measured decode per
+        token, grouped against gather: 128 experts of 512x64 (top-2) 777-808 us against
+        241-283 us; 4 experts of 512x1024, 665-808 us against 1129-1217 us
+        (tests/test_breakdown.py's shapes; docs/backends.md)."""
+        if self.formulation != "grouped" or not spec.is_moe:
+            return self.formulation
+        expert_bytes = 4 * 3 * spec.hidden_size * spec.intermediate_size
+        return "grouped" if spec.top_k * expert_bytes >= spec.num_experts * DISPATCH_BYTES else "standard"
+
     def prepare(self, checkpoint: Checkpoint, precision: str, cache: Cache) -> Artifact:
-        spec, formulation = checkpoint.spec, self.formulation
+        spec = checkpoint.spec
+        formulation = self.moe_formulation(spec)
         expert_bits = None
         if spec.is_moe and precision in ("int8", "int4"):
             if formulation == "contrib":
@@ -150,7 +166,9 @@ class OnnxRuntimeBackend(Backend):
 
         from moerun.backends.onnxgraph.builder import build_onnx
 
-        int8_experts = precision == "int8" and formulation == "standard"
+        # experts stored int8 by the builder (quantize_dynamic leaves If branches alone): grouped
+        # multiplies them with MatMulInteger directly, standard dequantises after the gather
+        int8_experts = precision == "int8" and formulation in ("standard", "grouped")
         model = build_onnx(ckpt, formulation=formulation, expert_bits=expert_bits, int8_experts=int8_experts,
                            attention=self.attention)
         routers = [n.name for n in model.graph.node if "_router_gate" in n.name]
@@ -414,7 +432,7 @@ class OnnxRuntimeSession(Session):
 
     def describe(self) -> dict[str, Any]:
         return {"provider": self.provider, "placement": self.placement, "threads": self.threads,
-                "profile": self.profile,
+                "moe_formulation": self.artifact.meta.get("moe_formulation"), "profile": self.profile,
                 "kv_cache": "OrtValues via IO binding",
                 "attention": "GroupQueryAttention" if self.gqa else "plain ops"}
 
