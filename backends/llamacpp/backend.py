@@ -632,6 +632,8 @@ class LlamaCppSession(Session):
                 "type_k": self.kv_types[0], "type_v": self.kv_types[1],
                 "model_size_bytes": lib.llama_model_size(self.model),
                 "model_n_params": lib.llama_model_n_params(self.model),
+                "moe_formulation": ("llama.cpp build_moe_ffn: stacked ffn_*_exps, mul_mat_id"
+                                    if self.spec.is_moe else None),
                 "placement": {**self.offload_request, "read_back": self.offload}}
 
     def engine_timings(self) -> dict[str, Any] | None:

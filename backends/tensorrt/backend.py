@@ -273,7 +273,8 @@ class TensorRTSession(Session):
 
     def describe(self) -> dict[str, Any]:
         return {"tensorrt": self.trt.__version__, "gpu": self.torch.cuda.get_device_name(self.device),
-                "profiles": ["prefill", "decode"], "max_context": self.max_context}
+                "profiles": ["prefill", "decode"], "max_context": self.max_context,
+                "moe_formulation": "standard (ONNX gather of the k selected experts; all experts for a prompt)"}
 
     def close(self) -> None:
         self.contexts = []

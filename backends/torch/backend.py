@@ -155,6 +155,9 @@ class TorchSession(Session):
 
     def describe(self) -> dict[str, Any]:
         return {"linear_kernel": self.model.linear_kernel, "threads": self.torch.get_num_threads(),
+                "moe_formulation": ("grouped: decode runs the k chosen experts' own Linears; prefill groups "
+                                    "tokens per expert (index_select, one GEMM per used expert, index_add_)"
+                                    if self.model.spec.is_moe else None),
                 "dtype": str(self.model.dtype).removeprefix("torch."), "device": str(self.model.device),
                 "compiled": self.compiled}
 
