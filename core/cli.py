@@ -308,7 +308,8 @@ def cmd_backends(plugins: Any, args: argparse.Namespace) -> int:
                   ", ".join(r["devices"] or caps["devices"]), escape(why))
     console = Console(width=140)
     console.print(t)
-    notes = [(r["name"], dev, note) for r in rows if r["available"] for dev, note in (r.get("device_notes") or {}).items()]
+    notes = [(r["name"], dev, note) for r in rows if r["available"]
+             for dev, note in (r.get("device_notes") or {}).items()]
     if notes:
         console.print("devices a backend knows but cannot use here:", highlight=False)
         for name, dev, note in notes:

@@ -82,7 +82,8 @@ class Point:
     group: str = ""  # the MoE model a twin belongs to
     timeout_s: float = 600.0
     memory_limit_mb: int | None = None  # address-space limit of the isolated child (RLIMIT_AS)
-    hardware: str | None = attrs.field(default=None, validator=_hardware_label)  # the fleet label of the machine that measures (the ray executor places by it)
+    # the fleet label of the machine that measures (the ray executor places points by it)
+    hardware: str | None = attrs.field(default=None, validator=_hardware_label)
     options: dict[str, Any] = attrs.field(factory=dict, hash=False)
 
     def to_dict(self) -> dict[str, Any]:

@@ -76,7 +76,8 @@ def node_placement(profile_path: str) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for provider in nodes.values():
         counts[provider] = counts.get(provider, 0) + 1
-    return {"measured": True, "nodes_by_provider": counts, "op_types_by_provider": {k: sorted(v) for k, v in ops.items()}}
+    return {"measured": True, "nodes_by_provider": counts,
+            "op_types_by_provider": {k: sorted(v) for k, v in ops.items()}}
 OPT_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
               "none": "ORT_DISABLE_ALL"}  # -O opt_level -> onnxruntime.GraphOptimizationLevel
 EXTERNAL_DATA_BYTES = 1 << 30  # protobuf stops at 2 GiB: larger models keep weights beside the graph
@@ -284,8 +285,9 @@ class OnnxRuntimeSession(Session):
                 fallen = counts.get("CPUExecutionProvider", 0) if provider != "CPUExecutionProvider" else 0
                 self.placement["cpu_fallback_nodes"] = fallen
                 if fallen:
+                    cpu_ops = self.placement["op_types_by_provider"]["CPUExecutionProvider"]
                     self.placement["note"] = (f"{fallen} of {sum(counts.values())} nodes fell back to the CPU "
-                                              f"(op types: {', '.join(self.placement['op_types_by_provider']['CPUExecutionProvider'])})")
+                                              f"(op types: {', '.join(cpu_ops)})")
             finally:
                 shutil.rmtree(placement_dir, ignore_errors=True)
                 self.reset()
