@@ -329,6 +329,11 @@ class OnnxDecoderBuilder:
             topv = g.op("Div", [topv, g.op("ReduceSum", [topv, g.const(np.array([-1], np.int64))], keepdims=1)])
         return probs, topv, topi
 
+    @staticmethod
+    def _routing_matrix(g: "_G", probs: str, topv: str, topi: str) -> str:
+        """The routing weights as a dense [1, T, E] matrix: top-k weights, zeros elsewhere."""
+        return g.op("ScatterElements", [g.op("Mul", [probs, g.const(np.float32(0.0))]), topi, topv], axis=-1)
+
     def _branch(self, label: str, build: Any) -> Any:
         """An If branch: `build(g)` adds nodes to a fresh graph (outer-scope names stay visible)
         and returns its output name; the graph is returned."""
@@ -355,8 +360,8 @@ class OnnxDecoderBuilder:
         E, H, I = s.num_experts, s.hidden_size, s.intermediate_size
         probs, topv, topi = self._routing(i, router)
         g.scope = "experts"
-        dense = g.op("ScatterElements", [g.op("Mul", [probs, g.const(np.float32(0.0))]), topi, topv], axis=-1)
-        dense = g.op("Reshape", [dense, g.const(np.array([-1, E], np.int64))], name=f"l{i}_experts_weights")  # [T,E]
+        dense = g.op("Reshape", [self._routing_matrix(g, probs, topv, topi), g.const(np.array([-1, E], np.int64))],
+                     name=f"l{i}_experts_weights")  # [T, E]
         hits = g.op("Greater", [g.op("ReduceMax", [dense], axes=[0], keepdims=0), g.const(np.float32(0.0))],
                     name=f"l{i}_experts_used")  # [E]
         # one condition per expert, [1] each, from a single Split (E Gathers cost ~1 us apiece)
@@ -410,8 +415,6 @@ class OnnxDecoderBuilder:
         return g.op("Reshape", [acc, g.const(np.array([1, -1, H], np.int64))])
 
     def _standard_moe(self, i: int, h: str, router: str, name) -> str:
-        from onnx import helper
-
         s, g = self.spec, self.g
         I = s.intermediate_size
         probs, topv, topi = self._routing(i, router)
@@ -441,39 +444,29 @@ class OnnxDecoderBuilder:
             gt, up = gr.op("Split", [y, split], outputs=2, axis=-1)
             return gr.op("Mul", [gr.op("Mul", [gt, gr.op("Sigmoid", [gt])]), up])
 
-        # one token: gather only the k selected experts ([k, H, 2I]) and run them batched
-        sub = _G()
-        sub.scope = "experts"
-        sub.count = g.count + 100000
-        sub.helper, sub.numpy_helper = g.helper, g.numpy_helper
-        saved = self.g
-        self.g = g2 = sub
-        idx = g2.op("Reshape", [topi, g2.const(np.array([-1], np.int64))])  # [k]
-        x1 = g2.op("Reshape", [h, g2.const(np.array([1, 1, s.hidden_size], np.int64))])  # [1, 1, H]
-        gu = g2.op("MatMul", [x1, weights(g2, w_gu, s_gu, idx)], name=f"l{i}_experts_gate_up")  # [k, 1, 2I]
-        y = g2.op("MatMul", [act(g2, gu), weights(g2, w_d, s_d, idx)], name=f"l{i}_experts_down")  # [k,1,H]
-        wts = g2.op("Reshape", [topv, g2.const(np.array([-1, 1, 1], np.int64))])
-        one_out = g2.op("Reshape", [g2.op("ReduceSum", [g2.op("Mul", [y, wts]), g2.const(np.array([0], np.int64))],
-                                          keepdims=0), g2.const(np.array([1, 1, s.hidden_size], np.int64))])
-        then_graph = helper.make_graph(g2.nodes, f"l{i}_moe_one_token", [],
-                                       [helper.make_tensor_value_info(one_out, 1, None)], initializer=g2.inits)
-        # several tokens: every expert on every token, weighted by the sparse routing matrix
-        sub2 = _G()
-        sub2.scope = "experts"
-        sub2.count = sub.count + 100000
-        self.g = g3 = sub2
-        xt = g3.op("Unsqueeze", [g3.op("Squeeze", [h, g3.const(np.array([0], np.int64))]),
-                                 g3.const(np.array([0], np.int64))])  # [1, T, H]
-        gu = g3.op("MatMul", [xt, weights(g3, w_gu, s_gu, None)], name=f"l{i}_experts_all_gate_up")  # [E,T,2I]
-        y = g3.op("MatMul", [act(g3, gu), weights(g3, w_d, s_d, None)], name=f"l{i}_experts_all_down")  # [E,T,H]
-        dense = g3.op("ScatterElements", [g3.op("Mul", [probs, g3.const(np.float32(0.0))]), topi, topv], axis=-1)
-        dense = g3.op("Transpose", [g3.op("Squeeze", [dense, g3.const(np.array([0], np.int64))])], perm=[1, 0])
-        many = g3.op("ReduceSum", [g3.op("Mul", [y, g3.op("Unsqueeze", [dense, g3.const(np.array([2], np.int64))])]),
-                                   g3.const(np.array([0], np.int64))], keepdims=1)  # [1, T, H]
-        else_graph = helper.make_graph(g3.nodes, f"l{i}_moe_many_tokens", [],
-                                       [helper.make_tensor_value_info(many, 1, None)], initializer=g3.inits)
-        self.g = saved
-        saved.count = sub2.count
+        def one_token(g2: _G) -> str:
+            """Gather only the k selected experts ([k, H, 2I]) and run them batched."""
+            idx = g2.op("Reshape", [topi, g2.const(np.array([-1], np.int64))])  # [k]
+            x1 = g2.op("Reshape", [h, g2.const(np.array([1, 1, s.hidden_size], np.int64))])  # [1, 1, H]
+            gu = g2.op("MatMul", [x1, weights(g2, w_gu, s_gu, idx)], name=f"l{i}_experts_gate_up")  # [k, 1, 2I]
+            y = g2.op("MatMul", [act(g2, gu), weights(g2, w_d, s_d, idx)], name=f"l{i}_experts_down")  # [k,1,H]
+            wts = g2.op("Reshape", [topv, g2.const(np.array([-1, 1, 1], np.int64))])
+            return g2.op("Reshape", [g2.op("ReduceSum", [g2.op("Mul", [y, wts]), g2.const(np.array([0], np.int64))],
+                                           keepdims=0), g2.const(np.array([1, 1, s.hidden_size], np.int64))])
+
+        def many_tokens(g3: _G) -> str:
+            """Every expert on every token, weighted by the sparse routing matrix."""
+            xt = g3.op("Unsqueeze", [g3.op("Squeeze", [h, g3.const(np.array([0], np.int64))]),
+                                     g3.const(np.array([0], np.int64))])  # [1, T, H]
+            gu = g3.op("MatMul", [xt, weights(g3, w_gu, s_gu, None)], name=f"l{i}_experts_all_gate_up")  # [E,T,2I]
+            y = g3.op("MatMul", [act(g3, gu), weights(g3, w_d, s_d, None)], name=f"l{i}_experts_all_down")  # [E,T,H]
+            dense = g3.op("Transpose", [g3.op("Squeeze", [self._routing_matrix(g3, probs, topv, topi),
+                                                          g3.const(np.array([0], np.int64))])], perm=[1, 0])
+            weighted = g3.op("Mul", [y, g3.op("Unsqueeze", [dense, g3.const(np.array([2], np.int64))])])
+            return g3.op("ReduceSum", [weighted, g3.const(np.array([0], np.int64))], keepdims=1)  # [1, T, H]
+
+        then_graph = self._branch(f"l{i}_moe_one_token", one_token)
+        else_graph = self._branch(f"l{i}_moe_many_tokens", many_tokens)
         T = g.op("Gather", [g.op("Shape", [h]), g.const(np.array([1], np.int64))], axis=0)
         is_one = g.op("Equal", [T, g.const(np.array([1], np.int64))])
         is_one = g.op("Squeeze", [is_one, g.const(np.array([0], np.int64))])
