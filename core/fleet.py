@@ -169,11 +169,10 @@ def measure_on_node(point_dict: dict[str, Any], label: str, if_busy: str = "warn
     """The Ray task body, on the node: look at contention, capture this node's environment,
     write the checkpoint into this node's cache, then measure as on one machine."""
     from .cache import Cache
-    from .checkpoint import synthetic_checkpoint
     from .contention import describe, look, wait_for_quiet
     from .environment import capture
     from .manager import get_plugin_manager
-    from .runner import Point, base_result
+    from .runner import Point, base_result, resolve_checkpoint
     from .study import LocalExecutor
 
     point = Point.from_dict(point_dict)
@@ -189,19 +188,16 @@ def measure_on_node(point_dict: dict[str, Any], label: str, if_busy: str = "warn
     if before.get("contended") and if_busy == "wait":
         _, before = wait_for_quiet(wait_s)
     if before.get("contended") and if_busy == "refuse":
-        result = _infrastructure_failure(point, "unavailable",
-                                         f"node {node['hostname']} is busy ({describe(before)}); not measuring "
-                                         f"(--if-busy refuse)", node)
-        return result
+        return _infrastructure_failure(point, "unavailable",
+                                       f"node {node['hostname']} is busy ({describe(before)}); not measuring "
+                                       f"(--if-busy refuse)", node)
     plugins = get_plugin_manager()
     cache = Cache()
     env = {**capture(), "contention_before": before}
     try:
-        if not Path(point.model).exists():
-            spec = plugins.models.resolve(point.model)
+        if not Path(point.model).is_file():  # an engine file is the node's own; the child checks it
             started = time.perf_counter()
-            synthetic_checkpoint(spec, cache, seed=point.seed, dtype=point.checkpoint_dtype,
-                                 router_skew=point.router_skew)
+            resolve_checkpoint(point, plugins, cache)  # written here, as on one machine, before the child
             node["checkpoint_s"] = round(time.perf_counter() - started, 3)
     except MoerunError as exc:
         result = base_result(point, env)

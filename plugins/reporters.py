@@ -198,13 +198,14 @@ def table(results: list[dict[str, Any]], stream: TextIO) -> None:
     if based:
         bt = Table(title="MoE / named dense baseline (tokens/s ratio; > 1 means the MoE is faster)",
                    header_style="bold")
-        lead = _lead([row for row, _, _ in based])
-        for h in (*lead, "model", "baseline", "backend", "precision", "prompt", "decode", "prefill", "precision got"):
+        based_rows = [row for row, _, _ in based]
+        for h in (*_lead(based_rows), "model", "baseline", "backend", "precision", "prompt", "decode", "prefill",
+                  "precision got"):
             bt.add_column(h, justify="right" if h in ("prompt", "decode", "prefill") else "left")
         for row, name, b in based:
             hw = max((b[k] for k in ("decode_hw", "prefill_hw") if b.get(k) is not None), default=None)
-            bt.add_row(*([str(row.get("hardware") or "")] if lead else []), escape(str(row["group"])), escape(name), row["backend"], row["precision"] or "",
-                       str(row.get("prompt_tokens") or ""), _ratio(b, "decode"), _ratio(b, "prefill"),
+            bt.add_row(*_lead_cells(based_rows, row), escape(str(row["group"])), escape(name), row["backend"],
+                       row["precision"] or "", str(row.get("prompt_tokens") or ""), _ratio(b, "decode"), _ratio(b, "prefill"),
                        _precision_cell({"halfwidth": hw, "missed_target": bool(row.get("target")) and hw is not None
                                         and hw > row["target"]}))
         console.print(bt)
