@@ -16,28 +16,29 @@ def verdicts(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
     def workload(r: dict[str, Any]) -> tuple:
         p = r.get("point") or {}
-        return (hardware(r), r.get("backend"), r.get("precision"), p.get("prompt_tokens"), p.get("new_tokens"),
-                p.get("threads"), options_text(r))
+        return (hardware(r), r.get("backend"), paired_precision(r), p.get("prompt_tokens"), p.get("new_tokens"),
+                p.get("threads"), p.get("batch_size", 1), options_text(r))
 
     results = collapse(results)
     by_key: dict[tuple, dict[str, dict[str, Any]]] = {}
     baselines: dict[tuple, list[dict[str, Any]]] = {}
     for r in results:
-        if r.get("role") in ("moe", "dense-active", "dense-total"):
+        if r.get("role") in ("moe", "dense-active", "dense-total", "dense-isomem"):
             by_key.setdefault((r.get("group"), *workload(r)), {})[r["role"]] = r
         elif r.get("role") == "baseline" and r.get("status") == "ok":
             baselines.setdefault(workload(r), []).append(r)
     rows = []
-    for (group, label, backend, precision, prompt, new, threads, options), roles in by_key.items():
+    for (group, label, backend, precision, prompt, new, threads, batch, options), roles in by_key.items():
         moe = roles.get("moe")
-        named = baselines.get((label, backend, precision, prompt, new, threads, options), [])
+        named = baselines.get((label, backend, precision, prompt, new, threads, batch, options), [])
         if moe is None or (len(roles) < 2 and not named):
             continue
         protocol = moe.get("protocol") or {}
         target, min_rounds = protocol.get("target"), protocol.get("min_rounds", 3)
         row: dict[str, Any] = {"group": group, "hardware": label, "options": options, "backend": backend,
                                "precision": precision,
-                               "prompt_tokens": prompt, "new_tokens": new, "threads": threads, "target": target}
+                               "prompt_tokens": prompt, "new_tokens": new, "threads": threads, "batch_size": batch,
+                               "target": target}
         stats: list[dict[str, Any]] = []
 
         def compare(other: dict[str, Any], metric: str) -> dict[str, Any] | None:
@@ -58,7 +59,7 @@ def verdicts(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                 entry[f"{short}_ci95"] = st["ci95"] if st else None
                 entry[f"{short}_hw"] = st["halfwidth"] if st else None
             row["baselines"][b["model_name"]] = entry
-        for twin in ("dense-active", "dense-total"):
+        for twin in ("dense-active", "dense-total", "dense-isomem"):
             if twin not in roles:
                 continue
             for metric in ("decode_tok_s", "prefill_tok_s"):
@@ -77,16 +78,59 @@ def verdicts(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         row["bandwidth_range"] = max((st["bandwidth_range"] for st in stats if st.get("bandwidth_range")),
                                      default=None)
         row["method"] = stats[0]["method"] if stats else None
-        # Bandwidth-bound ideal: the dense model reads this many times more weight bytes.
+        if "dense-isomem" in roles:
+            row["isomem"] = isomem_facts(moe, roles["dense-isomem"])
+        # Bandwidth-bound ideal: the dense model reads this many times more weight bytes (per
+        # decode step: with a batch the MoE reads the union of the experts its sequences chose)
         total = roles.get("dense-total")
         ideal = None
         if total and moe.get("model") and total.get("model"):
-            ideal = total["model"]["weight_bytes_per_token"] / moe["model"]["weight_bytes_per_token"]
+            ideal = step_bytes(total) / step_bytes(moe)
         row["ideal_decode_vs_total"] = ideal
         got = row.get("decode_vs_total")
         row["realised_share_decode"] = got / ideal if got and ideal else None
         rows.append(row)
     return rows
+
+
+def paired_precision(r: dict[str, Any]) -> str | None:
+    """The precision a result is compared at: its own, except for an iso-memory twin
+    (``NAME:dense-isomem-P-Q``), which runs at Q and pairs with the MoE at P."""
+    if r.get("role") == "dense-isomem":
+        name = (r.get("point") or {}).get("model") or r.get("model_name") or ""
+        _, sep, tail = name.partition(":dense-isomem-")
+        if sep and "-" in tail:
+            return tail.split("-")[0]
+    return r.get("precision")
+
+
+def step_bytes(r: dict[str, Any]) -> float:
+    """Weight bytes one decode step reads (the union of experts over a batch where measured)."""
+    m = r.get("metrics") or {}
+    return m.get("weight_bytes_per_step") or r["model"]["weight_bytes_per_token"]
+
+
+def isomem_facts(moe: dict[str, Any], twin: dict[str, Any]) -> dict[str, Any]:
+    """What the iso-memory comparison rests on: the dense point's shape, precision and bytes
+    against the MoE's (the engine files as built: nominal bits only approximate k-quant
+    mixes), and both sides' parity with the fp32 reference."""
+    def size(r: dict[str, Any]) -> int | None:
+        return (r.get("artifact") or {}).get("size_bytes")
+
+    def parity(r: dict[str, Any]) -> dict[str, Any] | None:
+        p = r.get("parity") or {}
+        if not p.get("available"):
+            return {"available": False, "reason": p.get("reason", "not measured")} if r.get("status") == "ok" else None
+        return {"available": True, "max_abs_diff": p["max_abs_diff"], "top1_agreement": p["top1_agreement"]}
+
+    model = twin.get("model") or {}
+    out = {"model": (twin.get("point") or {}).get("model") or twin.get("model_name"), "precision": twin.get("precision"),
+           "status": twin.get("status"), "error": twin.get("error"),
+           "total_params": model.get("total_params"), "moe_total_params": (moe.get("model") or {}).get("total_params"),
+           "bytes": size(twin), "moe_bytes": size(moe), "parity": parity(twin), "moe_parity": parity(moe)}
+    if out["bytes"] and out["moe_bytes"]:
+        out["bytes_ratio"] = out["bytes"] / out["moe_bytes"]
+    return out
 
 
 def maturity(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -51,6 +51,9 @@ class Capabilities:
     routing_stats: bool = False  # Session.expert_counts() returns data
     artifact_suffixes: tuple[str, ...] = ()  # engine files `prepare_file` accepts (".gguf")
     in_default_study: bool = True  # False: runs only when named with --backend (examples)
+    # the most sequences one Session decodes together (Session.prefill_batch/decode_batch);
+    # None: no fixed limit (memory permitting)
+    max_batch: int | None = 1
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -64,6 +67,7 @@ class LoadSettings:
     device: str = "cpu"
     max_context: int = 4096
     compile: bool = False
+    batch_size: int = 1  # sequences decoded together: the KV cache is sized for all of them
     options: dict[str, Any] = attrs.field(factory=dict, hash=False)
 
 
@@ -93,7 +97,22 @@ class Session(abc.ABC):
 
     @abc.abstractmethod
     def reset(self) -> None:
-        """Empty the KV cache (positions restart at 0)."""
+        """Empty the KV cache of every sequence (positions restart at 0)."""
+
+    def prefill_batch(self, prompts: Sequence[Sequence[int]]) -> "np.ndarray":
+        """Prefill B prompts of equal length as sequences 0..B-1 in one step; return each
+        sequence's last-position logits, [B, vocab]. B is at most the `batch_size` the
+        session was loaded with. Backends that batch override this and `decode_batch`; the
+        default runs B = 1 through `prefill`."""
+        if len(prompts) != 1:
+            raise UnsupportedError(f"{type(self).__name__} decodes one sequence at a time")
+        return self.prefill(prompts[0])
+
+    def decode_batch(self, token_ids: Sequence[int]) -> "np.ndarray":
+        """Append one token to each of the B sequences in one step; return [B, vocab]."""
+        if len(token_ids) != 1:
+            raise UnsupportedError(f"{type(self).__name__} decodes one sequence at a time")
+        return self.decode(token_ids[0])[None]
 
     def synchronize(self) -> None:
         """Wait for queued device work; the runner calls it before reading the clock."""
@@ -102,8 +121,8 @@ class Session(abc.ABC):
         """Release engine resources. Idempotent."""
 
     def expert_counts(self) -> "np.ndarray | None":
-        """Tokens routed to each expert since the last reset, [layers, experts]; None if the
-        backend does not expose routing."""
+        """Tokens routed to each expert since the last reset, [layers, experts] (all
+        sequences together); None if the backend does not expose routing."""
         return None
 
     def breakdown(self, prompt: "Sequence[int]", follow: "Sequence[int]") -> dict[str, Any] | None:

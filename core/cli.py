@@ -49,6 +49,19 @@ def _csv_list(values: Sequence[str] | None) -> list[str]:
     return out
 
 
+def _batch_sizes(values: Sequence[str] | None) -> list[int]:
+    out = []
+    for text in _csv_list(values):
+        try:
+            n = int(text)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ConfigError(f"batch size must be a whole number >= 1, got {text!r}")
+        out.append(n)
+    return list(dict.fromkeys(out))
+
+
 def _int_at_least(minimum: int):
     def parse(text: str) -> int:
         try:
@@ -173,6 +186,8 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
     st.add_argument("--preset", metavar="NAME", help="built-in study (--list to see them)")
     st.add_argument("--list", action="store_true", help="list the built-in studies")
     st.add_argument("-b", "--backend", action="append", metavar="NAME", help="override the study's backends")
+    st.add_argument("--batch-size", action="append", metavar="N",
+                    help="override the study's batch_sizes; repeatable or comma-separated")
     st.add_argument("-o", "--output", type=Path, metavar="PATH", help="results JSONL (an existing one is resumed)")
     st.add_argument("--report", default="table", metavar="NAME", help="reporter for the summary (default: table)")
     st.add_argument("--json", action="store_true", help="shorthand for --report json")
@@ -189,6 +204,9 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
     pre.add_argument("--model", "-m", metavar="NAME", help="model preset (its dense twins are added)")
     pre.add_argument("--precision", "-p", default="q4_k_m", metavar="NAME", help="precision (default: q4_k_m)")
     pre.add_argument("--context", type=_positive_int, default=512, metavar="N", help="context length (default: 512)")
+    pre.add_argument("--batch-size", action="append", metavar="N",
+                     help="sequences decoded together: an MoE step reads the union of their experts; repeatable "
+                          "or comma-separated (default: 1). The MoE/total-twin crossover batch is printed too")
     pre.add_argument("--calibrate", type=Path, metavar="RESULTS.jsonl",
                      help="take the efficiency from these results (median MBU / FLOP utilisation) instead of "
                           "assuming 80 %% / 50 %%")
@@ -232,7 +250,13 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
     run.add_argument("--compile", action="store_true", help="torch.compile where the backend supports it")
     run.add_argument("-O", "--option", action="append", metavar="KEY=VALUE", default=[],
                      help="backend option, repeatable; VALUE is read as JSON when it parses (e.g. -O repack=true)")
+    run.add_argument("--batch-size", action="append", metavar="N",
+                     help="sequences prefilled together and decoded in lock step (each its own seeded ids, so "
+                          "routing differs); repeatable or comma-separated, each a grid value (default: 1)")
     run.add_argument("--no-twins", action="store_true", help="do not add the dense twins of MoE models")
+    run.add_argument("--no-isomem", action="store_true",
+                     help="do not add the iso-memory twin: the dense model holding the MoE's weight bytes at "
+                          "the backend's next harder precision (NAME:dense-isomem-P-Q)")
     run.add_argument("--parity", action="store_true",
                      help="also compare each point's logits with the PyTorch fp32 reference (16 positions)")
     run.add_argument("--breakdown", action="store_true",
@@ -364,7 +388,7 @@ def cmd_plugins(plugins: Any, args: argparse.Namespace) -> int:
 
 
 def cmd_predict(plugins: Any, args: argparse.Namespace) -> int:
-    from .predict import HARDWARE, efficiency_from_results, get_hardware, predict, this_machine
+    from .predict import HARDWARE, crossover, efficiency_from_results, get_hardware, predict, this_machine
 
     if args.list:
         rows = [{"name": h.name, "description": h.description, "bandwidth_gb_s": h.bandwidth_bytes_s / 1e9,
@@ -394,9 +418,14 @@ def cmd_predict(plugins: Any, args: argparse.Namespace) -> int:
         efficiency = efficiency_from_results(collapse(read_results(args.calibrate)), args.precision)
     spec = plugins.models.resolve(args.model)
     specs = [spec] + ([spec.dense_twin("active"), spec.dense_twin("total")] if spec.is_moe else [])
-    rows = [predict(sp, hw, precision=args.precision, context=args.context, efficiency=efficiency) for sp in specs]
+    batches = _batch_sizes(args.batch_size) or [1]
+    by_batch = {b: [predict(sp, hw, precision=args.precision, context=args.context, efficiency=efficiency, batch=b)
+                    for sp in specs] for b in batches}
+    cross = crossover(spec, hw, precision=args.precision, context=args.context,
+                      efficiency=efficiency) if spec.is_moe else None
     if args.json:
-        print(json.dumps(rows, indent=2))
+        rows = [r for b in batches for r in by_batch[b]]
+        print(json.dumps(rows if cross is None else {"predictions": rows, "crossover": cross}, indent=2))
         return 0
     basis = (f"efficiency from {args.calibrate}: decode {efficiency['decode']:.0%} of bandwidth, prefill "
              f"{efficiency['prefill']:.0%} of peak FLOP/s"
@@ -406,16 +435,30 @@ def cmd_predict(plugins: Any, args: argparse.Namespace) -> int:
     print(f"{hw.name}: {hw.bandwidth_bytes_s / 1e9:.0f} GB/s, {hw.peak_flops / 1e12:.2f} TFLOPS, "
           f"{hw.memory_bytes / 1e9:.0f} GB ({hw.source})")
     print(basis)
-    for r in rows:
-        if r["fits"] is False:
-            print(f"  {r['model']:28s} does not fit: {r['reason']}")
+    for b, rows in by_batch.items():
+        if len(batches) > 1 or b > 1:
+            print(f" batch {b}" + (f" (MoE: {rows[0]['experts_touched']:.1f} of {spec.num_experts} experts per layer "
+                                   f"and step, uniform routing)" if spec.is_moe and rows[0].get("experts_touched") else ""))
+        for r in rows:
+            if r["fits"] is False:
+                print(f"  {r['model']:28s} does not fit: {r['reason']}")
+            else:
+                print(f"  {r['model']:28s} decode {r['decode_tok_s']:8.1f} tok/s  prefill {r['prefill_tok_s']:9.1f} tok/s"
+                      f"  ({r['bytes_per_token'] / 1e6:.0f} MB/token, {r['memory_needed_bytes'] / 1e9:.1f} GB, "
+                      f"{r['decode_bound']}-bound)")
+        if len(rows) == 3 and all(r.get("decode_tok_s") for r in rows):
+            print(f"  predicted MoE decode vs active twin {rows[0]['decode_tok_s'] / rows[1]['decode_tok_s']:.2f}x, "
+                  f"vs total twin {rows[0]['decode_tok_s'] / rows[2]['decode_tok_s']:.2f}x (roofline: no dispatch cost)")
+    if cross is not None:
+        if cross["batch"]:
+            print(f"  crossover: from batch {cross['batch']} the MoE decodes less than {cross['advantage']:.1f}x its "
+                  f"total twin ({cross['ratio']:.2f}x): its sequences' experts cover most of its weights")
         else:
-            print(f"  {r['model']:28s} decode {r['decode_tok_s']:8.1f} tok/s  prefill {r['prefill_tok_s']:9.1f} tok/s"
-                  f"  ({r['bytes_per_token'] / 1e6:.0f} MB/token, {r['memory_needed_bytes'] / 1e9:.1f} GB)")
-    if len(rows) == 3 and all(r.get("decode_tok_s") for r in rows):
-        print(f"  predicted MoE decode vs active twin {rows[0]['decode_tok_s'] / rows[1]['decode_tok_s']:.2f}x, "
-              f"vs total twin {rows[0]['decode_tok_s'] / rows[2]['decode_tok_s']:.2f}x (roofline: no dispatch cost)")
+            closest = (f"; closest {cross['closest_ratio']:.2f}x at batch {cross['closest_batch']}, where the "
+                       f"total twin turns compute-bound" if cross.get("closest_ratio") else "")
+            print(f"  crossover: none below {cross['advantage']:.1f}x ({cross['why']}{closest})")
     return 0
+
 
 
 def cmd_compare(plugins: Any, args: argparse.Namespace) -> int:
@@ -514,6 +557,7 @@ def cmd_run(plugins: Any, args: argparse.Namespace) -> int:
     precisions: list[str | None] = _csv_list(args.precision) or [None]
     points = build_points(
         plugins, models=models, backends=backends, precisions=precisions, twins=not args.no_twins,
+        isomem=not args.no_isomem, batch_sizes=_batch_sizes(args.batch_size) or [1],
         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repetitions=args.repetitions,
         warmup=args.warmup, threads=args.threads, device=args.device, seed=args.seed, router_skew=args.router_skew,
         checkpoint_dtype=args.checkpoint_dtype, breakdown=args.breakdown, parity=args.parity,
@@ -540,7 +584,8 @@ def cmd_study(plugins: Any, args: argparse.Namespace) -> int:
         raise ConfigError("no backend is available here; see 'moerun backends'")
     for m in (*study.models, *study.dense):
         plugins.models.resolve(m)
-    study = attrs.evolve(study, hardware=_hardware_labels(args, study.hardware))
+    study = attrs.evolve(study, hardware=_hardware_labels(args, study.hardware),
+                         batch_sizes=_batch_sizes(args.batch_size) or study.batch_sizes)
     points = points_from_study(plugins, study, backends)
     if args.memory_limit:
         points = [attrs.evolve(p, memory_limit_mb=args.memory_limit) for p in points]

@@ -49,3 +49,20 @@ def get_precision(name: str) -> Precision:
             f"unknown precision {name!r}; known: {', '.join(PRECISIONS)}"
         )
     return PRECISIONS[key]
+
+
+HARDER = 0.85  # an iso-memory twin's precision: at most this share of the MoE's bits per weight
+
+
+def harder_precision(offered: "list[str] | tuple[str, ...]", precision: str, share: float = HARDER) -> str | None:
+    """The precision one real step harder than `precision` among `offered` (a backend's):
+    the most bits per weight at most `share` of `precision`'s; ties go to the first
+    offered. None when the backend offers nothing that much harder. q4_k_m -> q3_k_m,
+    f16 -> q8_0, fp32 -> bf16 (torch) or int8 (onnxruntime), int8 -> int4."""
+    bits = get_precision(precision).bits_per_weight
+    best: str | None = None
+    for name in offered:
+        b = get_precision(name).bits_per_weight
+        if b <= share * bits and (best is None or b > get_precision(best).bits_per_weight):
+            best = name
+    return best

@@ -1,7 +1,10 @@
 """Roofline predictions: what a model should do on a device, from its spec and the device's
 published bandwidth, compute and memory, scaled by the efficiency measured here.
 
-Decode is bandwidth-bound: tokens/s = efficiency x bandwidth / bytes read per token.
+Decode is bandwidth-bound: tokens/s = efficiency x bandwidth / bytes read per token. With a
+batch of B sequences a step reads the dense weights once and, per MoE layer, the union of
+the experts the sequences chose (uniform routing: E·(1 − (1 − k/E)^B)), plus B KV caches; a
+step also costs B tokens' FLOPs, so large batches turn compute-bound (the slower bound wins).
 Prefill is compute-bound: tokens/s = efficiency x peak FLOP/s / FLOPs per token.
 A model whose weights and KV cache do not fit in the device's memory is flagged, not
 predicted.
@@ -88,15 +91,17 @@ def efficiency_from_results(results: Iterable[dict[str, Any]], precision: str | 
 
 
 def predict(spec: ModelSpec, hw: Hardware, *, precision: str, context: int = 512,
-            efficiency: dict[str, float] | None = None, kv_bytes_per_value: float = 2.0) -> dict[str, Any]:
-    """Predicted decode and prefill tokens/s of `spec` on `hw`, or why it does not fit."""
+            efficiency: dict[str, float] | None = None, kv_bytes_per_value: float = 2.0,
+            batch: int = 1) -> dict[str, Any]:
+    """Predicted decode (aggregate over `batch` sequences) and prefill tokens/s of `spec` on
+    `hw`, or why it does not fit."""
     eff = efficiency or {"decode": 0.8, "prefill": 0.5}
     bits = get_precision(precision).bits_per_weight
     weights = spec.total_params * bits / 8
     kv = spec.kv_bytes_per_token(context, kv_bytes_per_value)  # read per token = held at `context`
-    need = weights + kv
+    need = weights + batch * kv
     out: dict[str, Any] = {
-        "model": spec.name, "hardware": hw.name, "precision": precision, "context": context,
+        "model": spec.name, "hardware": hw.name, "precision": precision, "context": context, "batch_size": batch,
         "weights_bytes": weights, "memory_needed_bytes": need, "memory_bytes": hw.memory_bytes,
         "fits": need <= 0.9 * hw.memory_bytes if hw.memory_bytes else None,
         "efficiency": eff, "calibrated": efficiency is not None,
@@ -105,9 +110,39 @@ def predict(spec: ModelSpec, hw: Hardware, *, precision: str, context: int = 512
         out["reason"] = (f"needs {need / 1e9:.1f} GB for weights and KV cache; {hw.name} has "
                          f"{hw.memory_bytes / 1e9:.0f} GB (90 % usable assumed)")
         return out
-    per_token = spec.weight_bytes_per_token(precision) + kv
-    out["bytes_per_token"] = per_token
-    out["decode_tok_s"] = eff["decode"] * hw.bandwidth_bytes_s / per_token
+    per_step = spec.weight_bytes_per_step(precision, batch) + batch * kv
+    out["bytes_per_step"] = per_step
+    out["bytes_per_token"] = per_step / batch
+    out["experts_touched"] = spec.experts_touched(batch) if spec.is_moe else None
+    t_bytes = per_step / (eff["decode"] * hw.bandwidth_bytes_s)
+    t_flops = batch * spec.flops_per_token(context) / (eff["prefill"] * hw.peak_flops)
+    out["decode_tok_s"] = batch / max(t_bytes, t_flops)
     out["prefill_tok_s"] = eff["prefill"] * hw.peak_flops / spec.flops_per_token(context // 2)
-    out["decode_bound"] = "bandwidth"
+    out["decode_bound"] = "bandwidth" if t_bytes >= t_flops else "compute"
     return out
+
+
+def crossover(spec: ModelSpec, hw: Hardware, *, precision: str, context: int = 512,
+              efficiency: dict[str, float] | None = None, advantage: float = 1.1,
+              limit: int = 256) -> dict[str, Any]:
+    """The smallest batch at which the MoE's predicted decode is no longer `advantage` times
+    its total-matched twin's (the union of the experts its sequences chose has eaten its
+    bandwidth advantage), with the ratio there; None past `limit` (or when the twin does not
+    fit). Beyond the crossover a compute-bound device can widen the gap again: the MoE does a
+    fraction of the twin's FLOPs."""
+    twin = spec.dense_twin("total")
+    closest: tuple[float, int] | None = None
+    why = f"not reached by batch {limit}"
+    for b in range(1, limit + 1):
+        m, t = (predict(x, hw, precision=precision, context=context, efficiency=efficiency, batch=b)
+                for x in (spec, twin))
+        if not m.get("decode_tok_s") or not t.get("decode_tok_s"):
+            why = f"not reached before batch {b} outgrows {hw.memory_bytes / 1e9:.0f} GB"
+            break
+        ratio = m["decode_tok_s"] / t["decode_tok_s"]
+        if closest is None or ratio < closest[0]:
+            closest = (ratio, b)
+        if ratio < advantage:
+            return {"batch": b, "ratio": ratio, "advantage": advantage}
+    return {"batch": None, "why": why, "advantage": advantage,
+            "closest_ratio": closest[0] if closest else None, "closest_batch": closest[1] if closest else None}

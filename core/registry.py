@@ -124,15 +124,22 @@ class ModelRegistry(_Registry):
         return self._items[name]
 
     def resolve(self, name: str) -> ModelSpec:
-        """A preset name, or ``NAME:dense-active`` / ``NAME:dense-total`` for a twin."""
+        """A preset name, ``NAME:dense-active`` / ``NAME:dense-total`` for a twin, or
+        ``NAME:dense-isomem-P-Q`` for the dense model that holds at precision Q the bytes
+        the MoE holds at precision P."""
         base, sep, twin = name.partition(":")
         spec = self.preset(base).spec
         if not sep:
             return spec
+        if twin.startswith("dense-isomem-"):
+            parts = twin.removeprefix("dense-isomem-").split("-")
+            if len(parts) == 2 and all(parts):
+                return spec.isomem_twin(*parts)
         match = twin.removeprefix("dense-")
         if match not in TWIN_MATCHES or not twin.startswith("dense-"):
             raise UnknownModelError(
-                f"unknown twin {twin!r} of {base!r}; use {base}:dense-active or {base}:dense-total"
+                f"unknown twin {twin!r} of {base!r}; use {base}:dense-active, {base}:dense-total or "
+                f"{base}:dense-isomem-PRECISION-DENSEPRECISION"
             )
         return spec.dense_twin(match)
 

@@ -68,6 +68,7 @@ class Point:
     precision: str | None = None  # None: the backend's default
     prompt_tokens: int = attrs.field(default=64, validator=_positive)
     new_tokens: int = attrs.field(default=32, validator=_non_negative)
+    batch_size: int = attrs.field(default=1, validator=_positive)  # sequences decoded in lock step
     repetitions: int = attrs.field(default=5, validator=_positive)
     warmup: int = attrs.field(default=1, validator=_non_negative)
     seed: int = 0
@@ -101,6 +102,8 @@ class Point:
             d.pop(k)
         if d.get("hardware") is None:  # keys of points measured before fleets existed stay the same
             d.pop("hardware", None)
+        if d.get("batch_size") == 1:  # likewise before batches
+            d.pop("batch_size", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -124,6 +127,16 @@ def token_ids(vocab_size: int, count: int, seed: int) -> list[int]:
     """The workload's token ids: the same for every backend given (vocab, count, seed)."""
     rng = np.random.default_rng([seed, 0x6D6F65])
     return rng.integers(0, vocab_size, size=count).tolist()
+
+
+def batch_token_ids(vocab_size: int, count: int, seed: int, batch: int) -> list[list[int]]:
+    """One id sequence per batch member: sequence 0 is `token_ids` (so batch 1 is today's
+    workload), the others seeded apart so that their routing differs."""
+    out = [token_ids(vocab_size, count, seed)]
+    for b in range(1, batch):
+        rng = np.random.default_rng([seed, 0x6D6F65, b])
+        out.append(rng.integers(0, vocab_size, size=count).tolist())
+    return out
 
 
 def resolve_checkpoint(point: Point, plugins: "MoerunPlugins", cache: Cache) -> Checkpoint:
@@ -244,9 +257,15 @@ def measure(point: Point, plugins: "MoerunPlugins", cache: Cache | None = None,
                 f"prompt-tokens + new-tokens = {context} exceeds the model's "
                 f"max_position_embeddings ({spec.max_position_embeddings})"
             )
-        settings = LoadSettings(
-            threads=point.threads, device=device, max_context=context, compile=point.compile,
-            options=dict(point.options),
+        B = point.batch_size
+        limit = backend.capabilities.max_batch
+        if limit is not None and B > limit:
+            raise UnsupportedError(f"backend {backend.name} decodes at most {limit} sequence"
+                                   f"{'s' if limit > 1 else ''} together (batch size {B} asked)")
+        settings = LoadSettings(  # the parity workload runs on the same session: room for it too
+            threads=point.threads, device=device, compile=point.compile,
+            max_context=max(context, sum(PARITY_TOKENS)) if point.parity else context,
+            batch_size=B, options=dict(point.options),
         )
         if ckpt is not None:
             ckpt.release()
@@ -262,21 +281,28 @@ def measure(point: Point, plugins: "MoerunPlugins", cache: Cache | None = None,
         result["session"] = session.describe()
         plugins.hook.moerun_measurement_start(point=point.to_dict())
 
-        ids = token_ids(spec.vocab_size, context, point.seed)
-        prompt, follow = ids[: point.prompt_tokens], ids[point.prompt_tokens:]
+        seqs = batch_token_ids(spec.vocab_size, context, point.seed, B)
+        prompts, follows = [q[: point.prompt_tokens] for q in seqs], [q[point.prompt_tokens:] for q in seqs]
+        prompt, follow = prompts[0], follows[0]
         trackers = _start_trackers(plugins)
         timed_memory, window = memory.Phase(), CpuWindow()
-        timings = _time_workload(session, prompt, follow, point.repetitions, point.warmup)
+        if B == 1:
+            timings = _time_workload(session, prompt, follow, point.repetitions, point.warmup)
+        else:
+            timings = _time_workload(session, prompts, follows, point.repetitions, point.warmup, batched=True)
         result["contention"] = {"timed": window.close()}
         timed = timed_memory.close()
         result["trackers"] = _stop_trackers(trackers)
         result["timings"] = timings
         counts = session.expert_counts()
+        coverage = expert_coverage(session, spec, prompts, follows)
         result["metrics"] = derive_metrics(spec, _nominal(precision), point, timings,
-                                           _bandwidth_now(result, cache), session)
+                                           _bandwidth_now(result, cache), session, coverage)
         if counts is not None:
             result["metrics"]["expert_counts"] = np.asarray(counts).tolist()
             result["metrics"].update(routing_stats(np.asarray(counts)))
+        if coverage is not None:
+            result["metrics"]["expert_coverage"] = coverage
         result["memory"].update(
             peak_rss_bytes=timed["peak_bytes"],
             engine_peak_bytes=timed["peak_bytes"] - result["memory"]["rss_before_load_bytes"],
@@ -286,7 +312,8 @@ def measure(point: Point, plugins: "MoerunPlugins", cache: Cache | None = None,
         if point.parity:
             result["parity"] = _parity(session, spec, ckpt, plugins, cache, point)
         if point.breakdown:
-            result["breakdown"] = _breakdown(session, prompt, follow, timings)
+            result["breakdown"] = (_breakdown(session, prompt, follow, timings) if B == 1 else
+                                   {"available": False, "reason": "the breakdown instruments one sequence (batch 1)"})
         result["status"] = "ok"
     except UnsupportedError as exc:
         result["status"], result["error"] = "unsupported", str(exc)
@@ -337,21 +364,33 @@ def _stop_trackers(started: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _time_workload(session: Any, prompt: list[int], follow: list[int], reps: int, warmup: int) -> dict[str, Any]:
-    """Warm-up (excluded, reported), then `reps` x (timed prefill, per-token timed decode).
+def _time_workload(session: Any, prompt: list, follow: list, reps: int, warmup: int, *,
+                   batched: bool = False) -> dict[str, Any]:
+    """Warm-up (excluded, reported), then `reps` x (timed prefill, per-step timed decode).
 
     Decode feeds the predetermined `follow` ids, not the argmax, so every backend and
-    precision runs exactly the same token sequence whatever its numerics.
+    precision runs exactly the same token sequence whatever its numerics. `batched`: `prompt`
+    and `follow` hold one list per sequence; the B prompts prefill in one step and the B
+    sequences decode in lock step (Session.prefill_batch / decode_batch). Rates are
+    aggregate tokens/s over the batch; ``decode_seq_tok_s`` is one sequence's.
     """
+    if batched:
+        B, n_prompt, n_new = len(prompt), len(prompt[0]), len(follow[0])
+        run_prefill, run_decode = session.prefill_batch, session.decode_batch
+        steps = [list(step) for step in zip(*follow)]
+    else:
+        B, n_prompt, n_new = 1, len(prompt), len(follow)
+        run_prefill, run_decode = session.prefill, session.decode
+        steps = follow
     clock = time.perf_counter_ns
     warm_ns = []
     for _ in range(warmup):
         session.reset()
         session.synchronize()
         t = clock()
-        session.prefill(prompt)
-        for tok in follow:  # the whole workload: the first timed repetition must not be the one that warms
-            session.decode(tok)
+        run_prefill(prompt)
+        for tok in steps:  # the whole workload: the first timed repetition must not be the one that warms
+            run_decode(tok)
         session.synchronize()
         warm_ns.append(clock() - t)
     prefill_ns, decode_rep_ns, token_ns = [], [], []
@@ -360,13 +399,13 @@ def _time_workload(session: Any, prompt: list[int], follow: list[int], reps: int
         session.reset()
         session.synchronize()
         t = clock()
-        session.prefill(prompt)
+        run_prefill(prompt)
         session.synchronize()
         prefill_ns.append(clock() - t)
         rep_tokens = []
-        for tok in follow:
+        for tok in steps:
             t = clock()
-            session.decode(tok)
+            run_decode(tok)
             session.synchronize()
             rep_tokens.append(clock() - t)
         token_ns.extend(rep_tokens)
@@ -375,21 +414,56 @@ def _time_workload(session: Any, prompt: list[int], follow: list[int], reps: int
         if engine:
             engine_reps.append({**engine, "moerun_prefill_ms": prefill_ns[-1] / 1e6,
                                 "moerun_decode_ms": decode_rep_ns[-1] / 1e6})
-    n_prompt, n_new = len(prompt), len(follow)
     out: dict[str, Any] = {
+        "batch_size": B,
         "warmup_s": [w / 1e9 for w in warm_ns],
         "prefill_ms": summarize([x / 1e6 for x in prefill_ns]),
-        "prefill_tok_s": summarize([n_prompt / (x / 1e9) for x in prefill_ns]),
-        "prefill_tok_s_reps": [n_prompt / (x / 1e9) for x in prefill_ns],
+        "prefill_tok_s": summarize([B * n_prompt / (x / 1e9) for x in prefill_ns]),
+        "prefill_tok_s_reps": [B * n_prompt / (x / 1e9) for x in prefill_ns],
         "ttft_ms": float(np.median(prefill_ns) / 1e6),
     }
     if engine_reps:
         out["engine_per_rep"] = engine_reps
     if n_new:
-        out["decode_token_ms"] = summarize([x / 1e6 for x in token_ns])
-        out["decode_tok_s"] = summarize([n_new / (x / 1e9) for x in decode_rep_ns])
-        out["decode_tok_s_reps"] = [n_new / (x / 1e9) for x in decode_rep_ns]
+        out["decode_token_ms"] = summarize([x / 1e6 for x in token_ns])  # one step: every sequence's next token
+        out["decode_tok_s"] = summarize([B * n_new / (x / 1e9) for x in decode_rep_ns])
+        out["decode_tok_s_reps"] = [B * n_new / (x / 1e9) for x in decode_rep_ns]
+        if B > 1:
+            out["decode_seq_tok_s"] = summarize([n_new / (x / 1e9) for x in decode_rep_ns])
     return out
+
+
+def expert_coverage(session: Any, spec: ModelSpec, prompts: list[list[int]],
+                    follows: list[list[int]]) -> dict[str, Any] | None:
+    """Distinct experts each decode step touches per layer (the union over the batch's
+    sequences), from the engine's own routing counters in an untimed pass after the timed
+    repetitions; beside it the uniform-routing expectation E·(1 − (1 − k/E)^B). None for
+    dense models and backends that do not expose routing."""
+    if not spec.is_moe or not follows[0] or session.expert_counts() is None:
+        return None
+    B = len(prompts)
+    session.reset()
+    if B == 1:
+        session.prefill(prompts[0])
+    else:
+        session.prefill_batch(prompts)
+    before = np.asarray(session.expert_counts())
+    per_step = []
+    for step in zip(*follows):
+        if B == 1:
+            session.decode(step[0])
+        else:
+            session.decode_batch(list(step))
+        now = np.asarray(session.expert_counts())
+        per_step.append(((now - before) > 0).sum(axis=1))  # [layers]
+        before = now
+    session.reset()
+    touched = np.stack(per_step).astype(float)  # [steps, layers]
+    return {"batch_size": B, "experts_per_step_mean": float(touched.mean()),
+            "experts_per_step_min": int(touched.min()), "experts_per_step_max": int(touched.max()),
+            "per_layer_mean": touched.mean(axis=0).tolist(), "steps": len(per_step),
+            "uniform_expectation": spec.experts_touched(B), "num_experts": spec.num_experts,
+            "top_k": spec.top_k, "source": "the engine's routing counters (untimed pass)"}
 
 
 PARITY_TOKENS = (12, 4)  # prefill 12 ids with all logits, then decode 4
@@ -476,8 +550,11 @@ def _bandwidth_now(result: dict[str, Any], cache: Cache) -> dict[str, Any]:
 
 
 def derive_metrics(spec: ModelSpec, precision: str, point: Point, timings: dict[str, Any],
-                   env: dict[str, Any], session: Any) -> dict[str, Any]:
-    """Bandwidth and MBU: bytes actually read per decoded token x tokens/s."""
+                   env: dict[str, Any], session: Any, coverage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Bandwidth and MBU: bytes actually read per decode step x steps/s. A step of B
+    sequences reads the dense weights once, per layer the union of the experts the
+    sequences chose (measured where the engine exposes routing, else the uniform-routing
+    expectation) and B sequences' KV cache; per decoded token that is a B-th of it."""
     m: dict[str, Any] = {
         "prefill_tok_s": timings["prefill_tok_s"]["median"],
         "weight_bytes_per_token": spec.weight_bytes_per_token(precision),
@@ -488,9 +565,12 @@ def derive_metrics(spec: ModelSpec, precision: str, point: Point, timings: dict[
     if "decode_tok_s" not in timings:
         return m
     tok_s = timings["decode_tok_s"]["median"]
+    B = point.batch_size
     mean_context = point.prompt_tokens + (point.new_tokens - 1) / 2
     kv = spec.kv_bytes_per_token(mean_context, getattr(session, "kv_bytes_per_value", 2.0))
-    bytes_per_token = m["weight_bytes_per_token"] + kv
+    touched = coverage["experts_per_step_mean"] if coverage else None
+    step_weights = spec.weight_bytes_per_step(precision, B, touched)
+    bytes_per_token = step_weights / B + kv
     m.update(
         decode_tok_s=tok_s,
         kv_bytes_per_token=kv,
@@ -498,15 +578,21 @@ def derive_metrics(spec: ModelSpec, precision: str, point: Point, timings: dict[
         achieved_bandwidth_bytes_s=bytes_per_token * tok_s,
         decode_flops_s=spec.flops_per_token(int(mean_context)) * tok_s,
     )
+    if B > 1:
+        m.update(batch_size=B, decode_seq_tok_s=timings["decode_seq_tok_s"]["median"],
+                 weight_bytes_per_step=step_weights,
+                 experts_touched_per_step=touched if touched is not None else spec.experts_touched(B),
+                 experts_touched_source="measured" if touched is not None else "uniform-routing expectation")
     bw = env.get("bandwidth_bytes_s")
     if bw:
-        # S-MBU (MoE-CAP): bytes the token actually reads (active experts); 'mbu_dense' counts
-        # every weight as a dense model would, which overstates an MoE's bandwidth use
+        # S-MBU (MoE-CAP): bytes the token actually reads (active experts, their union over a
+        # batch); 'mbu_dense' counts every weight as a dense model would, which overstates an
+        # MoE's bandwidth use
         m["mbu"] = bytes_per_token * tok_s / bw
         m["mbu_reference_bytes_s"] = bw
         if m["mbu"] > 1.0:  # the probe is no ceiling for this engine: say so, never print MBU > 100 %
             m["mbu_exceeds_probe"] = True
-        dense_bytes = spec.total_params * get_precision(precision).bits_per_weight / 8 + kv
+        dense_bytes = spec.total_params * get_precision(precision).bits_per_weight / 8 / B + kv
         m["mbu_dense"] = dense_bytes * tok_s / bw
     if peak:
         m["s_mfu"] = m["decode_flops_s"] / peak

@@ -292,6 +292,39 @@ class ModelSpec:
             params += self.embedding_params  # the tied table is read again as the head
         return params * bits / 8
 
+    def experts_touched(self, batch: int) -> float:
+        """Expected distinct routed experts per layer in one decode step of `batch` sequences
+        under uniform routing: E·(1 − (1 − k/E)^B); k at B = 1, approaching E as B grows."""
+        if not self.is_moe:
+            return 0.0
+        e, k = self.num_experts, self.top_k
+        return e * (1.0 - (1.0 - k / e) ** batch)
+
+    def weight_bytes_per_step(self, precision: str = "fp32", batch: int = 1,
+                              experts_touched: float | None = None) -> float:
+        """Bytes of weights one decode step of `batch` sequences reads: every dense weight
+        once, and per layer the union of the experts the sequences chose (`experts_touched`,
+        measured; by default the uniform-routing expectation). Equals
+        `weight_bytes_per_token` at batch 1."""
+        one = self.weight_bytes_per_token(precision)
+        if not self.is_moe:
+            return one
+        touched = self.experts_touched(batch) if experts_touched is None else experts_touched
+        bits = get_precision(precision).bits_per_weight
+        return one + self.num_layers * (touched - self.top_k) * self.expert_params * bits / 8
+
+    def crossover_batch(self, precision: str = "fp32", share: float = 0.9, limit: int = 4096) -> int | None:
+        """The smallest batch at which the MoE's expected decode reads reach `share` of its
+        total-matched dense twin's (every weight once): past it the MoE has given up most of
+        its bandwidth advantage over the dense model of its size. None if not reached by `limit`."""
+        if not self.is_moe:
+            return None
+        dense = self.dense_twin("total").weight_bytes_per_token(precision)
+        for b in range(1, limit + 1):
+            if self.weight_bytes_per_step(precision, b) >= share * dense:
+                return b
+        return None
+
     def kv_bytes_per_token(self, context: int, kv_bytes_per_value: float = 4.0) -> float:
         """Bytes of KV cache one decoded token reads at `context` cached positions."""
         return 2.0 * self.num_layers * self.kv_dim * context * kv_bytes_per_value
@@ -309,12 +342,26 @@ class ModelSpec:
         this MoE's `active` or `total` count within 1 %, by solving the FFN width."""
         if match not in TWIN_MATCHES:
             raise ConfigError(f"twin match must be one of {TWIN_MATCHES}, got {match!r}")
+        target = self.active_params if match == "active" else self.total_params
+        return self._dense_with_params(target, f"{self.name}:dense-{match}", match)
+
+    def isomem_twin(self, precision: str, dense_precision: str) -> "ModelSpec":
+        """The iso-memory dense model: this spec's attention with the FFN width solved so
+        that its weights at `dense_precision` occupy the bytes this MoE's weights occupy at
+        `precision` (nominal bits, within 1 %). With a harder `dense_precision` it is a
+        larger dense model quantised harder into the MoE's footprint; at the same precision
+        it is the total-matched twin."""
+        bits, dense_bits = (get_precision(p).bits_per_weight for p in (precision, dense_precision))
+        target = round(self.total_params * bits / dense_bits)
+        return self._dense_with_params(target, f"{self.name}:dense-isomem-{precision}-{dense_precision}",
+                                       "iso-memory")
+
+    def _dense_with_params(self, target: int, name: str, what: str) -> "ModelSpec":
         if not self.is_moe:
             raise ConfigError(f"model {self.name!r} is dense: only MoE models have dense twins")
-        target = self.active_params if match == "active" else self.total_params
         base = attrs.evolve(
             self,
-            name=f"{self.name}:dense-{match}",
+            name=name,
             family=self.traits.dense_twin_family,
             intermediate_size=1,
             num_experts=0,
@@ -327,7 +374,7 @@ class ModelSpec:
         exact = (target - fixed) / per_unit
         if exact < 1:
             raise ConfigError(
-                f"model {self.name!r}: attention and embeddings alone exceed the {match} count; "
+                f"model {self.name!r}: attention and embeddings alone exceed the {what} count; "
                 "no dense twin exists"
             )
         for align in (256, 128, 64, 32, 16, 8, 1):

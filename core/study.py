@@ -14,7 +14,7 @@ import attrs
 
 from .cache import Cache
 from .errors import BackendUnavailableError, ConfigError
-from .precision import get_precision
+from .precision import get_precision, harder_precision
 from .protocol import Protocol as MeasurementProtocol
 from .protocol import collapse, run_rounds
 from .results import FINISHED, append_result, read_results
@@ -23,7 +23,32 @@ from .runner import Point, base_result, measure, run_isolated
 if TYPE_CHECKING:  # pragma: no cover
     from .manager import MoerunPlugins
 
-ROLES = ("moe", "dense-active", "dense-total")
+ROLES = ("moe", "dense-active", "dense-total", "dense-isomem")
+
+
+def isomem_twin(plugins: "MoerunPlugins", model: str, backend: str, precision: str | None) -> tuple[str, str] | None:
+    """(twin model name, its precision) of the iso-memory dense point for an MoE point: a
+    dense model that holds, at the precision one step harder than the MoE's on this backend
+    (`moerun.precision.harder_precision`), the bytes the MoE holds at its own. None where
+    the backend offers no harder precision."""
+    caps = plugins.backends.get(backend).capabilities
+    p = precision or caps.default_precision
+    q = harder_precision(caps.precisions, p)
+    return (f"{model}:dense-isomem-{p}-{q}", q) if q else None
+
+
+def _with_isomem(plugins: "MoerunPlugins", points: list[Point]) -> list[Point]:
+    """After each MoE point, its iso-memory dense point (parity on for both: the accuracy the
+    harder quantisation costs belongs beside the speed)."""
+    out: list[Point] = []
+    for p in points:
+        twin = isomem_twin(plugins, p.model, p.backend, p.precision) if p.role == "moe" else None
+        if twin is None:
+            out.append(p)
+            continue
+        out.append(attrs.evolve(p, parity=True))
+        out.append(attrs.evolve(p, model=twin[0], precision=twin[1], role="dense-isomem", parity=True))
+    return out
 
 
 def model_with_twins(plugins: "MoerunPlugins", model: str, twins: bool = True) -> list[tuple[str, str, str]]:
@@ -72,8 +97,9 @@ def select_backends(plugins: "MoerunPlugins", names: Iterable[str] | None,
 
 def build_points(plugins: "MoerunPlugins", *, models: list[str], backends: list[str],
                  precisions: list[str | None], twins: bool = True, hardware: Sequence[str | None] = (None,),
-                 **fields: Any) -> list[Point]:
-    """Each model (with its twins) x backends x precisions x `hardware` labels."""
+                 batch_sizes: Sequence[int] = (1,), isomem: bool = True, **fields: Any) -> list[Point]:
+    """Each model (with its twins; with `isomem`, the iso-memory twin too) x backends x
+    precisions x batch sizes x `hardware` labels."""
     for p in precisions:
         if p is not None:
             get_precision(p)  # unknown names fail before anything runs
@@ -84,9 +110,10 @@ def build_points(plugins: "MoerunPlugins", *, models: list[str], backends: list[
             for name, role, group in model_with_twins(plugins, model, twins):
                 for backend in takers:
                     for precision in precisions:
-                        points.append(Point(model=name, backend=backend, precision=precision, role=role,
-                                            group=group, hardware=label, **fields))
-    return points
+                        for batch in batch_sizes:
+                            points.append(Point(model=name, backend=backend, precision=precision, role=role,
+                                                group=group, hardware=label, batch_size=batch, **fields))
+    return _with_isomem(plugins, points) if twins and isomem else points
 
 
 def _file_backends(plugins: "MoerunPlugins", model: str, backends: list[str]) -> list[str]:
@@ -103,9 +130,10 @@ def _file_backends(plugins: "MoerunPlugins", model: str, backends: list[str]) ->
 
 
 def points_from_study(plugins: "MoerunPlugins", study: Any, backends: list[str]) -> list[Point]:
-    """The study's grid as points: each MoE model with its twins (or alone), each named dense
-    baseline once, x backends x precisions x prompt lengths x generation lengths x threads
-    (x hardware labels x the values of any option given as a list)."""
+    """The study's grid as points: each MoE model with its twins (or alone; the iso-memory
+    twin after each MoE point), each named dense baseline once, x backends x precisions x
+    prompt lengths x generation lengths x threads x batch sizes (x hardware labels x the
+    values of any option given as a list)."""
     import itertools
 
     fields = dict(repetitions=study.repetitions, warmup=study.warmup, seed=study.seed,
@@ -128,14 +156,16 @@ def points_from_study(plugins: "MoerunPlugins", study: Any, backends: list[str])
         models.append((d, "baseline", ""))
     for p in study.precisions:
         get_precision(p)
+    if not study.batch_sizes or any(not isinstance(b, int) or b < 1 for b in study.batch_sizes):
+        raise ConfigError(f"batch_sizes must list whole numbers >= 1, got {study.batch_sizes}")
     points = []
     grid = itertools.product(study.hardware or [None], option_sets, models, backends, study.precisions or [None],
-                             study.prompt_tokens, study.new_tokens, study.threads or [None])
-    for label, options, (name, role, group), backend, precision, prompt, new, threads in grid:
+                             study.prompt_tokens, study.new_tokens, study.threads or [None], study.batch_sizes)
+    for label, options, (name, role, group), backend, precision, prompt, new, threads, batch in grid:
         points.append(Point(model=name, backend=backend, precision=precision, role=role, group=group,
                             prompt_tokens=prompt, new_tokens=new, threads=threads, hardware=label,
-                            options=dict(options), **fields))
-    return points
+                            batch_size=batch, options=dict(options), **fields))
+    return _with_isomem(plugins, points) if study.twins and study.isomem else points
 
 
 class Executor(Protocol):

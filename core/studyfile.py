@@ -21,11 +21,13 @@ class StudySpec:
     models: list[str]
     dense: list[str] = attrs.field(factory=list)  # named dense baselines compared with every MoE model
     twins: bool = True
+    isomem: bool = True  # with twins: also the iso-memory dense twin (same weight bytes, harder precision)
     backends: list[str] = attrs.field(factory=list)  # empty: every available backend
     precisions: list[str] = attrs.field(factory=list)  # empty: each backend's default
     prompt_tokens: list[int] = attrs.field(factory=lambda: [64])
     new_tokens: list[int] = attrs.field(factory=lambda: [32])
     threads: list[int] = attrs.field(factory=list)  # empty: the engine's choice
+    batch_sizes: list[int] = attrs.field(factory=lambda: [1])  # sequences decoded together
     repetitions: int = 5
     warmup: int = 1
     seed: int = 0

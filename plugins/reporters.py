@@ -34,12 +34,91 @@ def _columns(results: list[dict[str, Any]]) -> list[tuple]:
     """COLUMNS, led by the fleet label when any result was measured on a labelled node, and
     with the backend options after the precision when they differ between results (a sweep)."""
     columns = list(COLUMNS)
+    if any(_batch(r) > 1 for r in results):
+        at = [h for h, _, _ in columns].index("prec") + 1
+        columns.insert(at, ("batch", _batch, "{}"))
     if len({options_text(r) for r in results}) > 1:
         at = [h for h, _, _ in columns].index("prec") + 1
         columns.insert(at, ("options", options_text, "{}"))
     if any(hardware(r) for r in results):
         columns.insert(0, ("hardware", lambda r: hardware(r) or "", "{}"))
     return columns
+
+
+def _batch(r: dict[str, Any]) -> int:
+    return (r.get("point") or {}).get("batch_size") or 1
+
+
+TWIN_KEYS = ("decode_vs_active", "prefill_vs_active", "decode_vs_total", "prefill_vs_total")
+ISOMEM_KEYS = ("decode_vs_isomem", "prefill_vs_isomem")
+
+
+def verdict_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The verdict as headers and cells (shared by the table and Markdown reporters): a
+    batch column when any row decodes several sequences, the iso-memory ratios when any
+    row has an iso-memory twin."""
+    batch = any((row.get("batch_size") or 1) > 1 for row in rows)
+    keys = TWIN_KEYS + (ISOMEM_KEYS if any(row.get("isomem") for row in rows) else ())
+    headers = [*_lead(rows), "model", "backend", "precision", "prompt", *(["batch"] if batch else []),
+               *(k.replace("_", " ") for k in keys), "ideal decode vs total", "realised", "rounds",
+               "precision got", "flags"]
+    cells = []
+    for row in rows:
+        cells.append([*_lead_cells(rows, row), _model_cell(rows, row), row["backend"], row["precision"] or "",
+                      str(row.get("prompt_tokens") or ""), *([str(row.get("batch_size") or 1)] if batch else []),
+                      *[_ratio(row, k) for k in keys], _fmt(row.get("ideal_decode_vs_total"), "{:.2f}x"),
+                      _fmt(row.get("realised_share_decode"), "{:.0%}"), str(row.get("rounds") or "-"),
+                      _precision_cell(row), _flags(row)])
+    return headers, cells
+
+
+def _parity_cell(p: dict[str, Any] | None) -> str:
+    if not p:
+        return "-"
+    if not p.get("available"):
+        return "n/a"
+    return f"{p['max_abs_diff']:.1e} / {p['top1_agreement']:.0%}"
+
+
+def isomem_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Per MoE point with an iso-memory twin: which dense point was chosen, its parameters
+    and bytes against the MoE's, the speed ratios and both sides' parity (max |diff| / top-1
+    against the PyTorch fp32 reference)."""
+    iso = [row for row in rows if row.get("isomem")]
+    batch = any((row.get("batch_size") or 1) > 1 for row in iso)
+    headers = [*_lead(iso), "model", "backend", "precision", *(["batch"] if batch else []), "iso-memory dense",
+               "its precision", "params (MoE)", "bytes (MoE)", "bytes ratio", "decode vs isomem",
+               "prefill vs isomem", "parity MoE", "parity dense"]
+    cells = []
+    for row in iso:
+        f = row["isomem"]
+        cells.append([*_lead_cells(iso, row), str(row["group"]), row["backend"], row["precision"] or "",
+                      *([str(row.get("batch_size") or 1)] if batch else []),
+                      str(f.get("model") or "").split(":")[-1] + ("" if f.get("status") == "ok" else f" ({f.get('status')})"),
+                      str(f.get("precision") or ""),
+                      f"{human_count(f['total_params'])} ({human_count(f['moe_total_params'])})"
+                      if f.get("total_params") and f.get("moe_total_params") else "-",
+                      f"{_mib(f['bytes']):,.0f} MiB ({_mib(f['moe_bytes']):,.0f} MiB)"
+                      if f.get("bytes") and f.get("moe_bytes") else "-",
+                      _fmt(f.get("bytes_ratio"), "{:.2f}"), _ratio(row, "decode_vs_isomem"),
+                      _ratio(row, "prefill_vs_isomem"), _parity_cell(f.get("moe_parity")), _parity_cell(f.get("parity"))])
+    return headers, cells
+
+
+def coverage_table(results: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Distinct experts per decode step and layer (measured from the engine's routing) next
+    to the uniform-routing expectation E·(1 − (1 − k/E)^B)."""
+    rows = [r for r in results if (r.get("metrics") or {}).get("expert_coverage")]
+    headers = [*(["hardware"] if any(hardware(r) for r in rows) else []), "model", "backend", "precision", "batch",
+               "experts / step (mean)", "min-max", "uniform expectation", "experts", "top-k"]
+    cells = []
+    for r in rows:
+        c = r["metrics"]["expert_coverage"]
+        cells.append([*([str(hardware(r) or "")] if headers[0] == "hardware" else []), str(r.get("model_name")),
+                      str(r.get("backend")), str(r.get("precision") or ""), str(c["batch_size"]),
+                      f"{c['experts_per_step_mean']:.2f}", f"{c['experts_per_step_min']}-{c['experts_per_step_max']}",
+                      f"{c['uniform_expectation']:.2f}", str(c["num_experts"]), str(c["top_k"])])
+    return headers, cells
 
 
 def _model_cell(rows: list[dict[str, Any]], row: dict[str, Any]) -> str:
@@ -163,25 +242,30 @@ def table(results: list[dict[str, Any]], stream: TextIO) -> None:
                       + escape(f"{r.get('model_name')} on {r.get('backend')}{where}: {r.get('error')}"),
                       highlight=False)
     rows = verdicts(results)
-    twin_keys = ("decode_vs_active", "prefill_vs_active", "decode_vs_total", "prefill_vs_total")
-    twin_rows = [row for row in rows if any(row.get(k) is not None for k in twin_keys)]
+    twin_rows = [row for row in rows if any(row.get(k) is not None for k in TWIN_KEYS + ISOMEM_KEYS)]
     if twin_rows:
         target = next((row["target"] for row in twin_rows if row.get("target")), None)
         v = Table(title="MoE / dense twin (tokens/s ratio, geometric mean over rounds [95 % interval between "
                         "processes]; > 1 means the MoE is faster"
                         + (f"; target ±{target:.0%})" if target else ")"), header_style="bold")
-        for h in (*_lead(twin_rows), "model", "backend", "precision", "prompt", "decode vs active",
-                  "prefill vs active", "decode vs total", "prefill vs total", "ideal decode vs total", "realised",
-                  "rounds", "precision got", "flags"):
+        headers, cells = verdict_table(twin_rows)
+        for h in headers:
             v.add_column(h, justify="left" if h in ("hardware", "model", "backend", "precision", "flags") else "right")
-        for row in twin_rows:
-            v.add_row(*_lead_cells(twin_rows, row), escape(_model_cell(twin_rows, row)), row["backend"], row["precision"] or "", str(row.get("prompt_tokens") or ""),
-                      *[_ratio(row, k) for k in ("decode_vs_active", "prefill_vs_active",
-                                                 "decode_vs_total", "prefill_vs_total")],
-                      _fmt(row.get("ideal_decode_vs_total"), "{:.2f}x"),
-                      _fmt(row.get("realised_share_decode"), "{:.0%}"), str(row.get("rounds") or "-"),
-                      _precision_cell(row), _flags(row))
+        for c in cells:
+            v.add_row(*[escape(x) for x in c])
         console.print(v)
+    for title, (headers, cells) in (
+            ("iso-memory: the MoE against the dense model holding its bytes at a harder precision "
+             "(parity: max |diff| / top-1 against PyTorch fp32)", isomem_table(rows)),
+            ("experts touched per decode step and layer (the union over the batch) against uniform routing",
+             coverage_table(results))):
+        if cells:
+            it = Table(title=title, header_style="bold")
+            for h in headers:
+                it.add_column(h)
+            for c in cells:
+                it.add_row(*[escape(x) for x in c])
+            console.print(it)
     matrix = maturity(results)
     if len(matrix) > 1:
         mt = Table(title="framework maturity: does it run, does it agree with PyTorch fp32, how fast",
@@ -300,7 +384,42 @@ def breakdown_figure(results: list[dict[str, Any]], phase: str = "decode"):
     return fig
 
 
-_ROLE_ORDER = {"moe": 0, "dense-active": 1, "dense-total": 2, "baseline": 3, "dense": 4, "": 5}
+_ROLE_ORDER = {"moe": 0, "dense-active": 1, "dense-total": 2, "dense-isomem": 3, "baseline": 4, "dense": 5, "": 6}
+
+
+def batch_figure(results: list[dict[str, Any]]):
+    """Aggregate decode tokens/s against batch size, one panel per backend and MoE
+    precision: the MoE and each of its twins as a line (iso-memory twins run at their own
+    precision and pair with the MoE's). None unless some point decoded several sequences."""
+    from moerun.analysis import paired_precision
+    from moerun.protocol import collapse
+
+    ok = [r for r in collapse(results) if r.get("status") == "ok" and (r.get("metrics") or {}).get("decode_tok_s")]
+    if not any(_batch(r) > 1 for r in ok):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(str(hardware(r) or ""), str(r.get("backend")), str(paired_precision(r))) for r in ok})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1.5, 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        mine = [r for r in ok if (str(hardware(r) or ""), str(r.get("backend")), str(paired_precision(r))) == panel]
+        lines: dict[tuple, list] = {}
+        for r in mine:
+            key = (_ROLE_ORDER.get(r.get("role", ""), 6), str(r.get("model_name")), str(r.get("precision")))
+            lines.setdefault(key, []).append((_batch(r), r["metrics"]["decode_tok_s"]))
+        for (_, name, prec), pts in sorted(lines.items()):
+            pts.sort()
+            ax.plot([b for b, _ in pts], [v for _, v in pts], marker="o", label=f"{name} ({prec})")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size (sequences decoded together)")
+        ax.set_title(" ".join(x for x in panel if x), fontsize=9)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("decode tokens/s, all sequences (median)")
+    fig.tight_layout()
+    return fig
 
 
 def throughput_figure(results: list[dict[str, Any]], metric: str = "decode_tok_s"):
@@ -319,7 +438,8 @@ def throughput_figure(results: list[dict[str, Any]], metric: str = "decode_tok_s
 
     def where(r: dict[str, Any]) -> str:
         p = r.get("point") or {}
-        return f"{r.get('backend')} {r.get('precision')}\nprompt {p.get('prompt_tokens')}"
+        batch = f" batch {p['batch_size']}" if (p.get("batch_size") or 1) > 1 else ""
+        return f"{r.get('backend')} {r.get('precision')}\nprompt {p.get('prompt_tokens')}{batch}"
 
     groups = sorted({where(r) for r in ok})
     models = sorted({(_ROLE_ORDER.get(r.get("role", ""), 5), r.get("model_name")) for r in ok})
@@ -434,21 +554,24 @@ def markdown_report(results: list[dict[str, Any]], stream: TextIO, assets_dir: A
             stream.write(f"- **{r.get('status')}**: {r.get('model_name')} on {r.get('backend')}{where}: "
                          f"{r.get('error')}\n")
     rows = verdicts(results)
-    if rows:
-        keys = ("decode_vs_active", "prefill_vs_active", "decode_vs_total", "prefill_vs_total", "ideal_decode_vs_total")
-        stream.write("\n## MoE / dense twin (tokens/s ratio; > 1 means the MoE is faster)\n\n")
-        stream.write(row([*_lead(rows), "model", "backend", "precision", *(k.replace("_", " ") for k in keys),
-                          "realised", "rounds", "precision got", "flags"]))
-        stream.write(row(["---"] * (len(keys) + 7 + len(_lead(rows)))))
-        for v in rows:
-            stream.write(row([*_lead_cells(rows, v), _model_cell(rows, v), v["backend"], v["precision"] or "",
-                              *(_ratio(v, k) if k != "ideal_decode_vs_total" else _fmt(v.get(k), "{:.2f}x")
-                                for k in keys), _fmt(v.get("realised_share_decode"), "{:.0%}"),
-                              str(v.get("rounds") or "-"), _precision_cell(v), _flags(v)]))
+    sections = [("MoE / dense twin (tokens/s ratio; > 1 means the MoE is faster)", verdict_table(rows)),
+                ("Iso-memory: the MoE against the dense model holding its bytes at a harder precision "
+                 "(parity: max |diff| / top-1 against PyTorch fp32)", isomem_table(rows)),
+                ("Experts touched per decode step and layer (the union over the batch) against uniform routing",
+                 coverage_table(results))]
+    for title, (headers, cells) in sections:
+        if not cells:
+            continue
+        stream.write(f"\n## {title}\n\n")
+        stream.write(row(headers))
+        stream.write(row(["---"] * len(headers)))
+        for c in cells:
+            stream.write(row(c))
     if assets_dir is not None:
         from pathlib import Path
 
         figures = [("decode-throughput", "Decode throughput", throughput_figure(results, "decode_tok_s")),
+                   ("decode-batch", "Decode throughput against batch size", batch_figure(results)),
                    ("prefill-throughput", "Prefill throughput", throughput_figure(results, "prefill_tok_s")),
                    ("speedup", "Realised versus theoretical speed-up", speedup_figure(results)),
                    ("roofline", "Decode against the bandwidth roofline", roofline_figure(results)),

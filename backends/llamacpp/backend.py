@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import struct
 import threading
 from pathlib import Path
@@ -52,6 +53,7 @@ QUANT_TYPES = {
 }
 OPTIONS = {"repack", "flash_attn", "type_k", "type_v", "mmap", "n_batch", "n_gpu_layers", "n_cpu_moe"}
 EXPORT_VERSION = "gguf-export-1"
+KEEP_BASE_BYTES = 2 << 30  # float GGUFs built only to quantize from are deleted above this size
 
 
 def _lib():
@@ -227,6 +229,7 @@ class LlamaCppBackend(Backend):
         supports_moe=True,
         devices=("cpu", "cuda", "metal", "vulkan", "gpu"),
         artifact_suffixes=(".gguf",),
+        max_batch=None,
     )
     install_hint = "pip install 'moerun[llamacpp]'"
 
@@ -251,9 +254,13 @@ class LlamaCppBackend(Backend):
             raise UnsupportedError(reason)
 
     # ------------------------------------------------------------------ artifacts
-    def _base(self, checkpoint: Checkpoint, base_type: str, cache: Cache) -> Path:
+    def _base_path(self, checkpoint: Checkpoint, base_type: str, cache: Cache) -> Path:
         folder = cache.artifact_dir(self.name, EXPORT_VERSION, checkpoint.content_hash(), base_type)
-        target = folder / f"model-{base_type}.gguf"
+        return folder / f"model-{base_type}.gguf"
+
+    def _base(self, checkpoint: Checkpoint, base_type: str, cache: Cache) -> Path:
+        target = self._base_path(checkpoint, base_type, cache)
+        folder = target.parent
         if not target.exists():
             with cache.building(folder) as tmp:
                 write_gguf(checkpoint, tmp / target.name, base_type)
@@ -273,9 +280,14 @@ class LlamaCppBackend(Backend):
         folder = cache.artifact_dir(self.name, EXPORT_VERSION, checkpoint.content_hash(), base_type, precision)
         target = folder / f"model-{precision}.gguf"
         if not target.exists():  # the float base is needed only to quantize
+            had_base = self._base_path(checkpoint, base_type, cache).exists()
             base = self._base(checkpoint, base_type, cache)
             with cache.building(folder) as tmp:
                 self._quantize(base, tmp / target.name, precision)
+            if not had_base and base.stat().st_size > KEEP_BASE_BYTES:
+                # a multi-GB float GGUF built only to quantize from is not kept: OLMoE-1B-7B's
+                # is 13.8 GB, and disk on an edge device (or here) is the scarcer resource
+                shutil.rmtree(base.parent, ignore_errors=True)
         return self._artifact(checkpoint, precision, target, {"gguf_type": precision, "quantized_from": base_type})
 
     def _artifact(self, checkpoint: Checkpoint, precision: str, path: Path, meta: dict[str, Any]) -> Artifact:
@@ -341,12 +353,14 @@ class LlamaCppSession(Session):
             if n_vocab != self.spec.vocab_size:
                 raise BackendRuntimeError(f"llama.cpp sees {n_vocab} tokens, the spec says {self.spec.vocab_size}")
             cparams = lib.llama_context_default_params()
-            self.n_ctx = max(256, settings.max_context)
-            self.n_batch = int(opts.get("n_batch", max(512, min(self.n_ctx, 4096))))
-            cparams.n_ctx = self.n_ctx
+            self.n_ctx = max(256, settings.max_context)  # per sequence
+            self.n_seq = settings.batch_size
+            total_ctx = self.n_ctx * self.n_seq
+            self.n_batch = int(opts.get("n_batch", max(512, min(total_ctx, 4096))))
+            cparams.n_ctx = total_ctx  # a KV stream of n_ctx cells per sequence (kv_unified off)
             cparams.n_batch = self.n_batch
             cparams.n_ubatch = self.n_batch
-            cparams.n_seq_max = 1
+            cparams.n_seq_max = self.n_seq
             self.threads = settings.threads or len(os.sched_getaffinity(0))
             cparams.n_threads = self.threads
             cparams.n_threads_batch = self.threads
@@ -376,6 +390,7 @@ class LlamaCppSession(Session):
             np.ctypeslib.as_array(b.n_seq_id, shape=(n,))[:] = 1
             for i in range(n):
                 b.seq_id[i][0] = 0
+            self._seqs_dirty = False  # a batched step wrote other sequence ids
         except BaseException:
             self.close()
             raise
@@ -447,12 +462,67 @@ class LlamaCppSession(Session):
         return np.stack(out)
 
     def prefill(self, token_ids: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
+        self._single_sequence()
         return self._decode([int(t) for t in token_ids], all_logits)
+
+    def _single_sequence(self) -> None:
+        if self._seqs_dirty:
+            for i in range(self.n_batch):
+                self.batch.seq_id[i][0] = 0
+            self._seqs_dirty = False
+
+    def _step_batch(self, rows: list[list[int]]) -> np.ndarray:
+        """B sequences of n tokens each in one llama_batch (sequence i is seq_id i, all at
+        positions pos..pos+n-1; chunked by whole positions where B*n exceeds n_batch);
+        returns each sequence's last-position logits [B, vocab]."""
+        B, n = len(rows), len(rows[0]) if rows else 0
+        if not B or not n or any(len(r) != n for r in rows):
+            raise ConfigError(f"a batch needs 1..{self.n_seq} sequences of one length (>= 1 token each)")
+        if B > self.n_seq:
+            raise ConfigError(f"{B} sequences: the context was made for batch size {self.n_seq}")
+        if self.pos + n > self.n_ctx:
+            raise ConfigError(f"context full: {self.pos} cached + {n} new tokens > n_ctx {self.n_ctx}")
+        flat = [t for r in rows for t in r]
+        if min(flat) < 0 or max(flat) >= self.vocab:
+            raise ConfigError(f"token ids must be in [0, {self.vocab}), got {min(flat)}..{max(flat)}")
+        lib, b = self.lib, self.batch
+        per = max(1, self.n_batch // B)  # positions per chunk
+        seq = b.seq_id
+        self._seqs_dirty = True
+        ids = np.asarray(rows, dtype=np.int32)
+        out = np.empty((B, self.vocab), dtype=np.float32)
+        for start in range(0, n, per):
+            c = min(per, n - start)
+            m = B * c
+            b.n_tokens = m
+            self._tok[:m] = ids[:, start : start + c].reshape(-1)
+            self._pos[:m] = np.tile(np.arange(self.pos + start, self.pos + start + c, dtype=np.int32), B)
+            last = start + c == n
+            self._out[:m] = 0
+            if last:
+                self._out[c - 1 : m : c] = 1
+            for i in range(m):
+                seq[i][0] = i // c
+            rc = lib.llama_decode(self.ctx, b)
+            if rc != 0:
+                raise BackendRuntimeError(f"llama_decode returned {rc}: {_log_tail()}")
+        for s_ in range(B):
+            ctypes.memmove(out[s_].ctypes.data, lib.llama_get_logits_ith(self.ctx, s_ * c + c - 1), self._logit_bytes)
+        self.pos += n
+        return out
+
+    def prefill_batch(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        return self._step_batch([[int(t) for t in p] for p in prompts])
+
+    def decode_batch(self, token_ids: Sequence[int]) -> np.ndarray:
+        return self._step_batch([[int(t)] for t in token_ids])
 
     def decode(self, token_id: int) -> np.ndarray:
         """One token, on a lean path: per-call Python work is what moerun adds on top of
         llama.cpp's own time here (examples/benchmarks/bench_llamacpp_overhead.py)."""
         tok = int(token_id)
+        if self._seqs_dirty:
+            self._single_sequence()
         if not 0 <= tok < self.vocab:
             raise ConfigError(f"token ids must be in [0, {self.vocab}), got {tok}")
         if self.pos >= self.n_ctx:

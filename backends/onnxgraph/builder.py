@@ -18,10 +18,12 @@ fuses). Two MoE formulations:
   renormalisation and the experts in one kernel; fused interleaved SwiGLU layout), or QMoE
   with 8- or 4-bit block-quantised experts.
 
-Graph I/O: ``input_ids`` int64 [1, T]; ``logits_from`` int64 [1] (logits are produced for
-positions logits_from..T-1: T-1 for a prefill that needs only the last, 0 for all);
-``past_key_i`` / ``past_value_i`` float [1, kv_heads, P, head_dim]; outputs ``logits``
-[1, T - logits_from, vocab] and ``present_key_i`` / ``present_value_i`` [1, kv, P+T, hd].
+Graph I/O: ``input_ids`` int64 [B, T] (B sequences of T tokens, all at positions P..P+T-1);
+``logits_from`` int64 [1] (logits are produced for positions logits_from..T-1: T-1 for a
+prefill that needs only the last, 0 for all); ``past_key_i`` / ``past_value_i`` float
+[B, kv_heads, P, head_dim]; outputs ``logits`` [B, T - logits_from, vocab] and
+``present_key_i`` / ``present_value_i`` [B, kv, P+T, hd]. Every layer but attention sees
+the B*T tokens as one set: an MoE layer runs the union of the experts the batch chose.
 """
 
 from __future__ import annotations
@@ -124,9 +126,9 @@ class OnnxDecoderBuilder:
         hd, nh, nkv = s.head_dim, s.num_heads, s.num_kv_heads
         group = nh // nkv
 
-        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "T"]),
+        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "T"]),
                   helper.make_tensor_value_info("logits_from", TensorProto.INT64, [1])]
-        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "L", s.vocab_size])]
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", "L", s.vocab_size])]
 
         # positions P..P+T-1 from the past length
         g.scope = "attention"
@@ -155,8 +157,9 @@ class OnnxDecoderBuilder:
             mask = g.op("Tile", [mask, g.const(np.array([group, 1], np.int64))])
 
         if self.attention == "gqa":
-            seqlens_k = g.op("Cast", [g.op("Sub", [g.op("Unsqueeze", [end, g.const(np.array([0], np.int64))]), one])],
-                             to=6)  # int32 [1]: total length - 1
+            batch = g.op("Gather", [shape_ids, g.const(np.array([0], np.int64))], axis=0)  # [1]: B
+            seqlens_k = g.op("Cast", [g.op("Expand", [g.op("Sub", [end, one]), batch])],
+                             to=6)  # int32 [B]: total length - 1, every sequence
             total_len = g.op("Cast", [end], to=6)
             half = s.head_dim // 2
             self.gqa_cos = g.const(self._rope_table(np.cos)[:, :half].copy(), "gqa_cos_cache")
@@ -167,10 +170,10 @@ class OnnxDecoderBuilder:
         for i in range(s.num_layers):
             p = f"model.layers.{i}."
             a = p + "self_attn."
-            inputs += [helper.make_tensor_value_info(f"past_key_{i}", TensorProto.FLOAT, [1, nkv, "P", hd]),
-                       helper.make_tensor_value_info(f"past_value_{i}", TensorProto.FLOAT, [1, nkv, "P", hd])]
-            outputs += [helper.make_tensor_value_info(f"present_key_{i}", TensorProto.FLOAT, [1, nkv, "S", hd]),
-                        helper.make_tensor_value_info(f"present_value_{i}", TensorProto.FLOAT, [1, nkv, "S", hd])]
+            inputs += [helper.make_tensor_value_info(f"past_key_{i}", TensorProto.FLOAT, ["B", nkv, "P", hd]),
+                       helper.make_tensor_value_info(f"past_value_{i}", TensorProto.FLOAT, ["B", nkv, "P", hd])]
+            outputs += [helper.make_tensor_value_info(f"present_key_{i}", TensorProto.FLOAT, ["B", nkv, "S", hd]),
+                        helper.make_tensor_value_info(f"present_value_{i}", TensorProto.FLOAT, ["B", nkv, "S", hd])]
             g.scope = "norm"
             h = self.rms(x, self.w(p + "input_layernorm.weight"))
             g.scope = "attention"
@@ -215,11 +218,11 @@ class OnnxDecoderBuilder:
 
         s, g, a = self.spec, self.g, f"model.layers.{i}.self_attn."
         hd, nh, nkv = s.head_dim, s.num_heads, s.num_kv_heads
-        q = g.op("Transpose", [g.op("Reshape", [q, g.const(np.array([1, -1, nh, hd], np.int64))])],
+        q = g.op("Transpose", [g.op("Reshape", [q, g.const(np.array([0, -1, nh, hd], np.int64))])],
                  perm=[0, 2, 1, 3])
-        k = g.op("Transpose", [g.op("Reshape", [k, g.const(np.array([1, -1, nkv, hd], np.int64))])],
+        k = g.op("Transpose", [g.op("Reshape", [k, g.const(np.array([0, -1, nkv, hd], np.int64))])],
                  perm=[0, 2, 1, 3])
-        v = g.op("Transpose", [g.op("Reshape", [v, g.const(np.array([1, -1, nkv, hd], np.int64))])],
+        v = g.op("Transpose", [g.op("Reshape", [v, g.const(np.array([0, -1, nkv, hd], np.int64))])],
                  perm=[0, 2, 1, 3])
         if s.qk_norm == "head":
             q = self.rms(q, self.w(a + "q_norm.weight"))
@@ -230,15 +233,15 @@ class OnnxDecoderBuilder:
         g.nodes.append(helper.make_node("Identity", [keys], [f"present_key_{i}"], name=f"attention:l{i}_present_key"))
         g.nodes.append(helper.make_node("Identity", [vals], [f"present_value_{i}"], name=f"attention:l{i}_present_value"))
         # grouped-query attention without copying K/V: q [1, kv, group*T, hd]
-        qg = g.op("Reshape", [q, g.const(np.array([1, nkv, -1, hd], np.int64))])
+        qg = g.op("Reshape", [q, g.const(np.array([0, nkv, -1, hd], np.int64))])
         scores = g.op("Mul", [g.op("MatMul", [qg, g.op("Transpose", [keys], perm=[0, 1, 3, 2])],
                                    name=f"l{i}_attn_scores"), scale])
         scores = g.op("Add", [scores, mask])
         probs = g.op("Softmax", [scores], axis=-1, name=f"l{i}_attn_softmax")
         ctx = g.op("MatMul", [probs, vals], name=f"l{i}_attn_context")  # [1, kv, group*T, hd]
-        ctx = g.op("Reshape", [ctx, g.const(np.array([1, nh, -1, hd], np.int64))])
+        ctx = g.op("Reshape", [ctx, g.const(np.array([0, nh, -1, hd], np.int64))])
         ctx = g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 2, 1, 3]),
-                               g.const(np.array([1, -1, s.q_dim], np.int64))])
+                               g.const(np.array([0, -1, s.q_dim], np.int64))])
         return g.op("MatMul", [ctx, self.w(a + "o_proj.weight", transpose=True)], name=f"l{i}_attn_out")
 
     def _gqa(self, i: int, q: str, k: str, v: str, seqlens_k: str, total_len: str) -> str:
@@ -250,8 +253,8 @@ class OnnxDecoderBuilder:
         if s.qk_norm == "head":
             # the op's own per-head norm inputs exist on CUDA/WebGPU only: normalise here, per head
             def per_head(t: str, heads: int, weight: str) -> str:
-                t4 = g.op("Reshape", [t, g.const(np.array([1, -1, heads, s.head_dim], np.int64))])
-                return g.op("Reshape", [self.rms(t4, self.w(weight)), g.const(np.array([1, -1, heads * s.head_dim],
+                t4 = g.op("Reshape", [t, g.const(np.array([0, -1, heads, s.head_dim], np.int64))])
+                return g.op("Reshape", [self.rms(t4, self.w(weight)), g.const(np.array([0, -1, heads * s.head_dim],
                                                                                        np.int64))])
             q, k = per_head(q, s.num_heads, a + "q_norm.weight"), per_head(k, s.num_kv_heads, a + "k_norm.weight")
         inputs = [q, k, v, f"past_key_{i}", f"past_value_{i}", seqlens_k, total_len, self.gqa_cos, self.gqa_sin]
@@ -412,7 +415,7 @@ class OnnxDecoderBuilder:
             parts.append(g.op("If", [conds[e]], then_branch=then_graph, else_branch=else_graph,
                               name=f"l{i}_expert{e}"))
         acc = g.op("Sum", parts, name=f"l{i}_experts_combine")
-        return g.op("Reshape", [acc, g.const(np.array([1, -1, H], np.int64))])
+        return g.op("Reshape", [acc, g.op("Shape", [h])])  # [B, T, H]
 
     def _standard_moe(self, i: int, h: str, router: str, name) -> str:
         s, g = self.spec, self.g
@@ -454,23 +457,26 @@ class OnnxDecoderBuilder:
             return g2.op("Reshape", [g2.op("ReduceSum", [g2.op("Mul", [y, wts]), g2.const(np.array([0], np.int64))],
                                            keepdims=0), g2.const(np.array([1, 1, s.hidden_size], np.int64))])
 
+        x2 = g.op("Reshape", [h, g.const(np.array([-1, s.hidden_size], np.int64))])  # [N, H]: every token
+
         def many_tokens(g3: _G) -> str:
             """Every expert on every token, weighted by the sparse routing matrix."""
-            xt = g3.op("Unsqueeze", [g3.op("Squeeze", [h, g3.const(np.array([0], np.int64))]),
-                                     g3.const(np.array([0], np.int64))])  # [1, T, H]
-            gu = g3.op("MatMul", [xt, weights(g3, w_gu, s_gu, None)], name=f"l{i}_experts_all_gate_up")  # [E,T,2I]
-            y = g3.op("MatMul", [act(g3, gu), weights(g3, w_d, s_d, None)], name=f"l{i}_experts_all_down")  # [E,T,H]
-            dense = g3.op("Transpose", [g3.op("Squeeze", [self._routing_matrix(g3, probs, topv, topi),
-                                                          g3.const(np.array([0], np.int64))])], perm=[1, 0])
+            xt = g3.op("Unsqueeze", [x2, g3.const(np.array([0], np.int64))])  # [1, N, H]
+            gu = g3.op("MatMul", [xt, weights(g3, w_gu, s_gu, None)], name=f"l{i}_experts_all_gate_up")  # [E,N,2I]
+            y = g3.op("MatMul", [act(g3, gu), weights(g3, w_d, s_d, None)], name=f"l{i}_experts_all_down")  # [E,N,H]
+            dense = g3.op("Transpose", [g3.op("Reshape", [self._routing_matrix(g3, probs, topv, topi),
+                                                          g3.const(np.array([-1, s.num_experts], np.int64))])],
+                          perm=[1, 0])  # [E, N]
             weighted = g3.op("Mul", [y, g3.op("Unsqueeze", [dense, g3.const(np.array([2], np.int64))])])
-            return g3.op("ReduceSum", [weighted, g3.const(np.array([0], np.int64))], keepdims=1)  # [1, T, H]
+            return g3.op("ReduceSum", [weighted, g3.const(np.array([0], np.int64))], keepdims=1)  # [1, N, H]
 
         then_graph = self._branch(f"l{i}_moe_one_token", one_token)
         else_graph = self._branch(f"l{i}_moe_many_tokens", many_tokens)
-        T = g.op("Gather", [g.op("Shape", [h]), g.const(np.array([1], np.int64))], axis=0)
-        is_one = g.op("Equal", [T, g.const(np.array([1], np.int64))])
+        N = g.op("Gather", [g.op("Shape", [x2]), g.const(np.array([0], np.int64))], axis=0)
+        is_one = g.op("Equal", [N, g.const(np.array([1], np.int64))])
         is_one = g.op("Squeeze", [is_one, g.const(np.array([0], np.int64))])
-        return g.op("If", [is_one], then_branch=then_graph, else_branch=else_graph, name=f"l{i}_moe_experts")
+        out = g.op("If", [is_one], then_branch=then_graph, else_branch=else_graph, name=f"l{i}_moe_experts")
+        return g.op("Reshape", [out, g.op("Shape", [h])])  # [B, T, H]
 
     def _contrib_moe(self, i: int, h: str, router: str, name) -> str:
         s, g = self.spec, self.g
@@ -492,7 +498,7 @@ class OnnxDecoderBuilder:
                                 g.const(q2, f"l{i}.qmoe.fc2"), g.const(s2, f"l{i}.qmoe.fc2_scales")],
                        domain="com.microsoft", name=f"l{i}_experts_qmoe", expert_weight_bits=self.expert_bits,
                        block_size=self.block_size, **attrs)
-        return g.op("Reshape", [out, g.const(np.array([1, -1, H], np.int64))])
+        return g.op("Reshape", [out, g.op("Shape", [h])])  # [B, T, H]
 
 
 def quantize_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -35,7 +35,7 @@ from moerun import (
     UnsupportedError,
 )
 
-BUILD_VERSION = "onnx-builder-3"
+BUILD_VERSION = "onnx-builder-4"  # 4: a batch dimension
 DISPATCH_BYTES = 64 << 10  # what one If dispatch costs, in bytes copied (~2 us at ~30 GB/s)
 OPTIONS = {"provider", "profile", "opt_level", "spinning", "breakdown", "placement"}
 # moerun device -> execution provider, and why a missing one is missing
@@ -89,7 +89,8 @@ def bind_step(sess: Any, ids: Sequence[int], logits_from: int, past: dict[str, A
     logits are wanted, the past KV as OrtValues, and `outputs` bound afresh (the cache grows
     every step, so their shapes change)."""
     io = sess.io_binding()
-    io.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
+    rows = ids if ids and isinstance(ids[0], (list, tuple)) else [ids]  # one sequence, or B of one length
+    io.bind_cpu_input("input_ids", np.asarray(rows, dtype=np.int64))
     io.bind_cpu_input("logits_from", np.asarray([logits_from], dtype=np.int64))
     for name, value in past.items():
         io.bind_ortvalue_input(name, value)
@@ -108,7 +109,7 @@ class OnnxRuntimeBackend(Backend):
     description = ("ONNX Runtime, MoE as standard ONNX ops: TopK, then per expert an If that runs it on its own "
                    "tokens (no weight copies)")
     capabilities = Capabilities(precisions=("fp32", "int8", "int4"), default_precision="fp32", supports_moe=True,
-                                devices=tuple(PROVIDERS))
+                                devices=tuple(PROVIDERS), max_batch=None)
     install_hint = "pip install 'moerun[onnxruntime]'"
 
     def availability(self) -> Availability:
@@ -271,6 +272,7 @@ class OnnxRuntimeSession(Session):
         self.gqa = artifact.meta.get("attention") == "gqa"
         self.kv_names = [n for n in self.output_names if n.startswith("present_")]
         self.max_context = settings.max_context
+        self.batch_size = settings.batch_size
         self.kv_bytes_per_value = 4.0
         self.profile_file: str | None = None
         self.reset()
@@ -308,33 +310,53 @@ class OnnxRuntimeSession(Session):
             so.profile_file_prefix = profile_prefix
         return so
 
-    def reset(self) -> None:
+    def reset(self, batch: int | None = None) -> None:
+        """Empty caches for `batch` sequences (default: as many as the last step ran; a step
+        of another count on an empty cache resets to its own)."""
         s = self.spec
-        empty = np.zeros((1, s.num_kv_heads, 0, s.head_dim), np.float32)
+        self.rows = batch = batch or getattr(self, "rows", 1)
+        empty = np.zeros((batch, s.num_kv_heads, 0, s.head_dim), np.float32)
         self.past = {n.replace("present_", "past_"): self.ort.OrtValue.ortvalue_from_numpy(empty, self.device)
                      for n in self.kv_names}
         self.pos = 0
 
-    def _run(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
-        ids = [int(t) for t in ids]
-        if not ids:
-            raise ConfigError("prefill needs at least one token id")
-        if min(ids) < 0 or max(ids) >= self.spec.vocab_size:
-            raise ConfigError(f"token ids must be in [0, {self.spec.vocab_size}), got {min(ids)}..{max(ids)}")
-        if self.pos + len(ids) > self.max_context:
-            raise ConfigError(f"context full: {self.pos} cached + {len(ids)} new tokens > {self.max_context}")
-        io = bind_step(self.sess, ids, 0 if all_logits else len(ids) - 1, self.past, self.output_names, self.device)
+    def _run(self, ids: Sequence[int], all_logits: bool, rows: list[list[int]] | None = None) -> np.ndarray:
+        """One step of one sequence (`ids`), or of B sequences of one length (`rows`):
+        logits [B, L, vocab] for rows, [L, vocab] otherwise."""
+        batch = rows if rows is not None else [[int(t) for t in ids]]
+        n = len(batch[0])
+        if not n or any(len(r) != n for r in batch):
+            raise ConfigError("prefill needs at least one token id (the same count for every sequence)")
+        if len(batch) != self.rows:
+            if self.pos:
+                raise ConfigError(f"{len(batch)} sequences: {self.rows} are cached (reset first)")
+            if len(batch) > self.batch_size:
+                raise ConfigError(f"{len(batch)} sequences: the session was loaded for batch size {self.batch_size}")
+            self.reset(len(batch))
+        lo, hi = min(map(min, batch)), max(map(max, batch))
+        if lo < 0 or hi >= self.spec.vocab_size:
+            raise ConfigError(f"token ids must be in [0, {self.spec.vocab_size}), got {lo}..{hi}")
+        if self.pos + n > self.max_context:
+            raise ConfigError(f"context full: {self.pos} cached + {n} new tokens > {self.max_context}")
+        io = bind_step(self.sess, batch, 0 if all_logits else n - 1, self.past, self.output_names, self.device)
         try:
             self.sess.run_with_iobinding(io)
         except Exception as exc:  # noqa: BLE001
             raise BackendRuntimeError(f"onnxruntime run failed: {str(exc).splitlines()[0]}") from exc
         outs = dict(zip(self.output_names, io.get_outputs()))
         self.past = {n.replace("present_", "past_"): outs[n] for n in self.kv_names}
-        self.pos += len(ids)
-        return outs["logits"].numpy()[0]
+        self.pos += n
+        logits = outs["logits"].numpy()
+        return logits if rows is not None else logits[0]
 
     def prefill(self, token_ids: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
         return self._run(token_ids, all_logits)
+
+    def prefill_batch(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        return self._run((), False, [[int(t) for t in p] for p in prompts])[:, -1]
+
+    def decode_batch(self, token_ids: Sequence[int]) -> np.ndarray:
+        return self._run((), False, [[int(t)] for t in token_ids])[:, -1]
 
     def decode(self, token_id: int) -> np.ndarray:
         return self._run([token_id], False)[0]

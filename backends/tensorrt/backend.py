@@ -37,9 +37,10 @@ from moerun import (
     UnsupportedError,
 )
 
-BUILD_VERSION = "trt-engine-1"
+BUILD_VERSION = "trt-engine-2"  # 2: profiles over batch
 MAX_CONTEXT = 4096
 MAX_PROMPT = 2048
+MAX_BATCH = 16  # the optimisation profiles cover batch 1..MAX_BATCH (prefill tokens: MAX_PROMPT in all)
 INSTALL_HINT = ("pip install 'moerun[tensorrt]' on a Linux machine with an NVIDIA GPU and driver "
                 "(the runtime wheels come from NVIDIA's package index)")
 
@@ -80,6 +81,7 @@ class TensorRTBackend(Backend):
     aliases = ("trt",)
     description = "TensorRT 10 engines from the shared ONNX graph (standard-op MoE); UNVERIFIED here"
     capabilities = Capabilities(precisions=("fp32", "fp16", "bf16"), default_precision="fp16", supports_moe=True,
+                                max_batch=MAX_BATCH,
                                 devices=("cuda",))
     install_hint = INSTALL_HINT
 
@@ -145,14 +147,15 @@ def build_engine(trt: Any, onnx_path: Path, spec: Any, precision: str, timing_ca
     max_ctx = min(MAX_CONTEXT, spec.max_position_embeddings)
     max_prompt = min(MAX_PROMPT, max_ctx)
     kv = (spec.num_kv_heads, spec.head_dim)
-    for t_min, t_opt, t_max in ((1, min(128, max_prompt), max_prompt), (1, 1, 1)):  # prefill, decode
+    # prefill: B x T <= MAX_PROMPT tokens (opt: one sequence); decode: B x 1 (opt: batch 1)
+    for t_min, t_opt, t_max, b_max in ((1, min(128, max_prompt), max_prompt, MAX_BATCH), (1, 1, 1, MAX_BATCH)):
         profile = builder.create_optimization_profile()
-        profile.set_shape("input_ids", (1, t_min), (1, t_opt), (1, t_max))
+        profile.set_shape("input_ids", (1, t_min), (1, t_opt), (b_max, t_max))
         profile.set_shape_input("logits_from", [0], [t_opt - 1], [t_max - 1])
         for i in range(spec.num_layers):
             for kind in ("key", "value"):
                 profile.set_shape(f"past_{kind}_{i}", (1, kv[0], 0, kv[1]), (1, kv[0], max_ctx // 2, kv[1]),
-                                  (1, kv[0], max_ctx - t_min, kv[1]))
+                                  (b_max, kv[0], max_ctx - t_min, kv[1]))
         config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -181,12 +184,15 @@ class TensorRTSession(Session):
             self.contexts.append(ctx)
         self.max_context = min(settings.max_context, artifact.meta["max_context"])
         self.max_prompt = min(MAX_PROMPT, self.max_context)
-        kv_shape = (1, s.num_kv_heads, self.max_context, s.head_dim)
+        self.batch_size = B = settings.batch_size
+        if B > MAX_BATCH:
+            raise UnsupportedError(f"the engine's profiles cover batch sizes up to {MAX_BATCH}, not {B}")
+        kv_shape = (B, s.num_kv_heads, self.max_context, s.head_dim)
         # two buffers per cache tensor: step n reads one and writes the other
         self.kv = {f"{kind}_{i}": [torch.empty(kv_shape, dtype=torch.float32, device=self.device) for _ in range(2)]
                    for i in range(s.num_layers) for kind in ("key", "value")}
-        self.logits = torch.empty((1, self.max_prompt, s.vocab_size), dtype=torch.float32, device=self.device)
-        self.ids = torch.empty((1, self.max_prompt), dtype=torch.int64, device=self.device)
+        self.logits = torch.empty((B, self.max_prompt, s.vocab_size), dtype=torch.float32, device=self.device)
+        self.ids = torch.empty((B, self.max_prompt), dtype=torch.int64, device=self.device)
         self.logits_from = np.zeros(1, dtype=np.int64)  # a shape tensor: host memory
         self.kv_bytes_per_value = 4.0
         self.reset()
@@ -195,28 +201,37 @@ class TensorRTSession(Session):
         self.pos = 0
         self.flip = 0
 
-    def _run(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
-        ids = [int(t) for t in ids]
-        T = len(ids)
-        if T == 0:
-            raise ConfigError("prefill needs at least one token id")
-        if T > self.max_prompt or self.pos + T > self.max_context:
-            raise ConfigError(f"{T} tokens after {self.pos} exceed the engine's profiles "
-                              f"(prompt <= {self.max_prompt}, context <= {self.max_context})")
-        if min(ids) < 0 or max(ids) >= self.spec.vocab_size:
+    def _run(self, ids: Sequence[int], all_logits: bool, rows: list[list[int]] | None = None) -> np.ndarray:
+        """One sequence (`ids`: [n, vocab] or [1, vocab]) or B of one length (`rows`: [B, vocab],
+        each one's last position). UNVERIFIED: no TensorRT here."""
+        batch = rows if rows is not None else [[int(t) for t in ids]]
+        B, T = len(batch), len(batch[0])
+        if T == 0 or any(len(r) != T for r in batch):
+            raise ConfigError("prefill needs at least one token id (the same count for every sequence)")
+        if B > self.batch_size:
+            raise ConfigError(f"{B} sequences: the session was loaded for batch size {self.batch_size}")
+        if B * T > self.max_prompt or self.pos + T > self.max_context:
+            raise ConfigError(f"{B} x {T} tokens after {self.pos} exceed the engine's profiles "
+                              f"(batch x prompt <= {self.max_prompt}, context <= {self.max_context})")
+        flat = [t for r in batch for t in r]
+        if min(flat) < 0 or max(flat) >= self.spec.vocab_size:
             raise ConfigError(f"token ids must be in [0, {self.spec.vocab_size})")
+        if rows is not None:
+            all_logits = False
         ctx = self.contexts[1 if T == 1 else 0]
         s, P = self.spec, self.pos
-        self.ids[0, :T].copy_(self.torch.tensor(ids, dtype=self.torch.int64), non_blocking=True)
-        ctx.set_input_shape("input_ids", (1, T))
-        ctx.set_tensor_address("input_ids", self.ids.data_ptr())
+        # a [B, T] view at the start of the buffer: contiguous, as the engine reads it
+        ids_view = self.ids.view(-1)[: B * T].view(B, T)
+        ids_view.copy_(self.torch.tensor(batch, dtype=self.torch.int64), non_blocking=True)
+        ctx.set_input_shape("input_ids", (B, T))
+        ctx.set_tensor_address("input_ids", ids_view.data_ptr())
         self.logits_from[0] = 0 if all_logits else T - 1
         ctx.set_tensor_address("logits_from", self.logits_from.ctypes.data)
         src, dst = self.flip, 1 - self.flip
         for i in range(s.num_layers):
             for kind in ("key", "value"):
                 bufs = self.kv[f"{kind}_{i}"]
-                ctx.set_input_shape(f"past_{kind}_{i}", (1, s.num_kv_heads, P, s.head_dim))
+                ctx.set_input_shape(f"past_{kind}_{i}", (B, s.num_kv_heads, P, s.head_dim))
                 ctx.set_tensor_address(f"past_{kind}_{i}", bufs[src].data_ptr())
                 ctx.set_tensor_address(f"present_{kind}_{i}", bufs[dst].data_ptr())
         ctx.set_tensor_address("logits", self.logits.data_ptr())
@@ -226,9 +241,16 @@ class TensorRTSession(Session):
         n = T if all_logits else 1
         self.pos += T
         self.flip = dst
-        # present is [1, kv, P+T, hd] written contiguously at the start of the buffer, which is
-        # exactly how the next step reads its past
-        return self.logits.view(-1)[: n * s.vocab_size].view(n, s.vocab_size).cpu().numpy()
+        # present is [B, kv, P+T, hd] written contiguously at the start of the buffer, which is
+        # exactly how the next step reads its past; logits [B, n, vocab] likewise
+        logits = self.logits.view(-1)[: B * n * s.vocab_size].view(B, n, s.vocab_size).cpu().numpy()
+        return logits[:, -1] if rows is not None else logits[0]
+
+    def prefill_batch(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        return self._run((), False, [[int(t) for t in p] for p in prompts])
+
+    def decode_batch(self, token_ids: Sequence[int]) -> np.ndarray:
+        return self._run((), False, [[int(t)] for t in token_ids])
 
     def prefill(self, token_ids: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
         return self._run(token_ids, all_logits)

@@ -54,6 +54,7 @@ class TorchBackend(Backend):
         supports_moe=True,
         devices=("cpu", "cuda", "mps"),
         routing_stats=True,
+        max_batch=None,
     )
     install_hint = "pip install 'moerun[torch]'"
 
@@ -93,7 +94,8 @@ class TorchBackend(Backend):
         try:
             # inductor cannot lower oneDNN-packed weights: compiled models keep plain ones
             model = Model(ckpt.spec, ckpt, dtype=dtype, device=torch.device(device),
-                          max_context=settings.max_context, pack=not settings.compile)
+                          max_context=settings.max_context, pack=not settings.compile,
+                          batch=settings.batch_size)
         except RuntimeError as exc:
             raise BackendRuntimeError(f"torch could not load {artifact.path}: {exc}") from exc
         instrument = settings.options.get("breakdown", "cut")
@@ -138,6 +140,29 @@ class TorchSession(Session):
 
     def prefill(self, token_ids: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
         return self._run(list(token_ids), all_logits)
+
+    def _run_batch(self, rows: list[list[int]]) -> np.ndarray:
+        B, n = len(rows), len(rows[0]) if rows else 0
+        if not B or not n or any(len(r) != n for r in rows):
+            raise ConfigError(f"a batch needs 1..{self.model.batch} sequences of one length (>= 1 token each)")
+        if B > self.model.batch:
+            raise ConfigError(f"{B} sequences: the session was loaded for batch size {self.model.batch}")
+        if self.pos + n > self.model.max_context:
+            raise ConfigError(f"context full: {self.pos} cached + {n} new tokens > max_context {self.model.max_context}")
+        vocab = self.model.spec.vocab_size
+        lo, hi = min(map(min, rows)), max(map(max, rows))
+        if lo < 0 or hi >= vocab:
+            raise ConfigError(f"token ids must be in [0, {vocab}), got {lo}..{hi}")
+        t = self.torch.tensor(rows, dtype=self.torch.long, device=self.model.device)
+        logits = self._forward(t, self.pos, all_logits=False)
+        self.pos += n
+        return logits.cpu().numpy()
+
+    def prefill_batch(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        return self._run_batch([[int(t) for t in p] for p in prompts])
+
+    def decode_batch(self, token_ids: Sequence[int]) -> np.ndarray:
+        return self._run_batch([[int(t)] for t in token_ids])
 
     def decode(self, token_id: int) -> np.ndarray:
         return self._run([int(token_id)], False)[0]

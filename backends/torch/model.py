@@ -272,13 +272,13 @@ class Model:
     """Decoder with an explicit KV cache: `forward(ids, pos)` appends at `pos`."""
 
     def __init__(self, spec: ModelSpec, ckpt: Checkpoint, *, dtype: torch.dtype, device: torch.device,
-                 max_context: int, pack: bool = True) -> None:
+                 max_context: int, pack: bool = True, batch: int = 1) -> None:
         self.spec, self.dtype, self.device = spec, dtype, torch.device(device)
         self.embed, self.layers, self.norm, self.head = load_weights(ckpt, dtype, self.device, pack=pack)
         self.linear_kernel = "onednn-packed" if self.head.packed is not None else "aten-linear"
-        self.max_context = max_context
+        self.max_context, self.batch = max_context, batch
         self.cos, self.sin = rope_tables(spec, max_context, self.device)
-        shape = (1, spec.num_kv_heads, max_context, spec.head_dim)
+        shape = (batch, spec.num_kv_heads, max_context, spec.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.layers]
         self.expert_counts = np.zeros((spec.num_layers, max(spec.num_experts, 1)), dtype=np.int64)
@@ -297,29 +297,29 @@ class Model:
         return _CutRegion(inst, category)
 
     # attention --------------------------------------------------------------
-    def attention(self, i: int, x: torch.Tensor, pos: int, use_cache: bool = True) -> torch.Tensor:
+    def attention(self, i: int, x: torch.Tensor, pos: int, use_cache: bool = True, B: int = 1) -> torch.Tensor:
+        """x: [B*T, H], B sequences of T tokens each (sequence-major), all at positions pos.."""
         spec, layer = self.spec, self.layers[i]
-        T = x.shape[0]
+        T = x.shape[0] // B
         qkv = layer.qkv(x)
         q, k, v = qkv.split([spec.q_dim, spec.kv_dim, spec.kv_dim], dim=-1)
         if spec.qk_norm == "full":
             q = rms_norm(q, layer.q_norm, spec.rms_norm_eps)
             k = rms_norm(k, layer.k_norm, spec.rms_norm_eps)
-        q = q.view(T, spec.num_heads, spec.head_dim).transpose(0, 1)
-        k = k.view(T, spec.num_kv_heads, spec.head_dim).transpose(0, 1)
-        v = v.view(T, spec.num_kv_heads, spec.head_dim).transpose(0, 1)
+        q = q.view(B, T, spec.num_heads, spec.head_dim).transpose(1, 2)  # [B, heads, T, hd]
+        k = k.view(B, T, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
+        v = v.view(B, T, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
         if spec.qk_norm == "head":
             q = rms_norm(q, layer.q_norm, spec.rms_norm_eps)
             k = rms_norm(k, layer.k_norm, spec.rms_norm_eps)
         cos, sin = self.cos[pos : pos + T], self.sin[pos : pos + T]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if use_cache:
-            self.k_cache[i][0, :, pos : pos + T] = k
-            self.v_cache[i][0, :, pos : pos + T] = v
-            keys, values = self.k_cache[i][:, :, : pos + T], self.v_cache[i][:, :, : pos + T]
+            self.k_cache[i][:B, :, pos : pos + T] = k
+            self.v_cache[i][:B, :, pos : pos + T] = v
+            keys, values = self.k_cache[i][:B, :, : pos + T], self.v_cache[i][:B, :, : pos + T]
         else:
-            keys, values = k.unsqueeze(0), v.unsqueeze(0)
-        q = q.unsqueeze(0)
+            keys, values = k, v
         if T == 1:
             mask, causal = None, False
         elif keys.shape[2] == T:
@@ -330,7 +330,7 @@ class Model:
             causal = False
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
                                            enable_gqa=spec.num_kv_heads != spec.num_heads)
-        o = o[0].transpose(0, 1).reshape(T, spec.q_dim)
+        o = o.transpose(1, 2).reshape(B * T, spec.q_dim)
         return layer.o(o)
 
     # FFN --------------------------------------------------------------------
@@ -363,20 +363,26 @@ class Model:
     # whole model ------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, pos: int, *, all_logits: bool, use_cache: bool = True) -> torch.Tensor:
-        """Logits for `ids` placed at positions pos.., float32 [T or 1, vocab]."""
+        """Logits for `ids` placed at positions pos.., float32 [T or 1, vocab]. `ids` [B, T]
+        runs B sequences together (each its own cache row): logits [B*T or B, vocab]. Every
+        layer but attention sees the B*T tokens as one flat batch, so an MoE layer groups
+        all sequences' tokens by expert: a step reads the union of their experts once."""
         spec, region = self.spec, self.region
+        B = ids.shape[0] if ids.dim() == 2 else 1
+        if B > self.batch:
+            raise ValueError(f"{B} sequences, the cache holds {self.batch}")
         with region("embedding"):
-            x = self.embed[ids]
+            x = self.embed[ids.reshape(-1)]
         for i in range(spec.num_layers):
             with region("norm"):
                 h = rms_norm(x, self.layers[i].input_norm, spec.rms_norm_eps)
             with region("attention"):
-                x = x + self.attention(i, h, pos, use_cache)
+                x = x + self.attention(i, h, pos, use_cache, B)
             with region("norm"):
                 h = rms_norm(x, self.layers[i].post_norm, spec.rms_norm_eps)
             x = x + self.ffn(i, h)
         if not all_logits:
-            x = x[-1:]
+            x = x.view(B, -1, x.shape[-1])[:, -1]  # each sequence's last position
         with region("norm"):
             x = rms_norm(x, self.norm, spec.rms_norm_eps)
         with region("head"):
