@@ -424,8 +424,10 @@ def cmd_predict(plugins: Any, args: argparse.Namespace) -> int:
     cross = crossover(spec, hw, precision=args.precision, context=args.context,
                       efficiency=efficiency) if spec.is_moe else None
     if args.json:
-        rows = [r for b in batches for r in by_batch[b]]
-        print(json.dumps(rows if cross is None else {"predictions": rows, "crossover": cross}, indent=2))
+        for b in batches:
+            if cross is not None:
+                by_batch[b][0]["crossover"] = cross  # the MoE's row
+        print(json.dumps([r for b in batches for r in by_batch[b]], indent=2))
         return 0
     basis = (f"efficiency from {args.calibrate}: decode {efficiency['decode']:.0%} of bandwidth, prefill "
              f"{efficiency['prefill']:.0%} of peak FLOP/s"

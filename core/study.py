@@ -165,7 +165,8 @@ def points_from_study(plugins: "MoerunPlugins", study: Any, backends: list[str])
         points.append(Point(model=name, backend=backend, precision=precision, role=role, group=group,
                             prompt_tokens=prompt, new_tokens=new, threads=threads, hardware=label,
                             batch_size=batch, options=dict(options), **fields))
-    return _with_isomem(plugins, points) if study.twins and study.isomem else points
+    isomem = study.twins if study.isomem is None else study.isomem
+    return _with_isomem(plugins, points) if isomem else points
 
 
 class Executor(Protocol):

@@ -21,7 +21,7 @@ class StudySpec:
     models: list[str]
     dense: list[str] = attrs.field(factory=list)  # named dense baselines compared with every MoE model
     twins: bool = True
-    isomem: bool = True  # with twins: also the iso-memory dense twin (same weight bytes, harder precision)
+    isomem: bool | None = None  # the iso-memory dense twin (same weight bytes, harder precision); None: as twins
     backends: list[str] = attrs.field(factory=list)  # empty: every available backend
     precisions: list[str] = attrs.field(factory=list)  # empty: each backend's default
     prompt_tokens: list[int] = attrs.field(factory=lambda: [64])
@@ -58,6 +58,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         description="the same shapes on every CPU backend at its default precision (bf16/fp32 artifacts are large)",
         models=["olmoe-1b-7b"], dense=["llama-3.2-1b"], twins=False, prompt_tokens=[64], new_tokens=[16],
         repetitions=3, checkpoint_dtype="bfloat16"),
+    "paper-olmoe-batch": dict(
+        name="paper-olmoe-batch",
+        description="OLMoE-1B-7B against Llama-3.2-1B and its iso-memory dense twin (8.7 B at Q3_K_M, the bytes "
+                    "of OLMoE at Q4_K_M) on llama.cpp, one and eight sequences (about 45 GB of disk while preparing)",
+        models=["olmoe-1b-7b"], dense=["llama-3.2-1b"], twins=False, isomem=True, batch_sizes=[1, 8],
+        backends=["llamacpp"], precisions=["q4_k_m"], prompt_tokens=[32], new_tokens=[16], repetitions=2,
+        checkpoint_dtype="bfloat16", options={"mmap": False}, min_rounds=2, max_rounds=3, budget_s=600.0),
     "scaled": dict(
         name="scaled",
         description="a minutes-long version: small-moe with its twins on every available backend, two prompt lengths",

@@ -68,13 +68,14 @@ class BackendConformance:
     def _precision(self, backend: Backend) -> str:
         return self.precision or backend.capabilities.default_precision
 
-    def _session(self, plugins, backend, cache, model, max_context=64):
+    def _session(self, plugins, backend, cache, model, max_context=64, batch_size=1):
         spec = plugins.models.resolve(model)
         ck = synthetic_checkpoint(spec, cache, seed=0)
         precision = self._precision(backend)
         backend.check(spec, precision)
         art = backend.prepare(ck, precision, cache)
-        return spec, ck, backend.load(art, LoadSettings(max_context=max_context, options=dict(self.load_options)))
+        return spec, ck, backend.load(art, LoadSettings(max_context=max_context, batch_size=batch_size,
+                                                        options=dict(self.load_options)))
 
     # ------------------------------------------------------------------ always
     def test_availability_is_reported(self, backend):
@@ -131,6 +132,23 @@ class BackendConformance:
             s.prefill(ids[:7])
             steps = np.stack([s.decode(t) for t in ids[7:]])
             np.testing.assert_allclose(steps, whole[7:], atol=self.parity_atol)
+        finally:
+            s.close()
+
+    def test_a_batched_step_matches_each_sequence_alone(self, plugins, available, conformance_cache):
+        """With `Capabilities.max_batch` above 1: `prefill_batch` / `decode_batch` of three
+        sequences give each sequence's own logits (its own cache row and positions)."""
+        limit = available.capabilities.max_batch
+        if limit is not None and limit < 3:
+            pytest.skip(f"backend {available.name} decodes at most {limit} sequence(s) together")
+        spec, _, s = self._session(plugins, available, conformance_cache, "tiny-moe", max_context=16, batch_size=3)
+        try:
+            seqs = [token_ids(spec.vocab_size, 10, seed=20 + b) for b in range(3)]
+            got = [s.prefill_batch([q[:7] for q in seqs])] + [s.decode_batch([q[j] for q in seqs]) for j in (7, 8, 9)]
+            for b, q in enumerate(seqs):
+                s.reset()
+                want = [s.prefill(q[:7])[-1]] + [s.decode(t) for t in q[7:]]
+                np.testing.assert_allclose(np.stack([g[b] for g in got]), np.stack(want), atol=self.parity_atol)
         finally:
             s.close()
 

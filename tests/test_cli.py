@@ -34,14 +34,15 @@ def test_measuring_run_prints_table_and_writes_jsonl(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "moerun results" in out.stdout and "MoE / dense twin" in out.stdout
     rows = [json.loads(line) for line in out_file.read_text().splitlines()]
-    assert sorted(r["role"] for r in rows) == ["dense-active", "dense-total", "moe"]  # shuffled per round
+    # shuffled per round; the iso-memory twin (tiny-moe at bf16) comes by default
+    assert sorted(r["role"] for r in rows) == ["dense-active", "dense-isomem", "dense-total", "moe"]
     assert all(r["status"] == "ok" and r["isolated"] and r["round"] == 0 for r in rows)
     # rerun with the same output: resumed, nothing appended
     again = run_cli("--backend", "torch", "--model", "tiny-moe", "--output", str(out_file), "--json", *SMALL)
     doc = json.loads(again.stdout)
-    assert len(out_file.read_text().splitlines()) == 3
+    assert len(out_file.read_text().splitlines()) == 4
     assert all(r["resumed"] for r in doc["results"]) and doc["verdicts"][0]["group"] == "tiny-moe"
-    assert [r["role"] for r in doc["results"]] == ["moe", "dense-active", "dense-total"]  # the points' order
+    assert [r["role"] for r in doc["results"]] == ["moe", "dense-isomem", "dense-active", "dense-total"]  # the points' order
 
 
 def test_unsupported_precision_is_reported_not_fatal(tmp_path):

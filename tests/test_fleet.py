@@ -118,7 +118,7 @@ def _fleet(cluster, *args, env=None):
 def test_a_study_over_two_labels_records_each_point_on_its_node(cluster, tmp_path):
     out = tmp_path / "fleet.jsonl"
     study = tmp_path / "fleet.toml"
-    study.write_text('[study]\nname = "fleet"\nmodels = ["tiny-moe"]\nbackends = ["torch"]\n'
+    study.write_text('[study]\nname = "fleet"\nmodels = ["tiny-moe"]\nbackends = ["torch"]\nisomem = false\n'
                      'hardware = ["alpha", "beta"]\nprompt_tokens = [8]\nnew_tokens = [4]\nrepetitions = 1\n'
                      'warmup = 0\nmin_rounds = 1\ntarget = 0\n')
     r = _fleet(cluster, "study", str(study), "-o", str(out), "-q")

@@ -46,6 +46,7 @@ def test_cli_predicts_moe_and_twins_on_the_papers_edge_device():
     # 4.9 bits, 4.2 GB: it fits in 8 GB) reads every weight, ~5x more
     assert 0.8 < moe["decode_tok_s"] / active["decode_tok_s"] < 1.2
     assert moe["decode_tok_s"] / total["decode_tok_s"] > 4
+    assert moe["crossover"]["batch"] == 16 and "crossover" not in active
     text = run_cli("predict", "--hardware", "nope", "--model", "olmoe-1b-7b")
     assert text.returncode == 2 and "unknown hardware 'nope'" in text.stderr
     assert "jetson-orin-nano-8gb" in run_cli("predict", "--list").stdout

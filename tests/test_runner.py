@@ -100,8 +100,9 @@ def test_torn_last_line_is_skipped_and_next_record_starts_clean(tmp_path):
 def test_build_points_adds_twins_and_rejects_unknown_precision(plugins):
     pts = build_points(plugins, models=["tiny-moe"], backends=["torch"], precisions=[None])
     assert [(p.model, p.role) for p in pts] == [
-        ("tiny-moe", "moe"), ("tiny-moe:dense-active", "dense-active"), ("tiny-moe:dense-total", "dense-total")]
-    assert len({p.key for p in pts}) == 3
+        ("tiny-moe", "moe"), ("tiny-moe:dense-isomem-fp32-bf16", "dense-isomem"),
+        ("tiny-moe:dense-active", "dense-active"), ("tiny-moe:dense-total", "dense-total")]
+    assert len({p.key for p in pts}) == 4
     from moerun import ConfigError
 
     with pytest.raises(ConfigError, match="unknown precision"):

@@ -31,7 +31,7 @@ def test_grid_has_twins_baselines_and_every_prompt_length(plugins, tmp_path):
     f.write_text(STUDY)
     study = load_study(f)
     points = points_from_study(plugins, study, ["torch"])
-    assert len(points) == 4 * 2  # moe, 2 twins, 1 baseline x 2 prompt lengths
+    assert len(points) == 5 * 2  # moe, 2 twins, the iso-memory twin, 1 baseline x 2 prompt lengths
     assert {(p.role, p.prompt_tokens) for p in points} >= {("baseline", 4), ("dense-total", 8)}
     assert len({p.key for p in points}) == len(points)
 
@@ -42,7 +42,7 @@ def test_an_option_given_as_a_list_is_swept_and_verdicts_keep_the_values_apart(p
     f.write_text(STUDY.replace('backends = ["torch"]', 'backends = ["llamacpp"]\noptions = { n_cpu_moe = [0, 1], '
                                                        'mmap = false }').replace("dense = [\"tiny-dense\"]\n", ""))
     points = points_from_study(plugins, load_study(f), ["llamacpp"])
-    assert len(points) == 3 * 2 * 2  # moe and twins x 2 prompt lengths x 2 sweep values
+    assert len(points) == 4 * 2 * 2  # moe and 3 twins x 2 prompt lengths x 2 sweep values
     assert {(p.options["n_cpu_moe"], p.options["mmap"]) for p in points} == {(0, False), (1, False)}
     from moerun.analysis import verdicts
     from moerun.runner import base_result
@@ -89,10 +89,10 @@ def test_study_command_runs_and_reports_baselines(tmp_path):
     out = run_cli("study", str(f), "-o", str(tmp_path / "r.jsonl"), "--json", "-q")
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
-    assert len(doc["results"]) == 8 and all(r["status"] == "ok" for r in doc["results"])
+    assert len(doc["results"]) == 10 and all(r["status"] == "ok" for r in doc["results"])
     assert sorted(v["prompt_tokens"] for v in doc["verdicts"]) == [4, 8]
     for v in doc["verdicts"]:
         assert set(v["baselines"]) == {"tiny-dense"} and v["baselines"]["tiny-dense"]["decode"] > 0
     table = run_cli("study", str(f), "-o", str(tmp_path / "r.jsonl"), "-q")  # resumed: nothing reruns
     assert "MoE / named dense baseline" in table.stdout
-    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 8
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 10

@@ -201,7 +201,8 @@ def test_if_busy_wait_waits_for_the_burner_to_stop(tmp_path):
 def test_rounds_through_the_cli_pair_sides_and_resume(tmp_path):
     out_file = tmp_path / "rounds.jsonl"
     args = ["-b", "llamacpp", "-m", "tiny-moe", "--prompt-tokens", "8", "--new-tokens", "4", "--repetitions", "2",
-            "--min-rounds", "3", "--max-rounds", "4", "--target", "1", "-o", str(out_file), "--json", "-q"]
+            "--min-rounds", "3", "--max-rounds", "4", "--target", "1", "--no-isomem", "-o", str(out_file), "--json",
+            "-q"]
     out = run_cli(*args)
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out_file.read_text().splitlines()]
