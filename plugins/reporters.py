@@ -72,6 +72,24 @@ def verdict_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
     return headers, cells
 
 
+def baseline_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """MoE over each named dense baseline of the same backend, precision and workload."""
+    based = [(row, name, b) for row in rows for name, b in (row.get("baselines") or {}).items()]
+    based_rows = [row for row, _, _ in based]
+    batch = any((row.get("batch_size") or 1) > 1 for row in based_rows)
+    headers = [*_lead(based_rows), "model", "baseline", "backend", "precision", "prompt",
+               *(["batch"] if batch else []), "decode", "prefill", "precision got"]
+    cells = []
+    for row, name, b in based:
+        hw = max((b[k] for k in ("decode_hw", "prefill_hw") if b.get(k) is not None), default=None)
+        cells.append([*_lead_cells(based_rows, row), str(row["group"]), name, row["backend"], row["precision"] or "",
+                      str(row.get("prompt_tokens") or ""), *([str(row.get("batch_size") or 1)] if batch else []),
+                      _ratio(b, "decode"), _ratio(b, "prefill"),
+                      _precision_cell({"halfwidth": hw, "missed_target": bool(row.get("target")) and hw is not None
+                                       and hw > row["target"]})])
+    return headers, cells
+
+
 def _parity_cell(p: dict[str, Any] | None) -> str:
     if not p:
         return "-"
@@ -278,20 +296,14 @@ def table(results: list[dict[str, Any]], stream: TextIO) -> None:
                        f"{m['ok']} / {m['points']}", _fmt(m["max_abs_diff"], "{:.1e}"), _fmt(m["min_top1"], "{:.0%}"),
                        _fmt(m["decode_tok_s"], "{:,.1f}"))
         console.print(mt)
-    based = [(row, name, b) for row in rows for name, b in (row.get("baselines") or {}).items()]
-    if based:
+    headers, cells = baseline_table(rows)
+    if cells:
         bt = Table(title="MoE / named dense baseline (tokens/s ratio; > 1 means the MoE is faster)",
                    header_style="bold")
-        based_rows = [row for row, _, _ in based]
-        for h in (*_lead(based_rows), "model", "baseline", "backend", "precision", "prompt", "decode", "prefill",
-                  "precision got"):
-            bt.add_column(h, justify="right" if h in ("prompt", "decode", "prefill") else "left")
-        for row, name, b in based:
-            hw = max((b[k] for k in ("decode_hw", "prefill_hw") if b.get(k) is not None), default=None)
-            bt.add_row(*_lead_cells(based_rows, row), escape(str(row["group"])), escape(name), row["backend"],
-                       row["precision"] or "", str(row.get("prompt_tokens") or ""), _ratio(b, "decode"), _ratio(b, "prefill"),
-                       _precision_cell({"halfwidth": hw, "missed_target": bool(row.get("target")) and hw is not None
-                                        and hw > row["target"]}))
+        for h in headers:
+            bt.add_column(h, justify="right" if h in ("prompt", "batch", "decode", "prefill") else "left")
+        for c in cells:
+            bt.add_row(*[escape(x) for x in c])
         console.print(bt)
     with_breakdown = [r for r in results if (r.get("breakdown") or {}).get("available")]
     if with_breakdown:
@@ -555,6 +567,7 @@ def markdown_report(results: list[dict[str, Any]], stream: TextIO, assets_dir: A
                          f"{r.get('error')}\n")
     rows = verdicts(results)
     sections = [("MoE / dense twin (tokens/s ratio; > 1 means the MoE is faster)", verdict_table(rows)),
+                ("MoE / named dense baseline (tokens/s ratio; > 1 means the MoE is faster)", baseline_table(rows)),
                 ("Iso-memory: the MoE against the dense model holding its bytes at a harder precision "
                  "(parity: max |diff| / top-1 against PyTorch fp32)", isomem_table(rows)),
                 ("Experts touched per decode step and layer (the union over the batch) against uniform routing",
