@@ -49,6 +49,14 @@ def _csv_list(values: Sequence[str] | None) -> list[str]:
     return out
 
 
+def _fit_device(name: str | None) -> str | None:
+    if name is None:
+        return None
+    from .predict import get_hardware
+
+    return get_hardware(name).name  # an unknown profile is a one-line error listing the known ones
+
+
 def _batch_sizes(values: Sequence[str] | None) -> list[int]:
     out = []
     for text in _csv_list(values):
@@ -193,6 +201,9 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="shorthand for --report json")
     st.add_argument("--no-isolate", action="store_true", help="run points in this process")
     st.add_argument("--memory-limit", type=_positive_int, default=None, metavar="MB", help="per-point memory cap")
+    st.add_argument("--fit", metavar="DEVICE", help="skip, as unsupported with the reason, points whose weights and "
+                                                    "KV cache exceed DEVICE's usable memory (a 'moerun predict' "
+                                                    "profile)")
     st.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     _protocol_options(st, "default: the study file's budget_s, else 600", sub=True)
     _fleet_options(st, sub=True)
@@ -273,6 +284,10 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
     run.add_argument("--memory-limit", type=_positive_int, default=None, metavar="MB",
                      help="address-space limit for each isolated point; past it the point fails with "
                           "'out of memory' instead of the machine swapping")
+    run.add_argument("--fit", metavar="DEVICE",
+                     help="skip, as unsupported with the reason, points whose weights (nominal bits) and KV cache "
+                          "exceed the usable memory of DEVICE, a 'moerun predict' profile (its memory minus an OS "
+                          "share); every result records which profiles its measured peak fits")
     run.add_argument("--no-isolate", action="store_true",
                      help="run points in this process (no crash isolation or timeout)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress display")
@@ -564,7 +579,7 @@ def cmd_run(plugins: Any, args: argparse.Namespace) -> int:
         warmup=args.warmup, threads=args.threads, device=args.device, seed=args.seed, router_skew=args.router_skew,
         checkpoint_dtype=args.checkpoint_dtype, breakdown=args.breakdown, parity=args.parity,
         compile=args.compile, timeout_s=args.timeout, options=_options(args.option),
-        memory_limit_mb=args.memory_limit, hardware=hardware,
+        memory_limit_mb=args.memory_limit, hardware=hardware, fit=_fit_device(args.fit),
     )
     return _execute(plugins, points, args, skipped, _protocol(args, budget_s=150.0))
 
@@ -591,6 +606,8 @@ def cmd_study(plugins: Any, args: argparse.Namespace) -> int:
     points = points_from_study(plugins, study, backends)
     if args.memory_limit:
         points = [attrs.evolve(p, memory_limit_mb=args.memory_limit) for p in points]
+    if args.fit:
+        points = [attrs.evolve(p, fit=_fit_device(args.fit)) for p in points]
     if not args.output:
         args.output = Path(DEFAULT_OUTPUT_DIR) / f"{study.name}-{datetime.now():%Y%m%d-%H%M%S}.jsonl"
     defaults = {k: getattr(study, k) for k in ("min_rounds", "max_rounds", "target", "budget_s")}
@@ -742,8 +759,16 @@ def _write_checkpoints(plugins: Any, points: Sequence[Any], cache: Any, *, quiet
         key = (p.model, p.seed, p.checkpoint_dtype, p.router_skew)
         if key in seen:
             continue
-        seen.add(key)
         spec = plugins.models.resolve(p.model)
+        if p.fit:  # a point that cannot fit the named device gets no checkpoint either
+            from .predict import fit_obstacle
+            from .runner import _nominal
+
+            precision = p.precision or plugins.backends.get(p.backend).capabilities.default_precision
+            if fit_obstacle(spec, _nominal(precision), p.fit, batch=p.batch_size,
+                            context=p.prompt_tokens + p.new_tokens):
+                continue
+        seen.add(key)
         size = spec.total_params * (2 if p.checkpoint_dtype == "bfloat16" else 4)
         if quiet or size < (256 << 20):
             synthetic_checkpoint(spec, cache, seed=p.seed, dtype=p.checkpoint_dtype, router_skew=p.router_skew)

@@ -29,29 +29,70 @@ class Hardware:
     peak_flops: float  # dense, at the precision class the device runs LLMs at (see source)
     memory_bytes: float
     source: str
+    # what the OS and its services keep out of an LLM's reach (estimates, see `os_share`)
+    os_reserve_bytes: float = 0.0
+
+    @property
+    def usable_bytes(self) -> float:
+        return self.memory_bytes - self.os_reserve_bytes
 
 
 GB = 1e9
 HARDWARE: dict[str, Hardware] = {h.name: h for h in [
     Hardware(name="jetson-orin-nano-8gb", description="NVIDIA Jetson Orin Nano 8GB (the published study's edge device)",
              bandwidth_bytes_s=68 * GB, peak_flops=10e12, memory_bytes=8 * GB,
-             source="NVIDIA: 68 GB/s LPDDR5, 8 GB; 40 INT8 TOPS sparse -> ~10 TFLOPS dense FP16"),
+             source="NVIDIA: 68 GB/s LPDDR5, 8 GB; 40 INT8 TOPS sparse -> ~10 TFLOPS dense FP16",
+             os_reserve_bytes=1.5 * GB),
     Hardware(name="jetson-agx-orin-64gb", description="NVIDIA Jetson AGX Orin 64GB",
              bandwidth_bytes_s=204.8 * GB, peak_flops=68e12, memory_bytes=64 * GB,
-             source="NVIDIA: 204.8 GB/s LPDDR5, 64 GB; 275 INT8 TOPS sparse -> ~68 TFLOPS dense FP16"),
+             source="NVIDIA: 204.8 GB/s LPDDR5, 64 GB; 275 INT8 TOPS sparse -> ~68 TFLOPS dense FP16",
+             os_reserve_bytes=2 * GB),
     Hardware(name="apple-m2-pro-16gb", description="Apple M2 Pro, 16 GB (the published study's laptop)",
              bandwidth_bytes_s=200 * GB, peak_flops=6.8e12, memory_bytes=16 * GB,
-             source="Apple: 200 GB/s unified memory; 19-core GPU ~6.8 TFLOPS FP32"),
+             source="Apple: 200 GB/s unified memory; 19-core GPU ~6.8 TFLOPS FP32",
+             os_reserve_bytes=4 * GB),
     Hardware(name="raspberry-pi-5-8gb", description="Raspberry Pi 5, 8 GB",
              bandwidth_bytes_s=17 * GB, peak_flops=0.15e12, memory_bytes=8 * GB,
-             source="LPDDR4X-4267 on a 32-bit bus ~17 GB/s; 4x Cortex-A76 @ 2.4 GHz NEON ~150 GFLOPS FP32"),
+             source="LPDDR4X-4267 on a 32-bit bus ~17 GB/s; 4x Cortex-A76 @ 2.4 GHz NEON ~150 GFLOPS FP32",
+             os_reserve_bytes=0.5 * GB),
     Hardware(name="rtx-4090", description="NVIDIA GeForce RTX 4090",
              bandwidth_bytes_s=1008 * GB, peak_flops=165e12, memory_bytes=24 * GB,
-             source="NVIDIA: 1008 GB/s GDDR6X, 24 GB; 165 TFLOPS FP16 tensor, dense"),
+             source="NVIDIA: 1008 GB/s GDDR6X, 24 GB; 165 TFLOPS FP16 tensor, dense",
+             os_reserve_bytes=1 * GB),
     Hardware(name="h200", description="NVIDIA H200 SXM",
              bandwidth_bytes_s=4800 * GB, peak_flops=989e12, memory_bytes=141 * GB,
-             source="NVIDIA: 4.8 TB/s HBM3e, 141 GB; 989 TFLOPS BF16 dense"),
+             source="NVIDIA: 4.8 TB/s HBM3e, 141 GB; 989 TFLOPS BF16 dense",
+             os_reserve_bytes=1 * GB),
 ]}
+
+
+def os_share() -> str:
+    """How much memory each profile leaves the model, as documented (docs/cli.md)."""
+    return "; ".join(f"{h.name}: {h.usable_bytes / GB:.1f} of {h.memory_bytes / GB:.0f} GB" for h in HARDWARE.values())
+
+
+def fits(peak_bytes: float) -> dict[str, bool]:
+    """Whether a process whose memory peaked at `peak_bytes` fits each device profile's
+    usable memory (its memory minus the OS share)."""
+    return {h.name: peak_bytes <= h.usable_bytes for h in HARDWARE.values()}
+
+
+def expected_need(spec: ModelSpec, precision: str, *, batch: int = 1, context: int = 512,
+                  kv_bytes_per_value: float = 2.0) -> float:
+    """What a point will hold before it runs: its weights at the precision's nominal bits
+    and the KV cache of every sequence (the engine's own buffers come on top)."""
+    weights = spec.total_params * get_precision(precision).bits_per_weight / 8
+    return weights + batch * spec.kv_bytes_per_token(context, kv_bytes_per_value)
+
+
+def fit_obstacle(spec: ModelSpec, precision: str, device: str, *, batch: int = 1, context: int = 512) -> str | None:
+    """Why a point of `spec` at `precision` cannot fit `device` (its usable memory), or None."""
+    hw = get_hardware(device)
+    need = expected_need(spec, precision, batch=batch, context=context)
+    if need <= hw.usable_bytes:
+        return None
+    return (f"would not fit {device}: its weights at {precision} and KV cache need {need / GB:.1f} GB, "
+            f"{hw.usable_bytes / GB:.1f} of its {hw.memory_bytes / GB:.0f} GB are usable (--fit)")
 
 
 def get_hardware(name: str) -> Hardware:

@@ -32,6 +32,7 @@ from .contention import CpuWindow
 from .convert import structure, unstructure
 from .errors import BackendUnavailableError, ConfigError, MoerunError, UnsupportedError
 from .precision import get_precision
+from .predict import fit_obstacle, fits
 from .results import SCHEMA_VERSION
 from .spec import ModelSpec
 from .stats import summarize
@@ -85,6 +86,9 @@ class Point:
     memory_limit_mb: int | None = None  # address-space limit of the isolated child (RLIMIT_AS)
     # the fleet label of the machine that measures (the ray executor places points by it)
     hardware: str | None = attrs.field(default=None, validator=_hardware_label)
+    # a `moerun predict` device profile: a point whose weights and KV cache exceed its usable
+    # memory is `unsupported` before anything is prepared (--fit)
+    fit: str | None = None
     options: dict[str, Any] = attrs.field(factory=dict, hash=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,7 +102,7 @@ class Point:
     def key(self) -> str:
         """Identity for resume: everything that changes what is measured."""
         d = self.to_dict()
-        for k in ("timeout_s", "role", "group", "memory_limit_mb"):
+        for k in ("timeout_s", "role", "group", "memory_limit_mb", "fit"):
             d.pop(k)
         if d.get("hardware") is None:  # keys of points measured before fleets existed stay the same
             d.pop("hardware", None)
@@ -137,6 +141,14 @@ def batch_token_ids(vocab_size: int, count: int, seed: int, batch: int) -> list[
         rng = np.random.default_rng([seed, 0x6D6F65, b])
         out.append(rng.integers(0, vocab_size, size=count).tolist())
     return out
+
+
+def point_spec(point: Point, plugins: "MoerunPlugins") -> ModelSpec:
+    """The spec a point measures, without writing its checkpoint (a folder: its config)."""
+    path = Path(point.model)
+    if path.is_dir():
+        return Checkpoint.open(path).spec
+    return plugins.models.resolve(point.model)
 
 
 def resolve_checkpoint(point: Point, plugins: "MoerunPlugins", cache: Cache) -> Checkpoint:
@@ -242,6 +254,11 @@ def measure(point: Point, plugins: "MoerunPlugins", cache: Cache | None = None,
             precision = point.precision or backend.capabilities.default_precision
             get_precision(precision)
             result["precision"] = precision
+            if point.fit:
+                obstacle = fit_obstacle(point_spec(point, plugins), _nominal(precision), point.fit,
+                                        batch=point.batch_size, context=point.prompt_tokens + point.new_tokens)
+                if obstacle:
+                    raise UnsupportedError(obstacle)
             ckpt = resolve_checkpoint(point, plugins, cache)
             spec = ckpt.spec
             result["model"] = model_record(spec, precision)
@@ -303,6 +320,8 @@ def measure(point: Point, plugins: "MoerunPlugins", cache: Cache | None = None,
             result["metrics"].update(routing_stats(np.asarray(counts)))
         if coverage is not None:
             result["metrics"]["expert_coverage"] = coverage
+        result["fits"] = {"peak_bytes": timed["peak_bytes"], "basis": "peak RSS of the timed phase",
+                          "devices": fits(timed["peak_bytes"])}
         result["memory"].update(
             peak_rss_bytes=timed["peak_bytes"],
             engine_peak_bytes=timed["peak_bytes"] - result["memory"]["rss_before_load_bytes"],

@@ -90,6 +90,22 @@ def baseline_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str
     return headers, cells
 
 
+def fit_table(results: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Per measured point: its peak RSS in the timed phase and, for each `moerun predict`
+    device profile, whether that fits the profile's usable memory (its memory minus the OS
+    share; docs/cli.md). Preparation's peak is beside it: it happens once, anywhere."""
+    rows = [r for r in results if r.get("status") == "ok" and (r.get("fits") or {}).get("devices")]
+    devices = list(rows[0]["fits"]["devices"]) if rows else []
+    headers = ["model", "backend", "precision", "batch", "prepare peak MiB", "timed peak MiB", *devices]
+    cells = []
+    for r in rows:
+        mem = r.get("memory") or {}
+        cells.append([str(r.get("model_name")), str(r.get("backend")), str(r.get("precision") or ""), str(_batch(r)),
+                      _fmt(_mib(mem.get("prepare_peak_bytes")), "{:,.0f}"), _fmt(_mib(r["fits"]["peak_bytes"]), "{:,.0f}"),
+                      *("fits" if r["fits"]["devices"].get(d) else "no" for d in devices)])
+    return headers, cells
+
+
 def _parity_cell(p: dict[str, Any] | None) -> str:
     if not p:
         return "-"
@@ -276,7 +292,9 @@ def table(results: list[dict[str, Any]], stream: TextIO) -> None:
             ("iso-memory: the MoE against the dense model holding its bytes at a harder precision "
              "(parity: max |diff| / top-1 against PyTorch fp32)", isomem_table(rows)),
             ("experts touched per decode step and layer (the union over the batch) against uniform routing",
-             coverage_table(results))):
+             coverage_table(results)),
+            ("memory: does the measured peak fit each device profile (its memory minus the OS share)",
+             fit_table(results) if any((r.get("point") or {}).get("fit") for r in results) else ([], []))):
         if cells:
             it = Table(title=title, header_style="bold")
             for h in headers:
@@ -571,7 +589,9 @@ def markdown_report(results: list[dict[str, Any]], stream: TextIO, assets_dir: A
                 ("Iso-memory: the MoE against the dense model holding its bytes at a harder precision "
                  "(parity: max |diff| / top-1 against PyTorch fp32)", isomem_table(rows)),
                 ("Experts touched per decode step and layer (the union over the batch) against uniform routing",
-                 coverage_table(results))]
+                 coverage_table(results)),
+                ("Memory: does the measured peak fit each device profile (its memory minus the OS share)",
+                 fit_table(results))]
     for title, (headers, cells) in sections:
         if not cells:
             continue

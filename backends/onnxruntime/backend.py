@@ -3,11 +3,14 @@ cache kept in ONNX Runtime's own OrtValues between steps (IO binding), two MoE
 formulations: ``grouped`` standard ops (backend onnxruntime) and ONNX Runtime's contrib MoE
 op (backend onnxruntime-contrib).
 
-Precisions: fp32; int8 (attention/FFN/head MatMuls by ``quantize_dynamic``, per channel;
-experts as int8 with per-channel scales: Cast+Mul of each used expert in the grouped
-formulation, QMoE 8-bit in the contrib one); int4 (MatMulNBits, block 32, accuracy level
-4; experts QMoE 4-bit, contrib formulation only: opset 17 has no 4-bit type). Routers stay
-fp32 in every precision, as llama.cpp keeps them.
+Precisions: fp32; int8 (every weight MatMul per-channel symmetric int8 through
+DynamicQuantizeLinear + MatMulInteger, the pattern quantize_dynamic emits, written by the
+builder itself so that it reaches the experts inside If branches too; QMoE 8-bit experts in
+the contrib formulation); int4 (blocks of 32 through opset 21's DequantizeLinear, which
+onnxruntime fuses into MatMulNBits; QMoE 4-bit experts in the contrib formulation). Routers
+stay fp32 in every precision, as llama.cpp keeps them. The builder quantises and writes each
+tensor as it goes, into external data for models of 1 GiB of fp32 and more: preparing
+OLMoE-1B-7B holds a layer's weights, not the model.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from moerun import (
     UnsupportedError,
 )
 
-BUILD_VERSION = "onnx-builder-4"  # 4: a batch dimension
+BUILD_VERSION = "onnx-builder-5"  # 4: a batch dimension; 5: opset 21, quantised and streamed by the builder
 DISPATCH_BYTES = 64 << 10  # what one If dispatch costs, in bytes copied (~2 us at ~30 GB/s)
 OPTIONS = {"provider", "profile", "opt_level", "spinning", "breakdown", "placement"}
 # moerun device -> execution provider, and why a missing one is missing
@@ -146,9 +149,6 @@ class OnnxRuntimeBackend(Backend):
                         "onnxruntime 1.32's QMoE CPU kernel renormalises the top-k weights whatever "
                         "normalize_routing_weights says (measured against the MoE op); this family does not")
                 expert_bits = 8 if precision == "int8" else 4
-            elif precision == "int4":
-                raise UnsupportedError("int4 experts need the contrib formulation (backend onnxruntime-contrib): "
-                                       "opset 17 standard ops have no 4-bit type")
         folder = cache.artifact_dir(self.name, BUILD_VERSION, checkpoint.content_hash(), formulation, precision)
         target = folder / "model.onnx"
         if not target.exists():
@@ -159,56 +159,26 @@ class OnnxRuntimeBackend(Backend):
                         meta={"format": "onnx", "moe_formulation": formulation if spec.is_moe else None,
                               "attention": self.attention,
                               "expert_weights": (f"int{expert_bits} (QMoE)" if expert_bits else
-                                                 "int8 (Cast+Mul)" if spec.is_moe and precision == "int8" else
-                                                 "fp32" if spec.is_moe else None),
+                                                 None if not spec.is_moe else
+                                                 "int8 (MatMulInteger)" if precision == "int8" else
+                                                 "int4 (blocked DequantizeLinear)" if precision == "int4" else "fp32"),
+                              "external_data": target.with_name("model.onnx.data").exists(),
                               "bits_per_weight": size * 8 / spec.total_params})
 
     def _build(self, ckpt: Checkpoint, path: Path, precision: str, formulation: str, expert_bits: int | None) -> None:
+        """Build, quantise and write in one pass (backends/onnxgraph/builder.py): with 1 GiB of
+        fp32 weights or more the initializers stream into `model.onnx.data` as they are made."""
         import onnx
 
         from moerun.backends.onnxgraph.builder import build_onnx
 
-        # experts stored int8 by the builder (quantize_dynamic leaves If branches alone): grouped
-        # multiplies them with MatMulInteger directly, standard dequantises after the gather
-        int8_experts = precision == "int8" and formulation in ("standard", "grouped")
-        model = build_onnx(ckpt, formulation=formulation, expert_bits=expert_bits, int8_experts=int8_experts,
-                           attention=self.attention)
-        routers = [n.name for n in model.graph.node if "_router_gate" in n.name]
-        import logging
-
-        logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # quantizer chatter
-        if precision == "int8":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            raw = path.with_name("fp32.onnx")
-            self._save(model, raw)
-            # DefaultTensorType: shape inference knows no types behind contrib ops (GroupQueryAttention)
-            quantize_dynamic(str(raw), str(path), per_channel=True, weight_type=QuantType.QInt8,
-                             op_types_to_quantize=["MatMul"], nodes_to_exclude=routers,
-                             use_external_data_format=raw.with_suffix(".onnx.data").exists(),
-                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-            for p in raw.parent.glob("fp32.onnx*"):
-                p.unlink()
-            return
-        if precision == "int4":
-            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-            q = MatMulNBitsQuantizer(model, bits=4, block_size=32, is_symmetric=True, accuracy_level=4,
-                                     nodes_to_exclude=routers)
-            q.process()
-            model = q.model.model if hasattr(q.model, "model") else q.model
-        onnx.checker.check_model(model) if model.ByteSize() < EXTERNAL_DATA_BYTES else None
-        self._save(model, path)
-
-    @staticmethod
-    def _save(model: Any, path: Path) -> None:
-        import onnx
-
-        if model.ByteSize() >= EXTERNAL_DATA_BYTES:
-            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=path.name + ".data", size_threshold=1024)
-        else:
-            onnx.save_model(model, str(path))
+        weight_bits = {"fp32": None, "int8": 8, "int4": 4}[precision]
+        external = path.with_name(path.name + ".data") if ckpt.spec.total_params * 4 >= EXTERNAL_DATA_BYTES else None
+        model = build_onnx(ckpt, formulation=formulation, expert_bits=expert_bits, weight_bits=weight_bits,
+                           attention=self.attention, external_data=external)
+        if external is None:
+            onnx.checker.check_model(model)
+        onnx.save_model(model, str(path))
 
     # ------------------------------------------------------------------ loading
     def load(self, artifact: Artifact, settings: LoadSettings) -> Session:

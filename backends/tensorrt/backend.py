@@ -107,10 +107,9 @@ class TensorRTBackend(Backend):
         if not engine_path.exists():
             with cache.building(folder) as tmp:
                 onnx_path = tmp / "model.onnx"
-                model = build_onnx(checkpoint, formulation="standard")
-                big = model.ByteSize() >= (1 << 30)
-                onnx.save_model(model, str(onnx_path), save_as_external_data=big, all_tensors_to_one_file=True,
-                                location="model.onnx.data" if big else None)
+                # streamed: the weights go to model.onnx.data as the builder makes them
+                model = build_onnx(checkpoint, formulation="standard", external_data=tmp / "model.onnx.data")
+                onnx.save_model(model, str(onnx_path))
                 del model
                 timing = cache.root / "tensorrt" / f"timing-{hashlib.sha256(gpu.encode()).hexdigest()[:12]}.cache"
                 (tmp / "model.engine").write_bytes(build_engine(trt, onnx_path, spec, precision, timing))

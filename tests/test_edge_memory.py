@@ -1,0 +1,159 @@
+"""Preparation that streams, 4-bit weights in standard ONNX, and whether a point fits a device.
+
+The builder quantises and writes each tensor as it goes (external data past 1 GiB of fp32);
+int4 rides opset 21's blocked DequantizeLinear, which onnxruntime fuses into MatMulNBits;
+`--fit DEVICE` skips what cannot fit before anything is prepared, and every result says
+which device profiles its measured peak fits.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from moerun import LoadSettings
+from moerun.checkpoint import synthetic_checkpoint
+from moerun.runner import Point, measure, teacher_forced_logits, token_ids
+
+
+def _ort(path, optimized=None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if optimized:
+        so.optimized_model_filepath = str(optimized)
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def _logits(session_factory, spec, ids, n_prompt=8):
+    with session_factory() as s:
+        return teacher_forced_logits(s, ids, n_prompt)
+
+
+def test_a_streamed_graph_holds_no_weights_and_computes_the_same(plugins, cache, tmp_path):
+    import onnx
+
+    from moerun.backends.onnxgraph.builder import build_onnx
+
+    spec = plugins.models.resolve("tiny-olmoe")
+    ck = synthetic_checkpoint(spec, cache, seed=0)
+    streamed = build_onnx(ck, formulation="grouped", external_data=tmp_path / "model.onnx.data")
+    in_memory = build_onnx(ck, formulation="grouped")
+    assert streamed.ByteSize() < in_memory.ByteSize() / 3
+    external = [t for t in streamed.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert sum(int(dict((e.key, e.value) for e in t.external_data)["length"]) for t in external) > 0.9 * spec.total_params * 4
+    onnx.save_model(streamed, str(tmp_path / "model.onnx"))
+    onnx.save_model(in_memory, str(tmp_path / "memory.onnx"))
+    feed = {"input_ids": np.array([[3, 5, 7]], np.int64), "logits_from": np.array([0], np.int64)}
+    for i in range(spec.num_layers):
+        for kind in ("key", "value"):
+            feed[f"past_{kind}_{i}"] = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32)
+    a = _ort(tmp_path / "model.onnx").run(["logits"], feed)[0]
+    b = _ort(tmp_path / "memory.onnx").run(["logits"], feed)[0]
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("precision,atol,top1", [("int8", 0.25, 0.9), ("int4", 1.5, 0.75)])
+@pytest.mark.parametrize("model", ["tiny-olmoe", "tiny-moe", "tiny-dense"])
+@pytest.mark.parametrize("formulation", ["grouped", "standard"])
+def test_standard_op_graphs_run_quantised_weights_close_to_the_reference(plugins, cache, tmp_path, model,
+                                                                           formulation, precision, atol, top1):
+    """Every weight MatMul but the routers at int8 or int4, experts included (inside If
+    branches for grouped), with opset-21 standard ops only: onnxruntime fuses the int4
+    DequantizeLinear + MatMul pairs into MatMulNBits."""
+    import onnx
+
+    from moerun.backends.onnxgraph.builder import build_onnx
+
+    spec = plugins.models.resolve(model)
+    if formulation == "standard" and not spec.is_moe:
+        pytest.skip("dense graphs have no MoE formulation")
+    ck = synthetic_checkpoint(spec, cache, seed=0)
+    bits = {"int8": 8, "int4": 4}[precision]
+    proto = build_onnx(ck, formulation=formulation, weight_bits=bits)
+    assert {o.domain for o in proto.opset_import} == {""} and proto.opset_import[0].version == 21
+    path = tmp_path / "q.onnx"
+    onnx.save_model(proto, str(path))
+    sess = _ort(path, optimized=tmp_path / "opt.onnx")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx"), load_external_data=False).graph.node}
+    if precision == "int4":
+        assert "MatMulNBits" in ops, ops  # the fast 4-bit kernel, from standard ops
+    ids = token_ids(spec.vocab_size, 16, seed=4)
+    torch_backend = plugins.backends.get("torch")()
+    ref = torch_backend.load(torch_backend.prepare(ck, "fp32", cache), LoadSettings(max_context=16))
+    want = teacher_forced_logits(ref, ids, 8)
+    from moerun.backends.onnxruntime.backend import OnnxRuntimeBackend
+
+    class Fixed(OnnxRuntimeBackend):
+        name, aliases = "onnxruntime-fixed", ()
+
+        def moe_formulation(self, s):
+            return formulation
+
+    backend = Fixed()
+    art = backend.prepare(ck, precision, cache)
+    assert art.meta["moe_formulation"] == (formulation if spec.is_moe else None)
+    with backend.load(art, LoadSettings(max_context=16)) as s:
+        got = teacher_forced_logits(s, ids, 8)
+    diff = float(np.abs(got - want).max())
+    agree = float((got.argmax(-1) == want.argmax(-1)).mean())
+    print(f"{model} {formulation} {precision}: max |diff| {diff:.3f}, top-1 {agree:.0%}")
+    assert diff < atol and agree >= top1
+    del sess
+
+
+def test_streamed_preparation_holds_a_fraction_of_the_in_memory_build(plugins, cache, tmp_path):
+    """Peak RSS of building small-moe's int4 graph in a fresh process, streamed into external
+    data against held in memory (88 M parameters, 354 MB of fp32)."""
+    spec = plugins.models.resolve("small-moe")
+    ck = synthetic_checkpoint(spec, cache, seed=0)
+    script = textwrap.dedent("""
+        import resource, sys
+        from pathlib import Path
+        from moerun import Checkpoint
+        from moerun.backends.onnxgraph.builder import build_onnx
+        ck = Checkpoint.open(Path(sys.argv[1]))
+        out = Path(sys.argv[2])
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        ext = out / "m.onnx.data" if sys.argv[3] == "stream" else None
+        model = build_onnx(ck, formulation="grouped", weight_bits=4, external_data=ext)
+        print(base * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    """)
+    peaks = {}
+    for mode in ("stream", "memory"):
+        out = subprocess.run([sys.executable, "-c", script, str(ck.path), str(tmp_path), mode],
+                             capture_output=True, text=True, check=True).stdout.split()
+        base, peak = map(int, out)
+        peaks[mode] = peak - base
+    print(f"small-moe int4 build, peak RSS over the interpreter's: streamed {peaks['stream'] / 2**20:.0f} MiB, "
+          f"in memory {peaks['memory'] / 2**20:.0f} MiB")
+    assert peaks["stream"] < 0.6 * peaks["memory"]
+
+
+def test_fit_skips_what_cannot_fit_before_preparing_and_records_what_fits(plugins, cache, tmp_path):
+    # OLMoE-1B-7B at f16 (13.8 GB) on the 8 GB Jetson: unsupported at once, no checkpoint written
+    big = measure(Point(model="olmoe-1b-7b", backend="llamacpp", precision="f16", fit="jetson-orin-nano-8gb"),
+                  plugins, cache)
+    assert big["status"] == "unsupported"
+    assert "would not fit jetson-orin-nano-8gb" in big["error"] and "6.5 of its 8 GB are usable" in big["error"]
+    assert not list((cache.root / "checkpoints").glob(f"{plugins.models.resolve('olmoe-1b-7b').fingerprint}*"))
+    small = measure(Point(model="tiny-moe", backend="torch", fit="jetson-orin-nano-8gb", repetitions=1,
+                          prompt_tokens=4, new_tokens=2), plugins, cache)
+    assert small["status"] == "ok" and small["point"]["fit"] == "jetson-orin-nano-8gb"
+    assert all(small["fits"]["devices"].values()) and small["fits"]["peak_bytes"] == small["memory"]["peak_rss_bytes"]
+    assert Point(model="tiny-moe", backend="torch", fit="h200").key == Point(model="tiny-moe", backend="torch").key
+    out = tmp_path / "fit.jsonl"
+    r = run_cli("-b", "llamacpp", "-m", "olmoe-1b-7b", "--no-twins", "-p", "f16", "--fit", "jetson-orin-nano-8gb",
+                "-o", str(out), "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    (rec,) = json.loads(r.stdout)["results"]
+    assert rec["status"] == "unsupported" and "would not fit" in rec["error"]
+    r = run_cli("-b", "llamacpp", "-m", "tiny-moe", "--fit", "nano")
+    assert r.returncode == 2 and "unknown hardware 'nano'" in r.stderr
