@@ -175,7 +175,7 @@ class OnnxDecoderBuilder:
             raise ValueError("GroupQueryAttention is an ONNX Runtime contrib op: use it with the contrib formulation")
         self.attention = attention
         self.sink = ExternalData(external_data) if external_data is not None else None
-        self.g = _G(self.sink)
+        self.g = self.main = _G(self.sink)  # `g` is the graph being built (an If branch's, inside one)
         self.node_categories: dict[str, str] = {}
 
     # ------------------------------------------------------------------ pieces
@@ -186,15 +186,20 @@ class OnnxDecoderBuilder:
     def linear(self, x: str, w: np.ndarray, wname: str, tag: str, gr: "_G | None" = None,
                quantize: bool = True) -> str:
         """x @ w for a checkpoint weight already laid out [K, N], in the graph's weight
-        precision. The initializers always go to the main graph (`self.g`, streamed); the
-        nodes to `gr` (an If branch) or the main graph. fp32: MatMul. int8: the codes stay
+        precision. The initializers always go to the main graph (`self.main`, streamed): as
+        initializers of an If branch onnxruntime kept about three copies resident. The nodes
+        go to `gr` (an If branch) or the graph being built. fp32: MatMul. int8: the codes stay
         int8 and MatMulInteger reads them (x quantised per call by DynamicQuantizeLinear),
         one scale per output channel after: the pattern quantize_dynamic emits, which
         onnxruntime fuses. int4: codes [K, N] with a scale per 32 rows of K, dequantised by
         the blocked DequantizeLinear (opset 21) into the MatMul: onnxruntime fuses the pair
         into MatMulNBits. `quantize=False` keeps fp32 (the routers)."""
-        g, gr = self.g, gr or self.g
+        gr = gr or self.g
         bits = self.weight_bits if quantize else None
+        # int4 in an If branch: onnxruntime fuses DequantizeLinear + MatMul into MatMulNBits
+        # only when the codes are an initializer of the branch itself (the fusion fails on an
+        # outer-scope one at session creation), so they stay there
+        g = gr if bits == 4 else self.main
         w = np.ascontiguousarray(w, dtype=np.float32)
         if bits is None:
             return gr.op("MatMul", [x, g.const(w, wname)], name=tag)
@@ -456,7 +461,7 @@ class OnnxDecoderBuilder:
         """An If branch: `build(g)` adds nodes to a fresh graph (outer-scope names stay visible)
         and returns its output name; the graph is returned."""
         saved = self.g
-        sub = _G()
+        sub = _G(saved.sink)
         sub.scope, sub.count = saved.scope, saved.count + 1
         sub.helper, sub.numpy_helper = saved.helper, saved.numpy_helper
         self.g = sub
