@@ -154,14 +154,18 @@ def points_from_study(plugins: "MoerunPlugins", study: Any, backends: list[str])
         if spec.is_moe:
             raise ConfigError(f"dense baseline {d!r} is an MoE model")
         models.append((d, "baseline", ""))
-    for p in study.precisions:
+    for p in [*study.precisions, *(q for qs in study.backend_precisions.values() for q in qs)]:
         get_precision(p)
     if not study.batch_sizes or any(not isinstance(b, int) or b < 1 for b in study.batch_sizes):
         raise ConfigError(f"batch_sizes must list whole numbers >= 1, got {study.batch_sizes}")
     points = []
-    grid = itertools.product(study.hardware or [None], option_sets, models, backends, study.precisions or [None],
+    precisions = {b: study.backend_precisions.get(b) or study.precisions or [None] for b in backends}
+    grid = itertools.product(study.hardware or [None], option_sets, models, backends, range(max(map(len, precisions.values()))),
                              study.prompt_tokens, study.new_tokens, study.threads or [None], study.batch_sizes)
-    for label, options, (name, role, group), backend, precision, prompt, new, threads, batch in grid:
+    for label, options, (name, role, group), backend, pi, prompt, new, threads, batch in grid:
+        if pi >= len(precisions[backend]):
+            continue
+        precision = precisions[backend][pi]
         points.append(Point(model=name, backend=backend, precision=precision, role=role, group=group,
                             prompt_tokens=prompt, new_tokens=new, threads=threads, hardware=label,
                             batch_size=batch, options=dict(options), **fields))

@@ -24,6 +24,8 @@ class StudySpec:
     isomem: bool | None = None  # the iso-memory dense twin (same weight bytes, harder precision); None: as twins
     backends: list[str] = attrs.field(factory=list)  # empty: every available backend
     precisions: list[str] = attrs.field(factory=list)  # empty: each backend's default
+    # per backend, replacing `precisions` for it: { llamacpp = ["q4_k_m"], torch = ["bf16"] }
+    backend_precisions: dict[str, list[str]] = attrs.field(factory=dict)
     prompt_tokens: list[int] = attrs.field(factory=lambda: [64])
     new_tokens: list[int] = attrs.field(factory=lambda: [32])
     threads: list[int] = attrs.field(factory=list)  # empty: the engine's choice
@@ -55,9 +57,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         checkpoint_dtype="bfloat16", options={"mmap": False}),
     "paper-olmoe-all-backends": dict(
         name="paper-olmoe-all-backends",
-        description="the same shapes on every CPU backend at its default precision (bf16/fp32 artifacts are large)",
-        models=["olmoe-1b-7b"], dense=["llama-3.2-1b"], twins=False, prompt_tokens=[64], new_tokens=[16],
-        repetitions=3, checkpoint_dtype="bfloat16"),
+        description="the published shapes on every CPU engine at the precisions that fit a laptop: llama.cpp "
+                    "q4_k_m, ONNX Runtime int4 and int8 (both formulations), torch bf16; OLMoE-1B-7B against "
+                    "the three dense baselines (about 60 GB of disk while preparing, an hour here)",
+        models=["olmoe-1b-7b"], dense=["llama-3.2-1b", "qwen2.5-1.5b", "gemma-2-2b-shape"], twins=False,
+        backends=["llamacpp", "onnxruntime", "onnxruntime-contrib", "torch"],
+        backend_precisions={"llamacpp": ["q4_k_m"], "onnxruntime": ["int4", "int8"],
+                            "onnxruntime-contrib": ["int4", "int8"], "torch": ["bf16"]},
+        prompt_tokens=[32], new_tokens=[16], repetitions=2, checkpoint_dtype="bfloat16", parity=True,
+        options={}, min_rounds=1, max_rounds=2, timeout_s=3600.0),
     "paper-olmoe-batch": dict(
         name="paper-olmoe-batch",
         description="OLMoE-1B-7B against Llama-3.2-1B and its iso-memory dense twin (8.7 B at Q3_K_M, the bytes "
