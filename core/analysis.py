@@ -124,7 +124,8 @@ def isomem_facts(moe: dict[str, Any], twin: dict[str, Any]) -> dict[str, Any]:
         return {"available": True, "max_abs_diff": p["max_abs_diff"], "top1_agreement": p["top1_agreement"]}
 
     model = twin.get("model") or {}
-    out = {"model": (twin.get("point") or {}).get("model") or twin.get("model_name"), "precision": twin.get("precision"),
+    out = {"model": (twin.get("point") or {}).get("model") or twin.get("model_name"),
+           "precision": twin.get("precision"),
            "status": twin.get("status"), "error": twin.get("error"),
            "total_params": model.get("total_params"), "moe_total_params": (moe.get("model") or {}).get("total_params"),
            "bytes": size(twin), "moe_bytes": size(moe), "parity": parity(twin), "moe_parity": parity(moe)}

@@ -454,18 +454,20 @@ def cmd_predict(plugins: Any, args: argparse.Namespace) -> int:
     print(basis)
     for b, rows in by_batch.items():
         if len(batches) > 1 or b > 1:
-            print(f" batch {b}" + (f" (MoE: {rows[0]['experts_touched']:.1f} of {spec.num_experts} experts per layer "
-                                   f"and step, uniform routing)" if spec.is_moe and rows[0].get("experts_touched") else ""))
+            touched = rows[0].get("experts_touched") if spec.is_moe else None
+            print(f" batch {b}" + (f" (MoE: {touched:.1f} of {spec.num_experts} experts per layer and step, "
+                                   f"uniform routing)" if touched else ""))
         for r in rows:
             if r["fits"] is False:
                 print(f"  {r['model']:28s} does not fit: {r['reason']}")
             else:
-                print(f"  {r['model']:28s} decode {r['decode_tok_s']:8.1f} tok/s  prefill {r['prefill_tok_s']:9.1f} tok/s"
-                      f"  ({r['bytes_per_token'] / 1e6:.0f} MB/token, {r['memory_needed_bytes'] / 1e9:.1f} GB, "
-                      f"{r['decode_bound']}-bound)")
+                print(f"  {r['model']:28s} decode {r['decode_tok_s']:8.1f} tok/s  "
+                      f"prefill {r['prefill_tok_s']:9.1f} tok/s  ({r['bytes_per_token'] / 1e6:.0f} MB/token, "
+                      f"{r['memory_needed_bytes'] / 1e9:.1f} GB, {r['decode_bound']}-bound)")
         if len(rows) == 3 and all(r.get("decode_tok_s") for r in rows):
-            print(f"  predicted MoE decode vs active twin {rows[0]['decode_tok_s'] / rows[1]['decode_tok_s']:.2f}x, "
-                  f"vs total twin {rows[0]['decode_tok_s'] / rows[2]['decode_tok_s']:.2f}x (roofline: no dispatch cost)")
+            active, total = (rows[0]["decode_tok_s"] / rows[i]["decode_tok_s"] for i in (1, 2))
+            print(f"  predicted MoE decode vs active twin {active:.2f}x, vs total twin {total:.2f}x "
+                  f"(roofline: no dispatch cost)")
     if cross is not None:
         if cross["batch"]:
             print(f"  crossover: from batch {cross['batch']} the MoE decodes less than {cross['advantage']:.1f}x its "

@@ -160,8 +160,9 @@ def points_from_study(plugins: "MoerunPlugins", study: Any, backends: list[str])
         raise ConfigError(f"batch_sizes must list whole numbers >= 1, got {study.batch_sizes}")
     points = []
     precisions = {b: study.backend_precisions.get(b) or study.precisions or [None] for b in backends}
-    grid = itertools.product(study.hardware or [None], option_sets, models, backends, range(max(map(len, precisions.values()))),
-                             study.prompt_tokens, study.new_tokens, study.threads or [None], study.batch_sizes)
+    grid = itertools.product(study.hardware or [None], option_sets, models, backends,
+                             range(max(map(len, precisions.values()))), study.prompt_tokens, study.new_tokens,
+                             study.threads or [None], study.batch_sizes)
     for label, options, (name, role, group), backend, pi, prompt, new, threads, batch in grid:
         if pi >= len(precisions[backend]):
             continue

@@ -101,7 +101,8 @@ def fit_table(results: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
     for r in rows:
         mem = r.get("memory") or {}
         cells.append([str(r.get("model_name")), str(r.get("backend")), str(r.get("precision") or ""), str(_batch(r)),
-                      _fmt(_mib(mem.get("prepare_peak_bytes")), "{:,.0f}"), _fmt(_mib(r["fits"]["peak_bytes"]), "{:,.0f}"),
+                      _fmt(_mib(mem.get("prepare_peak_bytes")), "{:,.0f}"),
+                      _fmt(_mib(r["fits"]["peak_bytes"]), "{:,.0f}"),
                       *("fits" if r["fits"]["devices"].get(d) else "no" for d in devices)])
     return headers, cells
 
@@ -128,14 +129,16 @@ def isomem_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
         f = row["isomem"]
         cells.append([*_lead_cells(iso, row), str(row["group"]), row["backend"], row["precision"] or "",
                       *([str(row.get("batch_size") or 1)] if batch else []),
-                      str(f.get("model") or "").split(":")[-1] + ("" if f.get("status") == "ok" else f" ({f.get('status')})"),
+                      str(f.get("model") or "").split(":")[-1]
+                      + ("" if f.get("status") == "ok" else f" ({f.get('status')})"),
                       str(f.get("precision") or ""),
                       f"{human_count(f['total_params'])} ({human_count(f['moe_total_params'])})"
                       if f.get("total_params") and f.get("moe_total_params") else "-",
                       f"{_mib(f['bytes']):,.0f} MiB ({_mib(f['moe_bytes']):,.0f} MiB)"
                       if f.get("bytes") and f.get("moe_bytes") else "-",
                       _fmt(f.get("bytes_ratio"), "{:.2f}"), _ratio(row, "decode_vs_isomem"),
-                      _ratio(row, "prefill_vs_isomem"), _parity_cell(f.get("moe_parity")), _parity_cell(f.get("parity"))])
+                      _ratio(row, "prefill_vs_isomem"), _parity_cell(f.get("moe_parity")),
+                      _parity_cell(f.get("parity"))])
     return headers, cells
 
 

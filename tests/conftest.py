@@ -58,3 +58,18 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600):
     exe = Path(sys.executable).with_name("moerun")
     return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+def onnxruntime_with_formulation(formulation: str):
+    """The onnxruntime backend held to one MoE formulation at any expert size (the tiny
+    presets' experts are small enough that the backend itself picks the gather one)."""
+    from moerun.backends.onnxruntime.backend import OnnxRuntimeBackend
+
+    class Fixed(OnnxRuntimeBackend):
+        name = f"onnxruntime-{formulation}"
+        aliases = ()
+
+        def moe_formulation(self, spec):
+            return formulation
+
+    return Fixed()

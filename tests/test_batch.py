@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import onnxruntime_with_formulation, run_cli
 from moerun import LoadSettings
 from moerun.checkpoint import synthetic_checkpoint
 from moerun.runner import Point, batch_token_ids, measure, token_ids
@@ -26,16 +26,7 @@ TOLERANCE = {"torch": 1e-4, "onnxruntime": 1e-4, "onnxruntime-contrib": 1e-4, "l
 
 def _backend(plugins, name):
     if name == "onnxruntime-grouped":  # the grouped formulation at tiny expert sizes
-        from moerun.backends.onnxruntime.backend import OnnxRuntimeBackend
-
-        class Grouped(OnnxRuntimeBackend):
-            name = "onnxruntime-grouped"
-            aliases = ()
-
-            def moe_formulation(self, spec):
-                return "grouped"
-
-        return Grouped()
+        return onnxruntime_with_formulation("grouped")
     return plugins.backends.get(name)()
 
 

@@ -42,7 +42,8 @@ def test_measuring_run_prints_table_and_writes_jsonl(tmp_path):
     doc = json.loads(again.stdout)
     assert len(out_file.read_text().splitlines()) == 4
     assert all(r["resumed"] for r in doc["results"]) and doc["verdicts"][0]["group"] == "tiny-moe"
-    assert [r["role"] for r in doc["results"]] == ["moe", "dense-isomem", "dense-active", "dense-total"]  # the points' order
+    # the points' order
+    assert [r["role"] for r in doc["results"]] == ["moe", "dense-isomem", "dense-active", "dense-total"]
 
 
 def test_unsupported_precision_is_reported_not_fatal(tmp_path):

@@ -16,7 +16,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import onnxruntime_with_formulation, run_cli
 from moerun import LoadSettings
 from moerun.checkpoint import synthetic_checkpoint
 from moerun.runner import Point, measure, teacher_forced_logits, token_ids
@@ -32,11 +32,6 @@ def _ort(path, optimized=None):
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
-def _logits(session_factory, spec, ids, n_prompt=8):
-    with session_factory() as s:
-        return teacher_forced_logits(s, ids, n_prompt)
-
-
 def test_a_streamed_graph_holds_no_weights_and_computes_the_same(plugins, cache, tmp_path):
     import onnx
 
@@ -48,7 +43,8 @@ def test_a_streamed_graph_holds_no_weights_and_computes_the_same(plugins, cache,
     in_memory = build_onnx(ck, formulation="grouped")
     assert streamed.ByteSize() < in_memory.ByteSize() / 3
     external = [t for t in streamed.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-    assert sum(int(dict((e.key, e.value) for e in t.external_data)["length"]) for t in external) > 0.9 * spec.total_params * 4
+    lengths = [int(dict((e.key, e.value) for e in t.external_data)["length"]) for t in external]
+    assert sum(lengths) > 0.9 * spec.total_params * 4
     onnx.save_model(streamed, str(tmp_path / "model.onnx"))
     onnx.save_model(in_memory, str(tmp_path / "memory.onnx"))
     feed = {"input_ids": np.array([[3, 5, 7]], np.int64), "logits_from": np.array([0], np.int64)}
@@ -84,7 +80,7 @@ def test_standard_op_graphs_run_quantised_weights_close_to_the_reference(plugins
     assert {o.domain for o in proto.opset_import} == {""} and proto.opset_import[0].version == 21
     path = tmp_path / "q.onnx"
     onnx.save_model(proto, str(path))
-    sess = _ort(path, optimized=tmp_path / "opt.onnx")
+    _ort(path, optimized=tmp_path / "opt.onnx")  # writes the graph as onnxruntime optimised it
     ops = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx"), load_external_data=False).graph.node}
     if precision == "int4":
         assert "MatMulNBits" in ops, ops  # the fast 4-bit kernel, from standard ops
@@ -92,15 +88,7 @@ def test_standard_op_graphs_run_quantised_weights_close_to_the_reference(plugins
     torch_backend = plugins.backends.get("torch")()
     ref = torch_backend.load(torch_backend.prepare(ck, "fp32", cache), LoadSettings(max_context=16))
     want = teacher_forced_logits(ref, ids, 8)
-    from moerun.backends.onnxruntime.backend import OnnxRuntimeBackend
-
-    class Fixed(OnnxRuntimeBackend):
-        name, aliases = "onnxruntime-fixed", ()
-
-        def moe_formulation(self, s):
-            return formulation
-
-    backend = Fixed()
+    backend = onnxruntime_with_formulation(formulation)
     art = backend.prepare(ck, precision, cache)
     assert art.meta["moe_formulation"] == (formulation if spec.is_moe else None)
     with backend.load(art, LoadSettings(max_context=16)) as s:
@@ -109,7 +97,6 @@ def test_standard_op_graphs_run_quantised_weights_close_to_the_reference(plugins
     agree = float((got.argmax(-1) == want.argmax(-1)).mean())
     print(f"{model} {formulation} {precision}: max |diff| {diff:.3f}, top-1 {agree:.0%}")
     assert diff < atol and agree >= top1
-    del sess
 
 
 def test_streamed_preparation_holds_a_fraction_of_the_in_memory_build(plugins, cache, tmp_path):
@@ -117,17 +104,19 @@ def test_streamed_preparation_holds_a_fraction_of_the_in_memory_build(plugins, c
     data against held in memory (88 M parameters, 354 MB of fp32)."""
     spec = plugins.models.resolve("small-moe")
     ck = synthetic_checkpoint(spec, cache, seed=0)
+    # VmHWM, not ru_maxrss: Linux carries the parent's peak into ru_maxrss across fork + exec
     script = textwrap.dedent("""
-        import resource, sys
+        import sys
         from pathlib import Path
         from moerun import Checkpoint
         from moerun.backends.onnxgraph.builder import build_onnx
+        from moerun.memory import status
         ck = Checkpoint.open(Path(sys.argv[1]))
         out = Path(sys.argv[2])
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        base = status()["hwm_bytes"]
         ext = out / "m.onnx.data" if sys.argv[3] == "stream" else None
         model = build_onnx(ck, formulation="grouped", weight_bits=4, external_data=ext)
-        print(base * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        print(base, status()["hwm_bytes"])
     """)
     peaks = {}
     for mode in ("stream", "memory"):

@@ -10,6 +10,7 @@ import pytest
 from moerun import (CheckpointError, LoadSettings, Point, UnsupportedError, measure, synthetic_checkpoint,
                     teacher_forced_logits, token_ids)
 from moerun.presets import TINY
+from conftest import onnxruntime_with_formulation
 
 FAMILIES = [s.name for s, _ in TINY if s.name.startswith("tiny-")]
 
@@ -172,31 +173,13 @@ def test_graph_has_no_dead_nodes(pm, cache, backend):
     assert dead == []
 
 
-class _Grouped:
-    """The onnxruntime backend with the grouped formulation at any expert size (the tiny
-    presets' experts are small enough that the backend itself picks the gather one)."""
-
-    @staticmethod
-    def make(pm):
-        from moerun.backends.onnxruntime.backend import OnnxRuntimeBackend
-
-        class Grouped(OnnxRuntimeBackend):
-            name = "onnxruntime-grouped"
-            aliases = ()
-
-            def moe_formulation(self, spec):
-                return "grouped"
-
-        return Grouped()
-
-
 @pytest.mark.parametrize("name", [n for n in FAMILIES if n != "tiny-dense"])
 def test_grouped_formulation_matches_the_reference_and_copies_no_weights(pm, cache, name):
     import onnx
 
     spec = pm.models.resolve(name)
     ck = synthetic_checkpoint(spec, cache, seed=0)
-    b = _Grouped.make(pm)
+    b = onnxruntime_with_formulation("grouped")
     ids = token_ids(spec.vocab_size, 48, seed=4)
     ref = _reference(pm, ck, cache, ids, 32)
     for precision, tol, min_top1 in (("fp32", 1e-4, 1.0), ("int8", None, 0.75)):

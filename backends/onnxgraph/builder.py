@@ -126,7 +126,7 @@ class _G:
         the low nibble first, as ONNX packs them."""
         from onnx import TensorProto
 
-        flat = codes.reshape(-1).astype(np.int8)
+        flat = np.asarray(codes, np.int8).reshape(-1)
         if flat.size % 2:
             flat = np.concatenate([flat, np.zeros(1, np.int8)])
         nibbles = flat.view(np.uint8) & 0x0F
@@ -200,16 +200,15 @@ class OnnxDecoderBuilder:
         # only when the codes are an initializer of the branch itself (the fusion fails on an
         # outer-scope one at session creation), so they stay there
         g = gr if bits == 4 else self.main
-        w = np.ascontiguousarray(w, dtype=np.float32)
         if bits is None:
-            return gr.op("MatMul", [x, g.const(w, wname)], name=tag)
+            return gr.op("MatMul", [x, g.const(np.ascontiguousarray(w, dtype=np.float32), wname)], name=tag)
         if bits == 8:
-            q, sc = quantize_per_channel(w[None])
+            q, sc = quantize_columns(w, lambda c: (lambda q, s: (q[0], s[0]))(*quantize_per_channel(c[None])))
             xq, xs, xz = gr.op("DynamicQuantizeLinear", [x], outputs=3)
-            acc = gr.op("MatMulInteger", [xq, g.const(q[0], wname + ".q"), xz], name=tag)
-            scale = gr.op("Mul", [xs, g.const(sc[0].reshape(-1), wname + ".s")])
+            acc = gr.op("MatMulInteger", [xq, g.const(q, wname + ".q"), xz], name=tag)
+            scale = gr.op("Mul", [xs, g.const(sc.reshape(-1), wname + ".s")])
             return gr.op("Mul", [gr.op("Cast", [acc], to=1), scale])
-        codes, scales = quantize_int4_rows(w, INT4_BLOCK)
+        codes, scales = quantize_columns(w, lambda c: quantize_int4_rows(c, INT4_BLOCK))
         deq = gr.op("DequantizeLinear", [g.const_int4(codes, wname + ".q4"), g.const(scales, wname + ".s4")],
                     axis=0, block_size=INT4_BLOCK)
         return gr.op("MatMul", [x, deq], name=tag)
@@ -630,6 +629,21 @@ def quantize_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scale[scale == 0] = 1.0
     q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
     return q, scale.astype(np.float32)
+
+
+def quantize_columns(w: np.ndarray, quantize: Any, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """`quantize` (codes [K, n], scales [..., n]) applied to `chunk` columns of w [K, N] at a
+    time: the scales of both layouts are per output column, so chunks are exact, and the
+    temporaries are a chunk's, not the matrix's (a 256 k-token head is 2.4 GB of fp32)."""
+    K, N = w.shape
+    codes, scales = np.empty((K, N), np.int8), None
+    for n0 in range(0, N, chunk):
+        c, sc = quantize(np.asarray(w[:, n0:n0 + chunk], dtype=np.float32))
+        codes[:, n0:n0 + chunk] = c
+        if scales is None:
+            scales = np.empty((*sc.shape[:-1], N), np.float32)
+        scales[..., n0:n0 + chunk] = sc
+    return codes, scales
 
 
 def quantize_int4_rows(w: np.ndarray, block: int, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:

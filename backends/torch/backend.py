@@ -121,51 +121,39 @@ class TorchSession(Session):
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "moerun", "inductor"))
             self._forward = torch.compile(model.forward, dynamic=True, mode=compile_mode)
 
-    def _run(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
-        n = len(ids)
-        if n == 0:
+    def _run(self, rows: list[list[int]], all_logits: bool) -> np.ndarray:
+        """One step of B sequences of n tokens each (B = 1 for prefill and decode)."""
+        B, n = len(rows), len(rows[0]) if rows else 0
+        if not n:
             raise ConfigError("prefill needs at least one token id")
+        if any(len(r) != n for r in rows):
+            raise ConfigError("a batch needs sequences of one length")
+        if B > self.model.batch:
+            raise ConfigError(f"{B} sequences: the session was loaded for batch size {self.model.batch}")
         if self.pos + n > self.model.max_context:
             raise ConfigError(
                 f"context full: {self.pos} cached + {n} new tokens > max_context {self.model.max_context}"
             )
         vocab = self.model.spec.vocab_size
-        lo, hi = min(ids), max(ids)
+        lo, hi = min(map(min, rows)), max(map(max, rows))
         if lo < 0 or hi >= vocab:
             raise ConfigError(f"token ids must be in [0, {vocab}), got {lo}..{hi}")
-        t = self.torch.tensor(ids, dtype=self.torch.long, device=self.model.device)
+        t = self.torch.tensor(rows, dtype=self.torch.long, device=self.model.device)
         logits = self._forward(t, self.pos, all_logits=all_logits)
         self.pos += n
         return logits.cpu().numpy()
 
     def prefill(self, token_ids: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
-        return self._run(list(token_ids), all_logits)
-
-    def _run_batch(self, rows: list[list[int]]) -> np.ndarray:
-        B, n = len(rows), len(rows[0]) if rows else 0
-        if not B or not n or any(len(r) != n for r in rows):
-            raise ConfigError(f"a batch needs 1..{self.model.batch} sequences of one length (>= 1 token each)")
-        if B > self.model.batch:
-            raise ConfigError(f"{B} sequences: the session was loaded for batch size {self.model.batch}")
-        if self.pos + n > self.model.max_context:
-            raise ConfigError(f"context full: {self.pos} cached + {n} new tokens > max_context {self.model.max_context}")
-        vocab = self.model.spec.vocab_size
-        lo, hi = min(map(min, rows)), max(map(max, rows))
-        if lo < 0 or hi >= vocab:
-            raise ConfigError(f"token ids must be in [0, {vocab}), got {lo}..{hi}")
-        t = self.torch.tensor(rows, dtype=self.torch.long, device=self.model.device)
-        logits = self._forward(t, self.pos, all_logits=False)
-        self.pos += n
-        return logits.cpu().numpy()
-
-    def prefill_batch(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
-        return self._run_batch([[int(t) for t in p] for p in prompts])
-
-    def decode_batch(self, token_ids: Sequence[int]) -> np.ndarray:
-        return self._run_batch([[int(t)] for t in token_ids])
+        return self._run([[int(t) for t in token_ids]], all_logits)
 
     def decode(self, token_id: int) -> np.ndarray:
-        return self._run([int(token_id)], False)[0]
+        return self._run([[int(token_id)]], False)[0]
+
+    def prefill_batch(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        return self._run([[int(t) for t in p] for p in prompts], False)
+
+    def decode_batch(self, token_ids: Sequence[int]) -> np.ndarray:
+        return self._run([[int(t)] for t in token_ids], False)
 
     def reset(self) -> None:
         self.pos = 0

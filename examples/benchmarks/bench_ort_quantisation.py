@@ -31,7 +31,8 @@ def build(ckpt, precision: str, tool: bool, folder: Path) -> Path:
 
     path = folder / f"{precision}-{'tool' if tool else 'builder'}.onnx"
     if not tool:
-        onnx.save_model(build_onnx(ckpt, formulation="grouped", weight_bits={"int8": 8, "int4": 4}[precision]), str(path))
+        bits = {"int8": 8, "int4": 4}[precision]
+        onnx.save_model(build_onnx(ckpt, formulation="grouped", weight_bits=bits), str(path))
         return path
     model = build_onnx(ckpt, formulation="grouped")
     raw = folder / "fp32.onnx"
