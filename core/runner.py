@@ -486,7 +486,19 @@ def expert_coverage(session: Any, spec: ModelSpec, prompts: list[list[int]],
 
 
 PARITY_TOKENS = (12, 4)  # prefill 12 ids with all logits, then decode 4
-REFERENCE_MAX_BYTES = 4 << 30  # the fp32 reference must fit beside the engine under test
+REFERENCE_MAX_BYTES = 4 << 30  # the fp32 reference's floor: it must fit beside the engine under test
+REFERENCE_SHARE = 0.5  # at most this share of the memory available when the reference would load
+
+
+def reference_budget() -> int:
+    """Bytes the fp32 reference may take: half of what the machine has available right now
+    (the engine under test is already loaded), never less than REFERENCE_MAX_BYTES."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return REFERENCE_MAX_BYTES
+    return max(REFERENCE_MAX_BYTES, int(avail * REFERENCE_SHARE))
 
 
 def _parity(session: Any, spec: ModelSpec, ckpt: Checkpoint | None, plugins: "MoerunPlugins", cache: Cache,
@@ -495,9 +507,11 @@ def _parity(session: Any, spec: ModelSpec, ckpt: Checkpoint | None, plugins: "Mo
     same checkpoint and ids; the reference logits are cached by checkpoint content."""
     if ckpt is None:
         return {"available": False, "reason": "an engine file has no checkpoint to compute the reference from"}
-    if spec.total_params * 4 > REFERENCE_MAX_BYTES:
+    budget = reference_budget()
+    if spec.total_params * 4 > budget:
         return {"available": False, "reason": f"the fp32 reference of {spec.total_params / 1e9:.1f} B parameters "
-                                              f"needs {spec.total_params * 4 / 2**30:.0f} GiB"}
+                                              f"needs {spec.total_params * 4 / 2**30:.1f} GiB; "
+                                              f"{budget / 2**30:.1f} GiB may be used here"}
     n_prompt, n_new = PARITY_TOKENS
     ids = token_ids(spec.vocab_size, n_prompt + n_new, point.seed + 1)
     ref_path = cache.root / "reference" / f"{ckpt.content_hash()}-{n_prompt}-{n_new}-{point.seed + 1}.npy"
