@@ -37,6 +37,7 @@ from moerun import (
     Session,
     UnsupportedError,
 )
+from moerun.memory import release_free
 
 BUILD_VERSION = "onnx-builder-5"  # 4: a batch dimension; 5: opset 21, quantised and streamed by the builder
 DISPATCH_BYTES = 64 << 10  # what one If dispatch costs, in bytes copied (~2 us at ~30 GB/s)
@@ -234,6 +235,9 @@ class OnnxRuntimeSession(Session):
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"onnxruntime could not load {artifact.path}: {msg}") from None
+        # graph transformation and weight prepacking free their staging buffers into glibc's
+        # heap; handing them back took small-moe int4 from 161 to 101 MB over its 68 MB file
+        release_free()
         self.provider = provider
         self.spec = artifact.spec
         # KV cache and outputs live where the provider computes: CUDA memory for CUDA and TensorRT
