@@ -763,12 +763,10 @@ def _write_checkpoints(plugins: Any, points: Sequence[Any], cache: Any, *, quiet
             continue
         spec = plugins.models.resolve(p.model)
         if p.fit:  # a point that cannot fit the named device gets no checkpoint either
-            from .predict import fit_obstacle
-            from .runner import _nominal
+            from .runner import point_fit_obstacle
 
             precision = p.precision or plugins.backends.get(p.backend).capabilities.default_precision
-            if fit_obstacle(spec, _nominal(precision), p.fit, batch=p.batch_size,
-                            context=p.prompt_tokens + p.new_tokens):
+            if point_fit_obstacle(p, spec, precision):
                 continue
         seen.add(key)
         size = spec.total_params * (2 if p.checkpoint_dtype == "bfloat16" else 4)

@@ -151,6 +151,15 @@ def point_spec(point: Point, plugins: "MoerunPlugins") -> ModelSpec:
     return plugins.models.resolve(point.model)
 
 
+def point_fit_obstacle(point: Point, spec: ModelSpec, precision: str) -> str | None:
+    """Why `point` (at `precision`) cannot fit its `--fit` device, or None (no device named,
+    or it fits): its weights at nominal bits and every sequence's KV cache."""
+    if not point.fit:
+        return None
+    return fit_obstacle(spec, _nominal(precision), point.fit, batch=point.batch_size,
+                        context=point.prompt_tokens + point.new_tokens)
+
+
 def resolve_checkpoint(point: Point, plugins: "MoerunPlugins", cache: Cache) -> Checkpoint:
     """A preset / twin name -> its synthetic checkpoint; a folder -> that checkpoint."""
     path = Path(point.model)
@@ -254,11 +263,9 @@ def measure(point: Point, plugins: "MoerunPlugins", cache: Cache | None = None,
             precision = point.precision or backend.capabilities.default_precision
             get_precision(precision)
             result["precision"] = precision
-            if point.fit:
-                obstacle = fit_obstacle(point_spec(point, plugins), _nominal(precision), point.fit,
-                                        batch=point.batch_size, context=point.prompt_tokens + point.new_tokens)
-                if obstacle:
-                    raise UnsupportedError(obstacle)
+            obstacle = point_fit_obstacle(point, point_spec(point, plugins), precision)
+            if obstacle:
+                raise UnsupportedError(obstacle)
             ckpt = resolve_checkpoint(point, plugins, cache)
             spec = ckpt.spec
             result["model"] = model_record(spec, precision)
