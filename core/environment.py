@@ -42,14 +42,22 @@ def _cpu_flags() -> list[str]:
     return []
 
 
-def memory_total_bytes() -> int | None:
+def meminfo_bytes(field: str) -> int | None:
+    """One /proc/meminfo field ("MemTotal", "MemAvailable") in bytes; None where there is none."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemTotal:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError):
         pass
+    return None
+
+
+def memory_total_bytes() -> int | None:
+    total = meminfo_bytes("MemTotal")
+    if total is not None:
+        return total
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):

@@ -29,7 +29,7 @@ class Hardware:
     peak_flops: float  # dense, at the precision class the device runs LLMs at (see source)
     memory_bytes: float
     source: str
-    # what the OS and its services keep out of an LLM's reach (estimates, see `os_share`)
+    # what the OS and its services keep out of an LLM's reach (estimates; docs/cli.md lists them)
     os_reserve_bytes: float = 0.0
 
     @property
@@ -64,11 +64,6 @@ HARDWARE: dict[str, Hardware] = {h.name: h for h in [
              source="NVIDIA: 4.8 TB/s HBM3e, 141 GB; 989 TFLOPS BF16 dense",
              os_reserve_bytes=1 * GB),
 ]}
-
-
-def os_share() -> str:
-    """How much memory each profile leaves the model, as documented (docs/cli.md)."""
-    return "; ".join(f"{h.name}: {h.usable_bytes / GB:.1f} of {h.memory_bytes / GB:.0f} GB" for h in HARDWARE.values())
 
 
 def fits(peak_bytes: float) -> dict[str, bool]:
@@ -137,10 +132,9 @@ def predict(spec: ModelSpec, hw: Hardware, *, precision: str, context: int = 512
     """Predicted decode (aggregate over `batch` sequences) and prefill tokens/s of `spec` on
     `hw`, or why it does not fit."""
     eff = efficiency or {"decode": 0.8, "prefill": 0.5}
-    bits = get_precision(precision).bits_per_weight
-    weights = spec.total_params * bits / 8
+    weights = spec.total_params * get_precision(precision).bits_per_weight / 8
     kv = spec.kv_bytes_per_token(context, kv_bytes_per_value)  # read per token = held at `context`
-    need = weights + batch * kv
+    need = expected_need(spec, precision, batch=batch, context=context, kv_bytes_per_value=kv_bytes_per_value)
     out: dict[str, Any] = {
         "model": spec.name, "hardware": hw.name, "precision": precision, "context": context, "batch_size": batch,
         "weights_bytes": weights, "memory_needed_bytes": need, "memory_bytes": hw.memory_bytes,

@@ -469,17 +469,11 @@ def expert_coverage(session: Any, spec: ModelSpec, prompts: list[list[int]],
         return None
     B = len(prompts)
     session.reset()
-    if B == 1:
-        session.prefill(prompts[0])
-    else:
-        session.prefill_batch(prompts)
+    session.prefill_batch(prompts)  # at B = 1 the base Session runs prefill / decode
     before = np.asarray(session.expert_counts())
     per_step = []
     for step in zip(*follows):
-        if B == 1:
-            session.decode(step[0])
-        else:
-            session.decode_batch(list(step))
+        session.decode_batch(list(step))
         now = np.asarray(session.expert_counts())
         per_step.append(((now - before) > 0).sum(axis=1))  # [layers]
         before = now
@@ -500,12 +494,10 @@ REFERENCE_SHARE = 0.5  # at most this share of the memory available when the ref
 def reference_budget() -> int:
     """Bytes the fp32 reference may take: half of what the machine has available right now
     (the engine under test is already loaded), never less than REFERENCE_MAX_BYTES."""
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return REFERENCE_MAX_BYTES
-    return max(REFERENCE_MAX_BYTES, int(avail * REFERENCE_SHARE))
+    from .environment import meminfo_bytes
+
+    avail = meminfo_bytes("MemAvailable")
+    return max(REFERENCE_MAX_BYTES, int(avail * REFERENCE_SHARE)) if avail else REFERENCE_MAX_BYTES
 
 
 def _parity(session: Any, spec: ModelSpec, ckpt: Checkpoint | None, plugins: "MoerunPlugins", cache: Cache,

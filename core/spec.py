@@ -313,18 +313,6 @@ class ModelSpec:
         bits = get_precision(precision).bits_per_weight
         return one + self.num_layers * (touched - self.top_k) * self.expert_params * bits / 8
 
-    def crossover_batch(self, precision: str = "fp32", share: float = 0.9, limit: int = 4096) -> int | None:
-        """The smallest batch at which the MoE's expected decode reads reach `share` of its
-        total-matched dense twin's (every weight once): past it the MoE has given up most of
-        its bandwidth advantage over the dense model of its size. None if not reached by `limit`."""
-        if not self.is_moe:
-            return None
-        dense = self.dense_twin("total").weight_bytes_per_token(precision)
-        for b in range(1, limit + 1):
-            if self.weight_bytes_per_step(precision, b) >= share * dense:
-                return b
-        return None
-
     def kv_bytes_per_token(self, context: int, kv_bytes_per_value: float = 4.0) -> float:
         """Bytes of KV cache one decoded token reads at `context` cached positions."""
         return 2.0 * self.num_layers * self.kv_dim * context * kv_bytes_per_value

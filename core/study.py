@@ -160,16 +160,14 @@ def points_from_study(plugins: "MoerunPlugins", study: Any, backends: list[str])
         raise ConfigError(f"batch_sizes must list whole numbers >= 1, got {study.batch_sizes}")
     points = []
     precisions = {b: study.backend_precisions.get(b) or study.precisions or [None] for b in backends}
-    grid = itertools.product(study.hardware or [None], option_sets, models, backends,
-                             range(max(map(len, precisions.values()))), study.prompt_tokens, study.new_tokens,
-                             study.threads or [None], study.batch_sizes)
-    for label, options, (name, role, group), backend, pi, prompt, new, threads, batch in grid:
-        if pi >= len(precisions[backend]):
-            continue
-        precision = precisions[backend][pi]
-        points.append(Point(model=name, backend=backend, precision=precision, role=role, group=group,
-                            prompt_tokens=prompt, new_tokens=new, threads=threads, hardware=label,
-                            batch_size=batch, options=dict(options), **fields))
+    outer = itertools.product(study.hardware or [None], option_sets, models, backends)
+    for label, options, (name, role, group), backend in outer:
+        inner = itertools.product(precisions[backend], study.prompt_tokens, study.new_tokens,
+                                  study.threads or [None], study.batch_sizes)
+        for precision, prompt, new, threads, batch in inner:
+            points.append(Point(model=name, backend=backend, precision=precision, role=role, group=group,
+                                prompt_tokens=prompt, new_tokens=new, threads=threads, hardware=label,
+                                batch_size=batch, options=dict(options), **fields))
     isomem = study.twins if study.isomem is None else study.isomem
     return _with_isomem(plugins, points) if isomem else points
 

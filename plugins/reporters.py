@@ -49,6 +49,11 @@ def _batch(r: dict[str, Any]) -> int:
     return (r.get("point") or {}).get("batch_size") or 1
 
 
+def _batched(rows: list[dict[str, Any]]) -> bool:
+    """Whether any verdict row decoded several sequences (tables then show a batch column)."""
+    return any((row.get("batch_size") or 1) > 1 for row in rows)
+
+
 TWIN_KEYS = ("decode_vs_active", "prefill_vs_active", "decode_vs_total", "prefill_vs_total")
 ISOMEM_KEYS = ("decode_vs_isomem", "prefill_vs_isomem")
 
@@ -57,7 +62,7 @@ def verdict_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
     """The verdict as headers and cells (shared by the table and Markdown reporters): a
     batch column when any row decodes several sequences, the iso-memory ratios when any
     row has an iso-memory twin."""
-    batch = any((row.get("batch_size") or 1) > 1 for row in rows)
+    batch = _batched(rows)
     keys = TWIN_KEYS + (ISOMEM_KEYS if any(row.get("isomem") for row in rows) else ())
     headers = [*_lead(rows), "model", "backend", "precision", "prompt", *(["batch"] if batch else []),
                *(k.replace("_", " ") for k in keys), "ideal decode vs total", "realised", "rounds",
@@ -76,7 +81,7 @@ def baseline_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str
     """MoE over each named dense baseline of the same backend, precision and workload."""
     based = [(row, name, b) for row in rows for name, b in (row.get("baselines") or {}).items()]
     based_rows = [row for row, _, _ in based]
-    batch = any((row.get("batch_size") or 1) > 1 for row in based_rows)
+    batch = _batched(based_rows)
     headers = [*_lead(based_rows), "model", "baseline", "backend", "precision", "prompt",
                *(["batch"] if batch else []), "decode", "prefill", "precision got"]
     cells = []
@@ -120,7 +125,7 @@ def isomem_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
     and bytes against the MoE's, the speed ratios and both sides' parity (max |diff| / top-1
     against the PyTorch fp32 reference)."""
     iso = [row for row in rows if row.get("isomem")]
-    batch = any((row.get("batch_size") or 1) > 1 for row in iso)
+    batch = _batched(iso)
     headers = [*_lead(iso), "model", "backend", "precision", *(["batch"] if batch else []), "iso-memory dense",
                "its precision", "params (MoE)", "bytes (MoE)", "bytes ratio", "decode vs isomem",
                "prefill vs isomem", "parity MoE", "parity dense"]

@@ -203,7 +203,7 @@ class OnnxDecoderBuilder:
         if bits is None:
             return gr.op("MatMul", [x, g.const(np.ascontiguousarray(w, dtype=np.float32), wname)], name=tag)
         if bits == 8:
-            q, sc = quantize_columns(w, lambda c: (lambda q, s: (q[0], s[0]))(*quantize_per_channel(c[None])))
+            q, sc = quantize_columns(w, quantize_per_channel)
             xq, xs, xz = gr.op("DynamicQuantizeLinear", [x], outputs=3)
             acc = gr.op("MatMulInteger", [xq, g.const(q, wname + ".q"), xz], name=tag)
             scale = gr.op("Mul", [xs, g.const(sc.reshape(-1), wname + ".s")])
@@ -623,9 +623,9 @@ class OnnxDecoderBuilder:
 
 
 def quantize_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per (expert, output channel) for weights laid out [E, K, N]:
-    codes int8 [E, K, N], scales float [E, 1, N]."""
-    scale = np.abs(w).max(axis=1, keepdims=True) / 127.0
+    """Symmetric int8 per output channel for weights laid out [..., K, N] ([E, K, N] stacked
+    experts, [K, N] one weight): codes int8 of w's shape, scales float [..., 1, N]."""
+    scale = np.abs(w).max(axis=-2, keepdims=True) / 127.0
     scale[scale == 0] = 1.0
     q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
     return q, scale.astype(np.float32)
