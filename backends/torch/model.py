@@ -21,7 +21,12 @@ from moerun import Checkpoint, ModelSpec
 
 # ---------------------------------------------------------------- building blocks
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in float32 and cast back, as Hugging Face does."""
+    """RMSNorm computed in float32 and cast back, as Hugging Face does. In float32 that is
+    exactly torch's fused `F.rms_norm` (bit-identical, measured: 6.9 against 9.1 us a call at
+    decode, 13 calls a token on small-moe); other dtypes keep HF's rounding to the dtype
+    before the weight."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
@@ -39,7 +44,7 @@ def rope_tables(spec: ModelSpec, length: int, device: torch.device) -> tuple[tor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [heads, T, head_dim]; cos/sin [T, head_dim]."""
+    """x [..., head_dim]; cos/sin broadcast against it ([T, 1, head_dim] for [B, T, heads, hd])."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
@@ -231,22 +236,21 @@ def moe_decode(layer: Layer, x: torch.Tensor, weights: torch.Tensor, ids: list[i
 
 def moe_prefill(layer: Layer, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                 counts: list[int]) -> torch.Tensor:
-    """Many tokens: tokens grouped by expert, each expert run once on its tokens."""
-    k = ids.shape[1]
-    flat = ids.flatten()
-    order = torch.argsort(flat, stable=True)
-    token_of = order // k
-    w_sorted = weights.flatten()[order].unsqueeze(1)
-    out = torch.zeros_like(x)
+    """Many tokens: tokens grouped by expert, each expert run once on its tokens (one
+    gather into expert order, contiguous slices per expert, one weighted scatter back:
+    measured 2.59-2.71 against 2.71-2.99 ms for a gather and a scatter per expert, on a
+    small-moe block of 128 tokens in fp32)."""
+    order = torch.argsort(ids.flatten(), stable=True)
+    token_of = order // ids.shape[1]
+    xs = x.index_select(0, token_of)  # the token rows in expert order: one gather
+    ys = torch.empty_like(xs)
     start = 0
     for e, c in enumerate(counts):
-        if c == 0:
-            continue
-        tok = token_of[start : start + c]
-        y = swiglu(x.index_select(0, tok), layer.experts_gate_up[e], layer.experts_down[e])
-        out.index_add_(0, tok, y * w_sorted[start : start + c])
-        start += c
-    return out
+        if c:
+            ys[start : start + c] = swiglu(xs[start : start + c], layer.experts_gate_up[e], layer.experts_down[e])
+            start += c
+    ys.mul_(weights.flatten()[order].unsqueeze(1))
+    return torch.zeros_like(x).index_add_(0, token_of, ys)  # one scatter back
 
 
 def moe_all_experts(spec: ModelSpec, layer: Layer, x: torch.Tensor) -> torch.Tensor:
@@ -301,19 +305,24 @@ class Model:
         """x: [B*T, H], B sequences of T tokens each (sequence-major), all at positions pos.."""
         spec, layer = self.spec, self.layers[i]
         T = x.shape[0] // B
+        heads, kv_heads, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
         qkv = layer.qkv(x)
-        q, k, v = qkv.split([spec.q_dim, spec.kv_dim, spec.kv_dim], dim=-1)
-        if spec.qk_norm == "full":
-            q = rms_norm(q, layer.q_norm, spec.rms_norm_eps)
-            k = rms_norm(k, layer.k_norm, spec.rms_norm_eps)
-        q = q.view(B, T, spec.num_heads, spec.head_dim).transpose(1, 2)  # [B, heads, T, hd]
-        k = k.view(B, T, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
-        v = v.view(B, T, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
-        if spec.qk_norm == "head":
-            q = rms_norm(q, layer.q_norm, spec.rms_norm_eps)
-            k = rms_norm(k, layer.k_norm, spec.rms_norm_eps)
-        cos, sin = self.cos[pos : pos + T], self.sin[pos : pos + T]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if spec.qk_norm == "none":  # q and k side by side in qkv: one rotation for both
+            qk = qkv[:, : spec.q_dim + spec.kv_dim].view(B, T, heads + kv_heads, hd)
+        else:
+            q, k = qkv[:, : spec.q_dim], qkv[:, spec.q_dim : spec.q_dim + spec.kv_dim]
+            if spec.qk_norm == "full":
+                q = rms_norm(q, layer.q_norm, spec.rms_norm_eps)
+                k = rms_norm(k, layer.k_norm, spec.rms_norm_eps)
+            q, k = q.reshape(B, T, heads, hd), k.reshape(B, T, kv_heads, hd)
+            if spec.qk_norm == "head":
+                q = rms_norm(q, layer.q_norm, spec.rms_norm_eps)
+                k = rms_norm(k, layer.k_norm, spec.rms_norm_eps)
+            qk = torch.cat([q, k], dim=2)
+        qk = apply_rope(qk, self.cos[pos : pos + T, None], self.sin[pos : pos + T, None])
+        q = qk[:, :, :heads].transpose(1, 2)  # [B, heads, T, hd]
+        k = qk[:, :, heads:].transpose(1, 2)
+        v = qkv[:, spec.q_dim + spec.kv_dim :].view(B, T, kv_heads, hd).transpose(1, 2)
         if use_cache:
             self.k_cache[i][:B, :, pos : pos + T] = k
             self.v_cache[i][:B, :, pos : pos + T] = v
