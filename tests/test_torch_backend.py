@@ -69,6 +69,29 @@ def test_bf16_agrees_with_fp32_on_top1(plugins, cache):
     assert np.abs(a - b).max() < 0.5
     assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.85
     assert bf.kv_bytes_per_value == 2 and ref.kv_bytes_per_value == 4
+    # decode runs its own attention in bf16 (decode_attention, not SDPA): same agreement
+    assert bf.model.matmul_decode_attention and not ref.model.matmul_decode_attention
+    steps = [(ref.decode(t), bf.decode(t)) for t in token_ids(spec.vocab_size, 16, seed=6)]
+    assert max(np.abs(x - y).max() for x, y in steps) < 0.5
+    assert np.mean([x.argmax() == y.argmax() for x, y in steps]) >= 0.85
+
+
+def test_decode_attention_is_sdpa_for_one_query():
+    """The bf16 decode attention equals torch's SDPA on a grouped-query cache slice."""
+    import torch
+    import torch.nn.functional as F
+
+    from moerun.backends.torch.model import decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 8, 1, 64, generator=g)
+    cache_k, cache_v = torch.randn(2, 2, 4, 100, 64, generator=g)
+    k, v = cache_k[:, :, :37], cache_v[:, :, :37]  # strided slices, as in the model's cache
+    ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        out = decode_attention(q.to(dtype), k.to(dtype), v.to(dtype))
+        assert out.dtype == dtype and out.shape == ref.shape
+        assert (out.float() - ref).abs().max() < tol
 
 
 def test_router_skew_makes_expert_popularity_unequal(plugins, cache):

@@ -11,6 +11,14 @@ whether each target is met; it asserts nothing (timings belong in benchmarks, no
 
 `--layers N` keeps every per-layer shape of the preset and cuts the depth (the real OLMoE
 checkpoint in bf16 is 13.8 GB); the report says so.
+
+Where the decode time goes: for every model the script also loads the model in this process
+and times, in interleaved rounds, (a) the whole decode step and (b) only the step's matrix-
+vector products, the same packed Linears called in the same order with the experts a token
+would choose rotating over all of them (so weights come from memory, not cache). (b) is the
+ceiling PyTorch's own GEMV kernel sets: "GEMV GB/s" is the weight bytes over (b); "step /
+GEMVs" says how much of the step is those products, the rest being attention, norms,
+routing and Python dispatch.
 """
 
 from __future__ import annotations
@@ -18,11 +26,63 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 
 import attrs
 
 from moerun import Cache, Point, get_plugin_manager, run_isolated, synthetic_checkpoint
 from moerun.environment import capture
+
+
+def gemv_ceiling(spec, checkpoint, precision: str, rounds: int = 7, tokens: int = 32) -> dict:
+    """Median seconds per decoded token of the whole step and of its Linears alone, measured
+    in interleaved rounds in this process, with the Linears' weight bytes per token."""
+    import torch
+
+    from moerun.backends.torch.model import Model
+
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    model = Model(spec, checkpoint, dtype=dtype, device="cpu", max_context=256)
+    size = torch.finfo(dtype).bits // 8
+    calls = []  # per token: (Linear, input) in the order the step calls them
+    h = torch.randn(1, spec.hidden_size, dtype=dtype)
+
+    def x(n):
+        return torch.randn(1, n, dtype=dtype)
+
+    for t in range(tokens):
+        step = []
+        for layer in model.layers:
+            step += [(layer.qkv, h), (layer.o, x(spec.q_dim))]
+            if layer.router is None:
+                step += [(layer.gate_up, h), (layer.down, x(spec.intermediate_size))]
+                continue
+            step.append((layer.router, h))
+            for j in range(spec.top_k):  # experts rotate over tokens: every expert is read
+                e = (t * spec.top_k + j) % spec.num_experts
+                step += [(layer.experts_gate_up[e], h), (layer.experts_down[e], x(spec.intermediate_size))]
+            if layer.shared_gate_up is not None:
+                step += [(layer.shared_gate_up, h), (layer.shared_down, x(spec.shared_expert_intermediate_size)),
+                         (layer.shared_gate, h)]
+        calls.append(step + [(model.head, h)])
+    bytes_per_token = sum(lin.out_features * inp.shape[1] * size for lin, inp in calls[0])
+    step_s, gemv_s = [], []
+    ids = torch.randint(0, spec.vocab_size, (1, 128))
+    with torch.inference_mode():
+        for r in range(rounds + 1):
+            model.forward(ids, 0, all_logits=False)
+            t0 = time.perf_counter()
+            for p in range(128, 128 + tokens):
+                model.forward(torch.tensor([[p]]), p, all_logits=False)
+            t1 = time.perf_counter()
+            for step in calls:
+                for lin, inp in step:
+                    lin(inp)
+            t2 = time.perf_counter()
+            if r:  # the first round warms up
+                step_s.append((t1 - t0) / tokens)
+                gemv_s.append((t2 - t1) / tokens)
+    return {"step_s": statistics.median(step_s), "gemv_s": statistics.median(gemv_s), "gemv_bytes": bytes_per_token}
 
 
 def main() -> int:
@@ -58,9 +118,11 @@ def main() -> int:
             print(f"{spec.name} {precision}: {r['status']}: {r['error']}", file=sys.stderr)
             return None
         m = r["metrics"]
+        c = gemv_ceiling(spec, ck, precision)
         rows.append((spec.name, precision, m["decode_tok_s"], m["bytes_per_token"] / 1e6,
                      m["achieved_bandwidth_bytes_s"] / 1e9, m["mbu"], m["prefill_tok_s"],
-                     r["timings"]["decode_tok_s"]["cv"], r.get("session", {}).get("linear_kernel", "")))
+                     r["timings"]["decode_tok_s"]["cv"], r.get("session", {}).get("linear_kernel", ""),
+                     c["gemv_bytes"] / c["gemv_s"] / 1e9, c["gemv_s"] / c["step_s"]))
         return r
 
     for name in filter(None, args.dense.split(",")):
@@ -79,18 +141,20 @@ def main() -> int:
             if len(res) == 2:
                 ratio = res["moe"]["metrics"]["prefill_tok_s"] / res["dense-active"]["metrics"]["prefill_tok_s"]
                 dec = res["moe"]["metrics"]["decode_tok_s"] / res["dense-active"]["metrics"]["decode_tok_s"]
-                rows.append((f"  {moe.name} / dense-active", precision, dec, None, None, None, ratio, None, ""))
+                rows.append((f"  {moe.name} / dense-active", precision, dec, None, None, None, ratio, None, "",
+                             None, None))
     print()
     print(f"{'model':34s} {'prec':5s} {'decode tok/s':>12s} {'MB/token':>9s} {'GB/s':>6s} {'of bw':>6s} "
-          f"{'target':>7s} {'prefill tok/s':>13s} {'cv':>5s}  kernel")
-    for name, prec, dec, mb, gbs, mbu, pre, cv, kernel in rows:
+          f"{'target':>7s} {'prefill tok/s':>13s} {'cv':>5s} {'GEMV GB/s':>9s} {'of bw':>6s} {'step/GEMVs':>10s}  kernel")
+    for name, prec, dec, mb, gbs, mbu, pre, cv, kernel, gemv_gbs, gemv_share in rows:
         if mb is None:  # ratio row
             ok = "met" if pre >= 0.8 else "MISSED"
             print(f"{name:34s} {prec:5s} {dec:11.2f}x {'':9s} {'':6s} {'':6s} {'':7s} {pre:12.2f}x  "
                   f"prefill target 0.8x: {ok}")
             continue
         ok = "met" if mbu >= 0.8 else "MISSED"
-        print(f"{name:34s} {prec:5s} {dec:12.1f} {mb:9.1f} {gbs:6.1f} {mbu:6.0%} {ok:>7s} {pre:13.0f} {cv:5.2f}  {kernel}")
+        print(f"{name:34s} {prec:5s} {dec:12.1f} {mb:9.1f} {gbs:6.1f} {mbu:6.0%} {ok:>7s} {pre:13.0f} {cv:5.2f} "
+              f"{gemv_gbs:9.1f} {gemv_gbs * 1e9 / bw:6.0%} {gemv_share:10.0%}  {kernel}")
     medians = [r[5] for r in rows if r[5] is not None]
     if medians:
         print(f"\nmedian share of measured bandwidth over all decode rows: {statistics.median(medians):.0%}")
