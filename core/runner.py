@@ -571,14 +571,13 @@ def _bandwidth_now(result: dict[str, Any], cache: Cache) -> dict[str, Any]:
     bandwidth moves over minutes; the ceiling must hold for this point). Recorded as
     `bandwidth_after_timed`; a fixed figure (MOERUN_BANDWIDTH_GBPS) is left alone."""
     env = result["env"]
-    kernel = env.get("bandwidth_kernel")
-    if not env.get("bandwidth_bytes_s") or not kernel:
+    if not env.get("bandwidth_bytes_s") or not env.get("bandwidth_kernel"):
         return env
     from .environment import quick_probe
 
-    now = quick_probe(kernel, cache.root)
-    result["bandwidth_after_timed"] = {"bytes_s": now, "kernel": kernel}
-    return {**env, "bandwidth_bytes_s": max(env["bandwidth_bytes_s"], now)}
+    now = quick_probe(cache.root)
+    result["bandwidth_after_timed"] = {"bytes_s": now["bandwidth_bytes_s"], "kernel": now["kernel"]}
+    return {**env, "bandwidth_bytes_s": max(env["bandwidth_bytes_s"], now["bandwidth_bytes_s"])}
 
 
 def derive_metrics(spec: ModelSpec, precision: str, point: Point, timings: dict[str, Any],
