@@ -16,9 +16,14 @@ Where the decode time goes: for every model the script also loads the model in t
 and times, in interleaved rounds, (a) the whole decode step and (b) only the step's matrix-
 vector products, the same packed Linears called in the same order with the experts a token
 would choose rotating over all of them (so weights come from memory, not cache). (b) is the
-ceiling PyTorch's own GEMV kernel sets: "GEMV GB/s" is the weight bytes over (b); "step /
-GEMVs" says how much of the step is those products, the rest being attention, norms,
-routing and Python dispatch.
+ceiling PyTorch's own GEMV kernel sets. Each round also reads 256 MiB with the bandwidth
+probe's kernels, because a shared machine's bandwidth moves by 2x within minutes. Printed
+after the bar: the probe's median over those rounds (GB/s), the GEMVs' weight bytes over (b)
+(GB/s) and their share of the probe; "step/GEMVs", how much of the step those products are
+(the rest: attention, norms, routing, Python dispatch); "step of it", the step's weight
+bytes over (a) against the same in-round probe: the MBU with a ceiling measured at the same
+minutes, where the harness's MBU (left of the bar) divides by the highest figure the
+machine showed that day.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import time
 import attrs
 
 from moerun import Cache, Point, get_plugin_manager, run_isolated, synthetic_checkpoint
-from moerun.environment import capture
+from moerun.environment import capture, measure_read_bandwidth
 
 
 def gemv_ceiling(spec, checkpoint, precision: str, rounds: int = 7, tokens: int = 32) -> dict:
@@ -66,10 +71,13 @@ def gemv_ceiling(spec, checkpoint, precision: str, rounds: int = 7, tokens: int 
                          (layer.shared_gate, h)]
         calls.append(step + [(model.head, h)])
     bytes_per_token = sum(lin.out_features * inp.shape[1] * size for lin, inp in calls[0])
-    step_s, gemv_s = [], []
+    step_s, gemv_s, probe = [], [], []
     ids = torch.randint(0, spec.vocab_size, (1, 128))
     with torch.inference_mode():
         for r in range(rounds + 1):
+            # the machine's read bandwidth in this round: on a shared machine it moves by 2x
+            # within minutes (measured here: 42-48 GB/s, then 86), so each round gets its own
+            probe.append(measure_read_bandwidth(nbytes=256 << 20, rounds=1)["bandwidth_bytes_s"])
             model.forward(ids, 0, all_logits=False)
             t0 = time.perf_counter()
             for p in range(128, 128 + tokens):
@@ -82,7 +90,8 @@ def gemv_ceiling(spec, checkpoint, precision: str, rounds: int = 7, tokens: int 
             if r:  # the first round warms up
                 step_s.append((t1 - t0) / tokens)
                 gemv_s.append((t2 - t1) / tokens)
-    return {"step_s": statistics.median(step_s), "gemv_s": statistics.median(gemv_s), "gemv_bytes": bytes_per_token}
+    return {"step_s": statistics.median(step_s), "gemv_s": statistics.median(gemv_s), "gemv_bytes": bytes_per_token,
+            "probe_bytes_s": statistics.median(probe[1:])}
 
 
 def main() -> int:
@@ -122,7 +131,7 @@ def main() -> int:
         rows.append((spec.name, precision, m["decode_tok_s"], m["bytes_per_token"] / 1e6,
                      m["achieved_bandwidth_bytes_s"] / 1e9, m["mbu"], m["prefill_tok_s"],
                      r["timings"]["decode_tok_s"]["cv"], r.get("session", {}).get("linear_kernel", ""),
-                     c["gemv_bytes"] / c["gemv_s"] / 1e9, c["gemv_s"] / c["step_s"]))
+                     c["gemv_bytes"] / c["gemv_s"], c["gemv_s"] / c["step_s"], c["probe_bytes_s"]))
         return r
 
     for name in filter(None, args.dense.split(",")):
@@ -142,19 +151,21 @@ def main() -> int:
                 ratio = res["moe"]["metrics"]["prefill_tok_s"] / res["dense-active"]["metrics"]["prefill_tok_s"]
                 dec = res["moe"]["metrics"]["decode_tok_s"] / res["dense-active"]["metrics"]["decode_tok_s"]
                 rows.append((f"  {moe.name} / dense-active", precision, dec, None, None, None, ratio, None, "",
-                             None, None))
+                             None, None, None))
     print()
     print(f"{'model':34s} {'prec':5s} {'decode tok/s':>12s} {'MB/token':>9s} {'GB/s':>6s} {'of bw':>6s} "
-          f"{'target':>7s} {'prefill tok/s':>13s} {'cv':>5s} {'GEMV GB/s':>9s} {'of bw':>6s} {'step/GEMVs':>10s}  kernel")
-    for name, prec, dec, mb, gbs, mbu, pre, cv, kernel, gemv_gbs, gemv_share in rows:
+          f"{'target':>7s} {'prefill tok/s':>13s} {'cv':>5s} | {'probe':>5s} {'GEMVs':>5s} {'of it':>5s} "
+          f"{'step/GEMVs':>10s} {'step of it':>10s}  kernel")
+    for name, prec, dec, mb, gbs, mbu, pre, cv, kernel, gemv_bw, gemv_share, probe in rows:
         if mb is None:  # ratio row
             ok = "met" if pre >= 0.8 else "MISSED"
             print(f"{name:34s} {prec:5s} {dec:11.2f}x {'':9s} {'':6s} {'':6s} {'':7s} {pre:12.2f}x  "
                   f"prefill target 0.8x: {ok}")
             continue
         ok = "met" if mbu >= 0.8 else "MISSED"
-        print(f"{name:34s} {prec:5s} {dec:12.1f} {mb:9.1f} {gbs:6.1f} {mbu:6.0%} {ok:>7s} {pre:13.0f} {cv:5.2f} "
-              f"{gemv_gbs:9.1f} {gemv_gbs * 1e9 / bw:6.0%} {gemv_share:10.0%}  {kernel}")
+        print(f"{name:34s} {prec:5s} {dec:12.1f} {mb:9.1f} {gbs:6.1f} {mbu:6.0%} {ok:>7s} {pre:13.0f} {cv:5.2f} | "
+              f"{probe / 1e9:5.1f} {gemv_bw / 1e9:5.1f} {gemv_bw / probe:5.0%} {gemv_share:10.0%} "
+              f"{gemv_bw * gemv_share / probe:10.0%}  {kernel}")
     medians = [r[5] for r in rows if r[5] is not None]
     if medians:
         print(f"\nmedian share of measured bandwidth over all decode rows: {statistics.median(medians):.0%}")
