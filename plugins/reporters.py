@@ -24,6 +24,7 @@ COLUMNS = [
     ("decode p90 ms", lambda r: r.get("timings", {}).get("decode_token_ms", {}).get("p90"), "{:.2f}"),
     ("GB/s", lambda r: _gb(_m(r, "achieved_bandwidth_bytes_s")), "{:.1f}"),
     ("MBU", lambda r: "exceeds probe" if (_m(r, "mbu") or 0) > 1 else _m(r, "mbu"), "{:.0%}"),
+    ("MBU now", lambda r: _m(r, "mbu_now"), "{:.0%}"),
     ("RSS loaded MiB", lambda r: _mib((r.get("memory") or {}).get("rss_after_load_bytes")), "{:,.0f}"),
     ("peak MiB", lambda r: _mib((r.get("memory") or {}).get("peak_rss_bytes")), "{:,.0f}"),
     ("busy", lambda r: _busy(r), "{}"),
@@ -364,7 +365,7 @@ def json_report(results: list[dict[str, Any]], stream: TextIO) -> None:
 
 CSV_FIELDS = ["model_name", "role", "group", "backend", "precision", "status", "total_params", "active_params",
               "prefill_tok_s", "decode_tok_s", "decode_p50_ms", "decode_p90_ms", "decode_p99_ms",
-              "bytes_per_token", "achieved_bandwidth_bytes_s", "mbu", "peak_rss_bytes", "error", "hardware"]
+              "bytes_per_token", "achieved_bandwidth_bytes_s", "mbu", "mbu_now", "peak_rss_bytes", "error", "hardware"]
 
 
 def csv_report(results: list[dict[str, Any]], stream: TextIO) -> None:
@@ -384,7 +385,7 @@ def csv_report(results: list[dict[str, Any]], stream: TextIO) -> None:
             "decode_p50_ms": tok.get("median"), "decode_p90_ms": tok.get("p90"), "decode_p99_ms": tok.get("p99"),
             "bytes_per_token": m.get("bytes_per_token"),
             "achieved_bandwidth_bytes_s": m.get("achieved_bandwidth_bytes_s"), "mbu": m.get("mbu"),
-            "peak_rss_bytes": (r.get("memory") or {}).get("peak_rss_bytes"), "error": r.get("error"),
+            "mbu_now": m.get("mbu_now"), "peak_rss_bytes": (r.get("memory") or {}).get("peak_rss_bytes"), "error": r.get("error"),
             "hardware": hardware(r),
         })
 

@@ -228,3 +228,22 @@ def test_rounds_through_the_cli_pair_sides_and_resume(tmp_path):
     after = out_file.read_text().splitlines()
     assert len(after) <= 12 and len(after) >= len(rows)
     assert json.loads(again.stdout)["results"][0]["rounds"][0]["resumed"]
+
+
+def test_mbu_now_divides_by_the_probe_of_the_same_minutes(plugins, cache):
+    """MBU's ceiling is the day's highest probe; MBU now divides by the probe right after."""
+    from moerun import measure
+    from moerun.plugins.reporters import csv_report, table
+    import io
+
+    env = {"bandwidth_bytes_s": 1e15, "bandwidth_kernel": "numpy-sum"}  # a ceiling no machine reaches
+    r = measure(Point(model="tiny-moe", backend="torch", prompt_tokens=8, new_tokens=4, repetitions=1), plugins, cache,
+                env)
+    m, now = r["metrics"], r["bandwidth_after_timed"]["bytes_s"]
+    assert m["mbu_reference_bytes_s"] == 1e15 and m["mbu"] < 1e-3
+    assert m["mbu_now"] == pytest.approx(m["achieved_bandwidth_bytes_s"] / now) and m["mbu_now"] > 100 * m["mbu"]
+    out, rows = io.StringIO(), io.StringIO()
+    table([r], out)
+    csv_report([r], rows)
+    assert "MBU now" in out.getvalue() and f"{m['mbu_now']:.0%}" in out.getvalue()
+    assert "mbu_now" in rows.getvalue().splitlines()[0]
