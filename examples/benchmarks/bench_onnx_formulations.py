@@ -10,7 +10,8 @@
 
 Rounds interleave every variant (a fresh session per measurement, in this process, so the
 variants share one environment); medians over rounds. Printed: decode and prefill tokens/s,
-decode share of the measured bandwidth, and the ratios the issue sets targets on (grouped
+decode share of the measured bandwidth (the start's probe, and "MBU now": the quick probe
+right after each measurement), and the ratios the issue sets targets on (grouped
 standard ops within 1.25x of the contrib op's time in both phases; MoE decode within 1.15x
 of its active twin's time). Asserts nothing.
 
@@ -68,15 +69,16 @@ def main() -> int:
                 if r["status"] != "ok":
                     print(f"{label} {name}: {r['status']}: {r['error'][:120]}")
                     continue
-                cell = got.setdefault((label, name), {"decode": [], "prefill": [], "bytes": []})
+                cell = got.setdefault((label, name), {"decode": [], "prefill": [], "bytes": [], "mbu_now": []})
+                cell["mbu_now"].append(r["metrics"].get("mbu_now", float("nan")))
                 cell["decode"].append(r["metrics"]["decode_tok_s"])
                 cell["prefill"].append(r["metrics"]["prefill_tok_s"])
                 cell["bytes"].append(r["metrics"]["bytes_per_token"])
         med = {k: {m: statistics.median(v) for m, v in c.items()} for k, c in got.items()}
-        print(f"{'formulation':10s} {'model':24s} {'decode tok/s':>12s} {'of bw':>6s} {'prefill tok/s':>13s}")
+        print(f"{'formulation':10s} {'model':24s} {'decode tok/s':>12s} {'of bw':>6s} {'MBU now':>7s} {'prefill tok/s':>13s}")
         for (label, name), m in sorted(med.items()):
             print(f"{label:10s} {name:24s} {m['decode']:12.1f} {m['bytes'] * m['decode'] / bw:6.0%} "
-                  f"{m['prefill']:13.0f}")
+                  f"{m['mbu_now']:7.0%} {m['prefill']:13.0f}")
         print()
         for label, _ in variants:
             moe, twin = med.get((label, model)), med.get((label, f"{model}:dense-active"))
