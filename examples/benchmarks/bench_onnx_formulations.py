@@ -17,6 +17,11 @@ of its active twin's time). Asserts nothing.
 
     .venv/bin/python examples/benchmarks/bench_onnx_formulations.py
     .venv/bin/python examples/benchmarks/bench_onnx_formulations.py --models tiny-moe --rounds 3
+    .venv/bin/python examples/benchmarks/bench_onnx_formulations.py --models olmoe-1b-7b --layers 4 \
+        --variants grouped,contrib --rounds 3
+
+`--layers N` keeps every per-layer shape of the preset and cuts the depth (real shapes
+without the real model's 28 GB of fp32).
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ import random
 import statistics
 import sys
 
-from moerun import Cache, Point, get_plugin_manager, measure
+import attrs
+
+from moerun import Cache, Point, get_plugin_manager, measure, synthetic_checkpoint
 from moerun.backends.onnxruntime.backend import OnnxRuntimeBackend
 from moerun.environment import capture
 
@@ -47,15 +54,24 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repetitions", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--layers", type=int, default=None, help="cut every model to N layers")
+    ap.add_argument("--variants", default="grouped,gather,contrib")
     args = ap.parse_args()
     pm = get_plugin_manager()
     pm.backends.add(GatherBackend)
     env = capture()
     bw = env["bandwidth_bytes_s"]
     cache = Cache()
-    variants = [("grouped", "onnxruntime"), ("gather", "onnxruntime-gather"), ("contrib", "onnxruntime-contrib")]
+    variants = [(label, backend) for label, backend in
+                (("grouped", "onnxruntime"), ("gather", "onnxruntime-gather"), ("contrib", "onnxruntime-contrib"))
+                if label in args.variants.split(",")]
     print(f"measured read bandwidth {bw / 1e9:.1f} GB/s; {args.rounds} rounds, medians\n")
     for model in args.models.split(","):
+        where = {model: model, f"{model}:dense-active": f"{model}:dense-active"}
+        if args.layers:  # the cut model and its twin as checkpoint folders
+            spec = attrs.evolve(pm.models.resolve(model), name=f"{model}[{args.layers}L]", num_layers=args.layers)
+            where = {model: str(synthetic_checkpoint(spec, cache, seed=0).path),
+                     f"{model}:dense-active": str(synthetic_checkpoint(spec.dense_twin("active"), cache, seed=0).path)}
         runs = [(label, backend, name) for label, backend in variants
                 for name in (model, f"{model}:dense-active")]
         got: dict[tuple[str, str], dict[str, list[float]]] = {}
@@ -63,7 +79,7 @@ def main() -> int:
         for _ in range(args.rounds):
             rng.shuffle(runs)
             for label, backend, name in runs:
-                r = measure(Point(model=name, backend=backend, precision=args.precision,
+                r = measure(Point(model=where[name], backend=backend, precision=args.precision,
                                   prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                                   repetitions=args.repetitions, warmup=1), pm, cache, env)
                 if r["status"] != "ok":
