@@ -52,9 +52,15 @@ def _with_isomem(plugins: "MoerunPlugins", points: list[Point]) -> list[Point]:
 
 
 def model_with_twins(plugins: "MoerunPlugins", model: str, twins: bool = True) -> list[tuple[str, str, str]]:
-    """[(model name, role, group)]: an MoE preset and its two dense twins, or one model."""
-    if Path(model).exists() or ":" in model:
+    """[(model name, role, group)]: an MoE preset and its two dense twins, or one model. A
+    twin named on its own (`NAME:dense-active`, `NAME:dense-total`) keeps its role in NAME's
+    group, so it pairs with NAME's MoE point in the verdicts (`-m NAME -m NAME:dense-active
+    --no-twins` skips only the total twin, which at real shapes is the largest model)."""
+    if Path(model).exists():
         return [(model, "", model)]
+    if ":" in model:
+        base, _, kind = model.partition(":")
+        return [(model, kind, base)] if kind in ("dense-active", "dense-total") else [(model, "", model)]
     spec = plugins.models.resolve(model)
     if not spec.is_moe or not twins:
         return [(model, "moe" if spec.is_moe else "dense", model)]

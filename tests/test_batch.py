@@ -159,6 +159,20 @@ def test_the_study_adds_an_isomem_point_at_the_harder_precision(plugins):
     assert {p.batch_size for p in points} == {1, 4}
     plain = build_points(plugins, models=["small-moe"], backends=["torch"], precisions=[None], isomem=False)
     assert [p.role for p in plain] == ["moe", "dense-active", "dense-total"]
+    # a twin named on its own keeps its role in its MoE's group (pairs in the verdicts)
+    named = build_points(plugins, models=["small-moe", "small-moe:dense-active"], backends=["torch"],
+                         precisions=[None], twins=False)
+    assert [(p.role, p.group) for p in named] == [("moe", "small-moe"), ("dense-active", "small-moe")]
+
+
+def test_a_twin_named_on_its_own_pairs_with_its_moe(tmp_path):
+    """`-m NAME -m NAME:dense-active --no-twins` (skip the total twin) still gives the verdict."""
+    r = run_cli("-b", "torch", "-m", "tiny-moe", "-m", "tiny-moe:dense-active", "--no-twins", "--prompt-tokens", "4",
+                "--new-tokens", "2", "--repetitions", "1", "--min-rounds", "1", "--max-rounds", "1",
+                "-o", str(tmp_path / "r.jsonl"), "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    (v,) = json.loads(r.stdout)["verdicts"]
+    assert v["decode_vs_active"] > 0 and v.get("decode_vs_total") is None
 
 
 def test_verdicts_pair_the_isomem_twin_and_keep_batch_sizes_apart(tmp_path):
