@@ -148,3 +148,19 @@ def test_compiled_session_matches_eager(plugins, cache):
     b = np.concatenate([compiled.prefill(ids[:8]), np.stack([compiled.decode(t) for t in ids[8:]])])
     assert np.abs(a - b).max() < 1e-4
     assert compiled.expert_counts().sum() == eager.expert_counts().sum() == (8 + 4) * spec.top_k * spec.num_layers
+
+
+def test_rms_norm_is_hugging_faces_bit_for_bit():
+    """The fused norm rounds exactly as HF's written-out RMSNorm does, in every dtype."""
+    import torch
+
+    from moerun.backends.torch.model import rms_norm
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((1, 512), (128, 2048), (3, 7, 2304)):
+        x, w = torch.randn(*shape, generator=g) * 3, torch.randn(shape[-1], generator=g)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            xd, wd = x.to(dtype), w.to(dtype)
+            xf = xd.float()
+            hf = wd * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+            assert torch.equal(rms_norm(xd, wd, 1e-6), hf), (shape, dtype)

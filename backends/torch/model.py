@@ -24,12 +24,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32 and cast back, as Hugging Face does. In float32 that is
     exactly torch's fused `F.rms_norm` (bit-identical, measured: 6.9 against 9.1 us a call at
     decode, 13 calls a token on small-moe); other dtypes keep HF's rounding to the dtype
-    before the weight."""
+    before the weight (bit-identical to the written-out form, checked in the tests)."""
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
         return F.rms_norm(x, weight.shape, weight, eps)
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    # the same rounding (normalised in float32, cast, times the weight), in 4 ops instead of 7
+    return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
 
 
 def rope_tables(spec: ModelSpec, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
