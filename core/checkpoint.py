@@ -214,7 +214,7 @@ class _SafetensorsFile:
             )
         self._mm: mmap.mmap | None = None
 
-    def read(self, name: str) -> np.ndarray:
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         t = self.tensors[name]
         if t["dtype"] not in _DTYPES:
             raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {t['dtype']}")
@@ -223,9 +223,16 @@ class _SafetensorsFile:
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         np_dtype, size = _DTYPES[t["dtype"]]
         start, end = t["data_offsets"]
-        count = (end - start) // size
-        if count != int(np.prod(t["shape"])):
+        shape = list(t["shape"])
+        if (end - start) // size != int(np.prod(shape)):
             raise CheckpointError(f"{self.path}: tensor {name}: offsets do not match shape {t['shape']}")
+        if rows is not None:  # rows [lo, hi) of the first axis: a contiguous stretch of the file
+            lo, hi = rows
+            if not shape or not 0 <= lo <= hi <= shape[0]:
+                raise CheckpointError(f"{self.path}: tensor {name} {t['shape']} has no rows {lo}:{hi}")
+            row = int(np.prod(shape[1:])) * size
+            start, end, shape[0] = start + lo * row, start + hi * row, hi - lo
+        count = (end - start) // size
         raw = np.frombuffer(self._mm, dtype=np_dtype, count=count, offset=self.data_start + start)
         if t["dtype"] == "BF16":
             out = _bf16_bits_to_f32(raw)
@@ -233,7 +240,7 @@ class _SafetensorsFile:
             out = raw.astype(np.float32)  # a copy: nothing returned points into the map
         del raw
         self._drop(self.data_start + start, end - start)
-        return out.reshape(t["shape"])
+        return out.reshape(shape)
 
     def _drop(self, offset: int, length: int) -> None:
         """Unmap the pages a read touched (MADV_DONTNEED; they stay in the page cache): the
@@ -312,11 +319,18 @@ class Checkpoint:
         stop counting as this process's memory once no array read from them is alive."""
         self._files.clear()
 
-    def read(self, name: str) -> np.ndarray:
-        """One tensor as a float32 array (bf16/fp16 converted)."""
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """One tensor as a float32 array (bf16/fp16 converted); with `rows` (lo, hi) only those
+        rows of its first axis, read without the rest (a 256 k-token embedding in parts)."""
         if name not in self.weight_map:
             raise CheckpointError(f"{self.path}: no tensor {name}")
-        return self._file(name).read(name)
+        return self._file(name).read(name, rows)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, from the file header (nothing read)."""
+        if name not in self.weight_map:
+            raise CheckpointError(f"{self.path}: no tensor {name}")
+        return tuple(self._file(name).tensors[name]["shape"])
 
     def files(self) -> list[Path]:
         return sorted({self.path / f for f in self.weight_map.values()}) + [self.path / "config.json"]

@@ -56,6 +56,50 @@ def test_a_streamed_graph_holds_no_weights_and_computes_the_same(plugins, cache,
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_weights_streamed_in_parts_build_the_same_graph(plugins, cache, tmp_path, monkeypatch, bits):
+    """The embedding read and written a few rows at a time, the head quantised a few columns
+    (checkpoint rows) at a time and its int4 codes packed a few rows at a time: the streamed
+    graph computes exactly what the graph built whole in memory does."""
+    import onnx
+
+    from moerun.backends.onnxgraph import builder
+
+    spec = plugins.models.resolve("tiny-moe")  # untied head: embedding and lm_head both
+    ck = synthetic_checkpoint(spec, cache, seed=0)
+    whole = builder.build_onnx(ck, formulation="grouped", weight_bits=bits)
+    monkeypatch.setattr(builder.OnnxDecoderBuilder, "STREAM_CHUNK_BYTES", 3 * spec.hidden_size * 4 + 8)  # 3 rows a part
+    monkeypatch.setattr(builder, "COLUMN_CHUNK", 40)
+    monkeypatch.setattr(builder, "INT4_PACK_ROWS", 6)
+    parts = builder.build_onnx(ck, formulation="grouped", weight_bits=bits, external_data=tmp_path / "p.onnx.data")
+    onnx.save_model(parts, str(tmp_path / "p.onnx"))
+    onnx.save_model(whole, str(tmp_path / "w.onnx"))
+    feed = {"input_ids": np.array([[3, 5, 7, 11]], np.int64), "logits_from": np.array([0], np.int64)}
+    for i in range(spec.num_layers):
+        for kind in ("key", "value"):
+            feed[f"past_{kind}_{i}"] = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32)
+    a = _ort(tmp_path / "p.onnx").run(["logits"], feed)[0]
+    b = _ort(tmp_path / "w.onnx").run(["logits"], feed)[0]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoint_reads_a_stretch_of_rows(plugins, cache):
+    from moerun import CheckpointError
+
+    spec = plugins.models.resolve("tiny-moe")
+    for dtype in ("float32", "bfloat16"):
+        ck = synthetic_checkpoint(spec, cache, seed=0, dtype=dtype)
+        name = "model.embed_tokens.weight"
+        whole = ck.read(name)
+        assert ck.shape(name) == whole.shape
+        np.testing.assert_array_equal(ck.read(name, rows=(5, 17)), whole[5:17])
+        assert ck.read(name, rows=(9, 9)).shape == (0, spec.hidden_size)
+        with pytest.raises(CheckpointError, match="has no rows 3:2"):
+            ck.read(name, rows=(3, 2))
+        with pytest.raises(CheckpointError, match=f"has no rows 0:{spec.vocab_size + 1}"):
+            ck.read(name, rows=(0, spec.vocab_size + 1))
+
+
 # tiny models (hidden 64) quantise badly at 4 bits: the bounds hold the graphs to what
 # symmetric per-channel int8 and block-32 int4 give on them (tests/test_onnxruntime_backend.py
 # holds MatMulNBits to the same top-1 floor)

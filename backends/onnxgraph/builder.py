@@ -66,11 +66,14 @@ class ExternalData:
         self.file = open(self.path, "wb")
         self.offset = 0
 
-    def tensor(self, name: str, raw: Any, data_type: int, dims: tuple[int, ...]) -> Any:
+    def tensor(self, name: str, raw: Any, data_type: int, dims: tuple[int, ...], nbytes: int | None = None) -> Any:
+        """One initializer: `raw` a buffer, or (with `nbytes`, their total) an iterable of
+        buffers written one after another, so a tensor never has to exist whole in memory."""
         from onnx import TensorProto
 
-        data = memoryview(raw).cast("B")
-        pad = (-self.offset) % self.ALIGN if len(data) >= self.ALIGN else 0
+        parts = [raw] if nbytes is None else raw
+        length = memoryview(raw).nbytes if nbytes is None else nbytes
+        pad = (-self.offset) % self.ALIGN if length >= self.ALIGN else 0
         if pad:
             self.file.write(b"\0" * pad)
             self.offset += pad
@@ -78,15 +81,47 @@ class ExternalData:
         t.name, t.data_type = name, data_type
         t.dims.extend(dims)
         t.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(len(data)))):
+        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(length))):
             entry = t.external_data.add()
             entry.key, entry.value = key, value
-        self.file.write(data)
-        self.offset += len(data)
+        written = 0
+        for part in parts:
+            data = memoryview(part).cast("B")
+            self.file.write(data)
+            written += data.nbytes
+        if written != length:
+            raise ValueError(f"initializer {name}: {written} bytes written, {length} announced")
+        self.offset += length
         return t
 
     def close(self) -> None:
         self.file.close()
+
+
+def _pack_int4(flat: np.ndarray) -> np.ndarray:
+    """int8 codes in [-8, 7] packed two per byte, the low nibble first (an odd count gets a
+    zero nibble last: only a tensor's last block can be odd, its blocks being even)."""
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.int8)])
+    nibbles = flat.view(np.uint8) & 0x0F
+    return (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
+
+
+class _RowsAsColumns:
+    """W.T for a checkpoint tensor W [N, K], as a [K, N] array whose column slices read only
+    those rows of W: `quantize_columns` then converts a tied 256 k-token head (2.4 GB of
+    fp32) a chunk at a time, without reading it whole."""
+
+    def __init__(self, ckpt: Any, name: str) -> None:
+        self.ckpt, self.name = ckpt, name
+        n, k = ckpt.shape(name)
+        self.shape = (k, n)
+
+    def __getitem__(self, index: tuple[slice, slice]) -> np.ndarray:
+        rows, cols = index
+        if rows != slice(None) or cols.step not in (None, 1):
+            raise IndexError("only [:, lo:hi] column slices")
+        return self.ckpt.read(self.name, rows=(cols.start or 0, min(cols.stop, self.shape[1]))).T
 
 
 class _G:
@@ -121,23 +156,39 @@ class _G:
             self.inits.append(self.numpy_helper.from_array(arr, n))
         return n
 
+    def const_rows(self, name: str, rows: Any, shape: tuple[int, ...], dtype: Any, chunk_bytes: int) -> str:
+        """A float initializer of `shape` from `rows(lo, hi)` (its rows lo..hi), streamed to the
+        sink about `chunk_bytes` at a time (without a sink: read whole)."""
+        if self.sink is None:
+            return self.const(np.ascontiguousarray(rows(0, shape[0]), dtype=dtype), name)
+        from onnx import helper
+
+        n, row = shape[0], int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+        step = max(1, chunk_bytes // max(row, 1))
+        parts = (np.ascontiguousarray(rows(lo, min(lo + step, n)), dtype=dtype) for lo in range(0, n, step))
+        self.inits.append(self.sink.tensor(name, parts, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape,
+                                           nbytes=n * row))
+        return name
+
     def const_int4(self, codes: np.ndarray, name: str) -> str:
         """Signed 4-bit codes (int8 values in [-8, 7]) as an INT4 initializer: two per byte,
-        the low nibble first, as ONNX packs them."""
+        the low nibble first, as ONNX packs them. Packed INT4_PACK_ROWS rows (an even count)
+        at a time, so the packing temporaries are a block's (a 256 k-token head's codes are
+        590 MB; packed whole, its temporaries took 1.2 GB more)."""
         from onnx import TensorProto
 
-        flat = np.asarray(codes, np.int8).reshape(-1)
-        if flat.size % 2:
-            flat = np.concatenate([flat, np.zeros(1, np.int8)])
-        nibbles = flat.view(np.uint8) & 0x0F
-        packed = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
-        if self.sink is not None and packed.nbytes >= self.SINK_MIN_BYTES:
-            self.inits.append(self.sink.tensor(name, packed, TensorProto.INT4, codes.shape))
+        codes = np.asarray(codes, np.int8)
+        flat = codes.reshape(-1)
+        per = INT4_PACK_ROWS * (flat.size // codes.shape[0] if codes.ndim and codes.shape[0] else 1)
+        parts = (_pack_int4(flat[i:i + per]) for i in range(0, flat.size, per))
+        nbytes = (flat.size + 1) // 2
+        if self.sink is not None and nbytes >= self.SINK_MIN_BYTES:
+            self.inits.append(self.sink.tensor(name, parts, TensorProto.INT4, codes.shape, nbytes=nbytes))
         else:
             t = TensorProto()
             t.name, t.data_type = name, TensorProto.INT4
             t.dims.extend(codes.shape)
-            t.raw_data = packed.tobytes()
+            t.raw_data = b"".join(p.tobytes() for p in parts)
             self.inits.append(t)
         return name
 
@@ -179,7 +230,13 @@ class OnnxDecoderBuilder:
         self.node_categories: dict[str, str] = {}
 
     # ------------------------------------------------------------------ pieces
+    STREAM_CHUNK_BYTES = 64 << 20  # a streamed fp32 weight is read and written this much at a time
+
     def w(self, name: str, transpose: bool = False) -> str:
+        shape = self.ckpt.shape(name)
+        if not transpose and len(shape) == 2:  # read in parts when streaming (a 2.4 GB embedding)
+            return self.g.const_rows(name, lambda lo, hi: self.ckpt.read(name, rows=(lo, hi)), shape, np.float32,
+                                     self.STREAM_CHUNK_BYTES)
         x = self.ckpt.read(name)
         return self.g.const(np.ascontiguousarray(x.T if transpose else x), name=name + (".T" if transpose else ""))
 
@@ -316,7 +373,10 @@ class OnnxDecoderBuilder:
         g.scope = "head"
         x = g.op("Slice", [x, "logits_from", g.const(np.array([2**62], np.int64)), g.const(np.array([1], np.int64))])
         head = "model.embed_tokens.weight" if s.tie_word_embeddings else "lm_head.weight"
-        logits = self.linear(x, self.ckpt.read(head).T, head + ".T", "lm_head")
+        # quantised, the head is converted a column chunk (a row block of the checkpoint's
+        # [vocab, hidden]) at a time; in fp32 the MatMul needs it transposed whole
+        w = _RowsAsColumns(self.ckpt, head) if self.weight_bits else self.ckpt.read(head).T
+        logits = self.linear(x, w, head + ".T", "lm_head")
         g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="head:lm_head_out"))
         graph = helper.make_graph(g.nodes, f"moerun-{s.family}", inputs, outputs, initializer=g.inits)
         opsets = [helper.make_opsetid("", OPSET)]
@@ -631,11 +691,16 @@ def quantize_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale.astype(np.float32)
 
 
-def quantize_columns(w: np.ndarray, quantize: Any, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+COLUMN_CHUNK = 4096  # columns quantised at a time (quantize_columns)
+INT4_PACK_ROWS = 256  # rows of int4 codes packed at a time (an even count; _G.const_int4)
+
+
+def quantize_columns(w: np.ndarray, quantize: Any, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`quantize` (codes [K, n], scales [..., n]) applied to `chunk` columns of w [K, N] at a
     time: the scales of both layouts are per output column, so chunks are exact, and the
     temporaries are a chunk's, not the matrix's (a 256 k-token head is 2.4 GB of fp32)."""
     K, N = w.shape
+    chunk = chunk or COLUMN_CHUNK
     codes, scales = np.empty((K, N), np.int8), None
     for n0 in range(0, N, chunk):
         c, sc = quantize(np.asarray(w[:, n0:n0 + chunk], dtype=np.float32))
