@@ -192,3 +192,19 @@ def test_fit_skips_what_cannot_fit_before_preparing_and_records_what_fits(plugin
     assert rec["status"] == "unsupported" and "would not fit" in rec["error"]
     r = run_cli("-b", "llamacpp", "-m", "tiny-moe", "--fit", "nano")
     assert r.returncode == 2 and "unknown hardware 'nano'" in r.stderr
+
+
+@pytest.mark.parametrize("out_type", ["f32", "f16", "bf16"])
+def test_gguf_vocabulary_tables_written_in_row_blocks_are_byte_identical(plugins, cache, tmp_path, monkeypatch,
+                                                                          out_type):
+    """The embedding and the output head go to the GGUF a few rows at a time; the file is the
+    same, byte for byte, as with both written in one block."""
+    from moerun.backends.llamacpp import gguf_export
+
+    ck = synthetic_checkpoint(plugins.models.resolve("tiny-moe"), cache, seed=0)  # untied: both tables
+    with monkeypatch.context() as m:
+        m.setattr(gguf_export, "ROW_STREAMED", {})  # every tensor read and converted whole
+        gguf_export.write_gguf(ck, tmp_path / "one.gguf", out_type)
+    monkeypatch.setattr(gguf_export, "ROW_BLOCK_BYTES", 5 * ck.spec.hidden_size * 4)  # 5 rows a block
+    gguf_export.write_gguf(ck, tmp_path / "parts.gguf", out_type)
+    assert (tmp_path / "one.gguf").read_bytes() == (tmp_path / "parts.gguf").read_bytes()
