@@ -121,7 +121,8 @@ class _RowsAsColumns:
         rows, cols = index
         if rows != slice(None) or cols.step not in (None, 1):
             raise IndexError("only [:, lo:hi] column slices")
-        return self.ckpt.read(self.name, rows=(cols.start or 0, min(cols.stop, self.shape[1]))).T
+        lo, hi, _ = cols.indices(self.shape[1])
+        return self.ckpt.read(self.name, rows=(lo, max(lo, hi))).T
 
 
 class _G:
