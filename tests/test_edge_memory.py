@@ -45,14 +45,21 @@ def test_a_streamed_graph_holds_no_weights_and_computes_the_same(plugins, cache,
     external = [t for t in streamed.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     lengths = [int(dict((e.key, e.value) for e in t.external_data)["length"]) for t in external]
     assert sum(lengths) > 0.9 * spec.total_params * 4
-    onnx.save_model(streamed, str(tmp_path / "model.onnx"))
-    onnx.save_model(in_memory, str(tmp_path / "memory.onnx"))
-    feed = {"input_ids": np.array([[3, 5, 7]], np.int64), "logits_from": np.array([0], np.int64)}
+    _assert_same_logits(spec, streamed, in_memory, [3, 5, 7], tmp_path)
+
+
+def _assert_same_logits(spec, proto_a, proto_b, ids, tmp_path):
+    """Both graphs, saved and run by onnxruntime on one prompt, give identical logits."""
+    import onnx
+
+    onnx.save_model(proto_a, str(tmp_path / "a.onnx"))
+    onnx.save_model(proto_b, str(tmp_path / "b.onnx"))
+    feed = {"input_ids": np.array([ids], np.int64), "logits_from": np.array([0], np.int64)}
     for i in range(spec.num_layers):
         for kind in ("key", "value"):
             feed[f"past_{kind}_{i}"] = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32)
-    a = _ort(tmp_path / "model.onnx").run(["logits"], feed)[0]
-    b = _ort(tmp_path / "memory.onnx").run(["logits"], feed)[0]
+    a = _ort(tmp_path / "a.onnx").run(["logits"], feed)[0]
+    b = _ort(tmp_path / "b.onnx").run(["logits"], feed)[0]
     np.testing.assert_array_equal(a, b)
 
 
@@ -61,8 +68,6 @@ def test_weights_streamed_in_parts_build_the_same_graph(plugins, cache, tmp_path
     """The embedding read and written a few rows at a time, the head quantised a few columns
     (checkpoint rows) at a time and its int4 codes packed a few rows at a time: the streamed
     graph computes exactly what the graph built whole in memory does."""
-    import onnx
-
     from moerun.backends.onnxgraph import builder
 
     spec = plugins.models.resolve("tiny-moe")  # untied head: embedding and lm_head both
@@ -71,16 +76,8 @@ def test_weights_streamed_in_parts_build_the_same_graph(plugins, cache, tmp_path
     monkeypatch.setattr(builder.OnnxDecoderBuilder, "STREAM_CHUNK_BYTES", 3 * spec.hidden_size * 4 + 8)  # 3 rows a part
     monkeypatch.setattr(builder, "COLUMN_CHUNK", 40)
     monkeypatch.setattr(builder, "INT4_PACK_ROWS", 6)
-    parts = builder.build_onnx(ck, formulation="grouped", weight_bits=bits, external_data=tmp_path / "p.onnx.data")
-    onnx.save_model(parts, str(tmp_path / "p.onnx"))
-    onnx.save_model(whole, str(tmp_path / "w.onnx"))
-    feed = {"input_ids": np.array([[3, 5, 7, 11]], np.int64), "logits_from": np.array([0], np.int64)}
-    for i in range(spec.num_layers):
-        for kind in ("key", "value"):
-            feed[f"past_{kind}_{i}"] = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32)
-    a = _ort(tmp_path / "p.onnx").run(["logits"], feed)[0]
-    b = _ort(tmp_path / "w.onnx").run(["logits"], feed)[0]
-    np.testing.assert_array_equal(a, b)
+    parts = builder.build_onnx(ck, formulation="grouped", weight_bits=bits, external_data=tmp_path / "a.onnx.data")
+    _assert_same_logits(spec, parts, whole, [3, 5, 7, 11], tmp_path)
 
 
 def test_checkpoint_reads_a_stretch_of_rows(plugins, cache):
