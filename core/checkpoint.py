@@ -306,7 +306,9 @@ class Checkpoint:
                 raise CheckpointError(f"{self.path}: tensor {name} has shape {got}, config.json implies {shape}")
 
     def _file(self, name: str) -> _SafetensorsFile:
-        fname = self.weight_map[name]
+        fname = self.weight_map.get(name)
+        if fname is None:
+            raise CheckpointError(f"{self.path}: no tensor {name}")
         if fname not in self._files:
             fpath = self.path / fname
             if not fpath.is_file():
@@ -322,14 +324,10 @@ class Checkpoint:
     def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         """One tensor as a float32 array (bf16/fp16 converted); with `rows` (lo, hi) only those
         rows of its first axis, read without the rest (a 256 k-token embedding in parts)."""
-        if name not in self.weight_map:
-            raise CheckpointError(f"{self.path}: no tensor {name}")
         return self._file(name).read(name, rows)
 
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape, from the file header (nothing read)."""
-        if name not in self.weight_map:
-            raise CheckpointError(f"{self.path}: no tensor {name}")
         return tuple(self._file(name).tensors[name]["shape"])
 
     def files(self) -> list[Path]:

@@ -95,6 +95,9 @@ def test_checkpoint_reads_a_stretch_of_rows(plugins, cache):
             ck.read(name, rows=(3, 2))
         with pytest.raises(CheckpointError, match=f"has no rows 0:{spec.vocab_size + 1}"):
             ck.read(name, rows=(0, spec.vocab_size + 1))
+        for look in (ck.read, ck.shape):
+            with pytest.raises(CheckpointError, match="no tensor model.nope"):
+                look("model.nope")
 
 
 # tiny models (hidden 64) quantise badly at 4 bits: the bounds hold the graphs to what
