@@ -129,10 +129,11 @@ def main() -> int:
         m = r["metrics"]
         c = gemv_ceiling(spec, ck, precision)
         r["probe_bytes_s"] = c["probe_bytes_s"]
-        rows.append((spec.name, precision, m["decode_tok_s"], m["bytes_per_token"] / 1e6,
-                     m["achieved_bandwidth_bytes_s"] / 1e9, m["mbu"], m["prefill_tok_s"],
-                     r["timings"]["decode_tok_s"]["cv"], r.get("session", {}).get("linear_kernel", ""),
-                     c["gemv_bytes"] / c["gemv_s"], c["gemv_s"] / c["step_s"], c["probe_bytes_s"]))
+        rows.append(dict(name=spec.name, prec=precision, dec=m["decode_tok_s"], mb=m["bytes_per_token"] / 1e6,
+                         gbs=m["achieved_bandwidth_bytes_s"] / 1e9, mbu=m["mbu"], pre=m["prefill_tok_s"],
+                         cv=r["timings"]["decode_tok_s"]["cv"], kernel=r.get("session", {}).get("linear_kernel", ""),
+                         gemv_bw=c["gemv_bytes"] / c["gemv_s"], gemv_share=c["gemv_s"] / c["step_s"],
+                         probe=c["probe_bytes_s"]))
         return r
 
     for name in filter(None, args.dense.split(",")):
@@ -157,23 +158,24 @@ def main() -> int:
                 extra = moe.weight_bytes_per_step(precision, args.prompt_tokens) - twin.weight_bytes_per_token(precision)
                 t_dense = args.prompt_tokens / dense_prefill
                 bound = t_dense / (t_dense + extra / res["moe"]["probe_bytes_s"])
-                rows.append((f"  {moe.name} / dense-active", precision, dec, None, None, None, ratio, None, "",
-                             None, None, bound))
+                rows.append(dict(name=f"  {moe.name} / dense-active", prec=precision, dec=dec, pre=ratio, bound=bound))
     print()
     print(f"{'model':34s} {'prec':5s} {'decode tok/s':>12s} {'MB/token':>9s} {'GB/s':>6s} {'of bw':>6s} "
           f"{'target':>7s} {'prefill tok/s':>13s} {'cv':>5s} | {'probe':>5s} {'GEMVs':>5s} {'of it':>5s} "
           f"{'step/GEMVs':>10s} {'step of it':>10s}  kernel")
-    for name, prec, dec, mb, gbs, mbu, pre, cv, kernel, gemv_bw, gemv_share, probe in rows:
-        if mb is None:  # ratio row; `probe` holds the prefill ratio if extra bytes were the only cost
-            ok = "met" if pre >= 0.8 else "MISSED"
-            print(f"{name:34s} {prec:5s} {dec:11.2f}x {'':9s} {'':6s} {'':6s} {'':7s} {pre:12.2f}x  "
-                  f"prefill target 0.8x: {ok}; with the extra expert bytes the only cost: {probe:.2f}x")
+    for w in rows:
+        if "bound" in w:  # a ratio row: MoE over its twin, and the prefill ratio the extra bytes alone allow
+            ok = "met" if w["pre"] >= 0.8 else "MISSED"
+            print(f"{w['name']:34s} {w['prec']:5s} {w['dec']:11.2f}x {'':9s} {'':6s} {'':6s} {'':7s} "
+                  f"{w['pre']:12.2f}x  prefill target 0.8x: {ok}; with the extra expert bytes the only cost: "
+                  f"{w['bound']:.2f}x")
             continue
-        ok = "met" if mbu >= 0.8 else "MISSED"
-        print(f"{name:34s} {prec:5s} {dec:12.1f} {mb:9.1f} {gbs:6.1f} {mbu:6.0%} {ok:>7s} {pre:13.0f} {cv:5.2f} | "
-              f"{probe / 1e9:5.1f} {gemv_bw / 1e9:5.1f} {gemv_bw / probe:5.0%} {gemv_share:10.0%} "
-              f"{gemv_bw * gemv_share / probe:10.0%}  {kernel}")
-    medians = [r[5] for r in rows if r[5] is not None]
+        ok = "met" if w["mbu"] >= 0.8 else "MISSED"
+        print(f"{w['name']:34s} {w['prec']:5s} {w['dec']:12.1f} {w['mb']:9.1f} {w['gbs']:6.1f} {w['mbu']:6.0%} "
+              f"{ok:>7s} {w['pre']:13.0f} {w['cv']:5.2f} | {w['probe'] / 1e9:5.1f} {w['gemv_bw'] / 1e9:5.1f} "
+              f"{w['gemv_bw'] / w['probe']:5.0%} {w['gemv_share']:10.0%} "
+              f"{w['gemv_bw'] * w['gemv_share'] / w['probe']:10.0%}  {w['kernel']}")
+    medians = [w["mbu"] for w in rows if "mbu" in w]
     if medians:
         print(f"\nmedian share of measured bandwidth over all decode rows: {statistics.median(medians):.0%}")
     return 0
