@@ -121,7 +121,8 @@ def isomem_facts(moe: dict[str, Any], twin: dict[str, Any]) -> dict[str, Any]:
         p = r.get("parity") or {}
         if not p.get("available"):
             return {"available": False, "reason": p.get("reason", "not measured")} if r.get("status") == "ok" else None
-        return {"available": True, "max_abs_diff": p["max_abs_diff"], "top1_agreement": p["top1_agreement"]}
+        return {"available": True, "max_abs_diff": p["max_abs_diff"], "top1_agreement": p["top1_agreement"],
+                "kernel_path": p.get("kernel_path")}
 
     model = twin.get("model") or {}
     out = {"model": (twin.get("point") or {}).get("model") or twin.get("model_name"),

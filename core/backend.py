@@ -138,7 +138,8 @@ class Session(abc.ABC):
 
     def describe(self) -> dict[str, Any]:
         """Facts about how the engine runs this model (kernels, threads, options), stored
-        with the result."""
+        with the result. A ``kernel_path`` entry (a short string, e.g. ``"int8 u8u8"``) names
+        the arithmetic that ran where it depends on the machine; parity records carry it."""
         return {}
 
     def engine_timings(self) -> dict[str, Any] | None:

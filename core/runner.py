@@ -535,8 +535,12 @@ def _parity(session: Any, spec: ModelSpec, ckpt: Checkpoint | None, plugins: "Mo
         os.replace(tmp, ref_path)
     got = teacher_forced_logits(session, ids, n_prompt)
     session.reset()
-    return {"available": True, "max_abs_diff": float(np.abs(got - ref).max()),
-            "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean()), "positions": len(ids)}
+    out = {"available": True, "max_abs_diff": float(np.abs(got - ref).max()),
+           "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean()), "positions": len(ids)}
+    kernel = session.describe().get("kernel_path")  # which arithmetic ran, where the engine says
+    if kernel:
+        out["kernel_path"] = kernel
+    return out
 
 
 def _breakdown(session: Any, prompt: list[int], follow: list[int], timings: dict[str, Any]) -> dict[str, Any]:

@@ -118,7 +118,8 @@ def _parity_cell(p: dict[str, Any] | None) -> str:
         return "-"
     if not p.get("available"):
         return "n/a"
-    return f"{p['max_abs_diff']:.1e} / {p['top1_agreement']:.0%}"
+    kernel = f" ({p['kernel_path']})" if p.get("kernel_path") else ""
+    return f"{p['max_abs_diff']:.1e} / {p['top1_agreement']:.0%}{kernel}"
 
 
 def isomem_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:

@@ -39,9 +39,11 @@ from moerun import (
 )
 from moerun.memory import release_free
 
+from .int8 import SESSION_OPTION as INT8_SESSION_OPTION, int8_kernel
+
 BUILD_VERSION = "onnx-builder-5"  # 4: a batch dimension; 5: opset 21, quantised and streamed by the builder
 DISPATCH_BYTES = 64 << 10  # what one If dispatch costs, in bytes copied (~2 us at ~30 GB/s)
-OPTIONS = {"provider", "profile", "opt_level", "spinning", "breakdown", "placement"}
+OPTIONS = {"provider", "profile", "opt_level", "spinning", "breakdown", "placement", "int8_kernel"}
 # moerun device -> execution provider, and why a missing one is missing
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider", "coreml": "CoreMLExecutionProvider"}
@@ -211,6 +213,8 @@ class OnnxRuntimeSession(Session):
         opts = settings.options
         self.threads = settings.threads or len(os.sched_getaffinity(0))
         self.profile = bool(opts.get("profile", False))
+        # int8 graphs: the GEMM kernel that computes them exactly on this CPU (int8.py)
+        self.int8 = int8_kernel(str(opts.get("int8_kernel", "auto"))) if artifact.precision == "int8" else None
         if opts.get("breakdown", "cut") not in ("cut", "profile"):
             raise ConfigError(f"onnxruntime: breakdown must be cut or profile, got {opts.get('breakdown')!r}")
         device = settings.device
@@ -279,6 +283,8 @@ class OnnxRuntimeSession(Session):
         so.intra_op_num_threads = self.threads
         # spinning on: turning it off cost 0.7-2 ms per decode step here (ENGINE-NOTES)
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if opts.get("spinning", True) else "0")
+        if self.int8 and self.int8["session_option"] is not None:
+            so.add_session_config_entry(INT8_SESSION_OPTION, self.int8["session_option"])
         if profile_prefix:
             so.enable_profiling = True
             so.profile_file_prefix = profile_prefix
@@ -376,7 +382,8 @@ class OnnxRuntimeSession(Session):
             out = pool.submit(run_cut_timing, str(self.artifact.path), self.provider, self.threads,
                               self.settings.options.get("opt_level", "all"),
                               (self.spec.num_kv_heads, self.spec.head_dim),
-                              [int(t) for t in prompt], [int(t) for t in follow]).result()
+                              [int(t) for t in prompt], [int(t) for t in follow],
+                              self.int8["session_option"] if self.int8 else None).result()
         out["instrument"] = ("cut timing, one pruned onnxruntime session per cut point (own process, "
                              "one shared thread pool)")
         return out
@@ -432,7 +439,8 @@ class OnnxRuntimeSession(Session):
         return {"provider": self.provider, "placement": self.placement, "threads": self.threads,
                 "moe_formulation": self.artifact.meta.get("moe_formulation"), "profile": self.profile,
                 "kv_cache": "OrtValues via IO binding",
-                "attention": "GroupQueryAttention" if self.gqa else "plain ops"}
+                "attention": "GroupQueryAttention" if self.gqa else "plain ops",
+                **({"int8_kernel": self.int8, "kernel_path": f"int8 {self.int8['kernel']}"} if self.int8 else {})}
 
     def close(self) -> None:
         if getattr(self, "sess", None) is not None:

@@ -71,8 +71,9 @@ def elem_types(model: Any) -> dict[str, int]:
 
 
 def run_cut_timing(path: str, provider: str, threads: int, opt_level: str, kv_shape: tuple[int, int],
-                   prompt: list[int], follow: list[int]) -> dict[str, Any]:
-    """The whole cut-timing breakdown; meant to run in a fresh (spawned) process."""
+                   prompt: list[int], follow: list[int], int8_option: str | None = None) -> dict[str, Any]:
+    """The whole cut-timing breakdown; meant to run in a fresh (spawned) process.
+    `int8_option`: session.x64quantprecision as the measured session set it (int8.py)."""
     import onnx
     import onnxruntime as ort
     from onnxruntime.capi import _pybind_state
@@ -81,6 +82,7 @@ def run_cut_timing(path: str, provider: str, threads: int, opt_level: str, kv_sh
     from moerun.breakdown import cut_points, cut_timing
 
     from .backend import OPT_LEVELS, bind_step
+    from .int8 import SESSION_OPTION as INT8_SESSION_OPTION
 
     _pybind_state.set_global_thread_pool_sizes(threads, 1)  # before the first session
 
@@ -89,6 +91,8 @@ def run_cut_timing(path: str, provider: str, threads: int, opt_level: str, kv_sh
         so.use_per_session_threads = False
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[opt_level])
         so.log_severity_level = 3
+        if int8_option is not None:
+            so.add_session_config_entry(INT8_SESSION_OPTION, int8_option)
         return ort.InferenceSession(model, sess_options=so, providers=[provider])
 
     model = onnx.load(path)
