@@ -50,6 +50,7 @@ OPSET = 21  # INT4 and the blocked DequantizeLinear (4-bit weights in standard o
 IR_VERSION = 10
 FORMULATIONS = ("grouped", "standard", "contrib")
 WEIGHT_BITS = (None, 8, 4)
+INT8_WEIGHTS = ("s8", "u8")  # MatMulInteger weight codes (OnnxDecoderBuilder)
 INT4_BLOCK = 32
 
 
@@ -205,13 +206,18 @@ class _G:
 class OnnxDecoderBuilder:
     def __init__(self, ckpt: Checkpoint, *, formulation: str = "standard", expert_bits: int | None = None,
                  block_size: int = 32, weight_bits: int | None = None, attention: str = "plain",
-                 external_data: Path | None = None) -> None:
+                 external_data: Path | None = None, int8_weights: str = "s8") -> None:
         """`weight_bits` 8 or 4 quantises every weight MatMul but the routers' as the graph is
         written (8: per-channel symmetric int8 through DynamicQuantizeLinear + MatMulInteger;
         4: blocked int4 through DequantizeLinear, which onnxruntime fuses into MatMulNBits);
         the experts too, except under the contrib formulation, whose QMoE takes
         `expert_bits`. `external_data`: stream every initializer of 1 KiB and more into that
-        file while building."""
+        file while building. `int8_weights`: the MatMulInteger weights as ``s8`` codes or as
+        ``u8`` (the same codes + 128, zero point 128) for CPUs whose u8 x s8 kernel saturates
+        (backends/onnxruntime/int8.py); the integers multiplied are the same."""
+        if int8_weights not in INT8_WEIGHTS:
+            raise ValueError(f"int8_weights must be one of {INT8_WEIGHTS}, got {int8_weights!r}")
+        self.int8_weights = int8_weights
         if formulation not in FORMULATIONS:
             raise ValueError(f"MoE formulation must be one of {FORMULATIONS}, got {formulation!r}")
         if expert_bits is not None and formulation != "contrib":
@@ -263,7 +269,13 @@ class OnnxDecoderBuilder:
         if bits == 8:
             q, sc = quantize_columns(w, quantize_per_channel)
             xq, xs, xz = gr.op("DynamicQuantizeLinear", [x], outputs=3)
-            acc = gr.op("MatMulInteger", [xq, g.const(q, wname + ".q"), xz], name=tag)
+            if self.int8_weights == "u8":  # code + 128 in place (two's complement: flip the top bit)
+                u = q.view(np.uint8)
+                u ^= 0x80
+                zero = g.const(np.array(128, np.uint8), wname + ".zp")
+                acc = gr.op("MatMulInteger", [xq, g.const(u, wname + ".q"), xz, zero], name=tag)
+            else:
+                acc = gr.op("MatMulInteger", [xq, g.const(q, wname + ".q"), xz], name=tag)
             scale = gr.op("Mul", [xs, g.const(sc.reshape(-1), wname + ".s")])
             return gr.op("Mul", [gr.op("Cast", [acc], to=1), scale])
         codes, scales = quantize_columns(w, lambda c: quantize_int4_rows(c, INT4_BLOCK))

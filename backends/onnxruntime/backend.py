@@ -5,8 +5,8 @@ op (backend onnxruntime-contrib).
 
 Precisions: fp32; int8 (every weight MatMul per-channel symmetric int8 through
 DynamicQuantizeLinear + MatMulInteger, the pattern quantize_dynamic emits, written by the
-builder itself so that it reaches the experts inside If branches too; QMoE 8-bit experts in
-the contrib formulation); int4 (blocks of 32 through opset 21's DequantizeLinear, which
+builder itself so that it reaches the experts inside If branches too, as u8 codes on CPUs
+whose u8 x s8 kernel saturates (int8.py); QMoE 8-bit experts in the contrib formulation); int4 (blocks of 32 through opset 21's DequantizeLinear, which
 onnxruntime fuses into MatMulNBits; QMoE 4-bit experts in the contrib formulation). Routers
 stay fp32 in every precision, as llama.cpp keeps them. The builder quantises and writes each
 tensor as it goes, into external data for models of 1 GiB of fp32 and more: preparing
@@ -39,11 +39,11 @@ from moerun import (
 )
 from moerun.memory import release_free
 
-from .int8 import SESSION_OPTION as INT8_SESSION_OPTION, int8_kernel
+from .int8 import SESSION_OPTION as INT8_SESSION_OPTION, int8_kernel, weights_for_cpu
 
 BUILD_VERSION = "onnx-builder-5"  # 4: a batch dimension; 5: opset 21, quantised and streamed by the builder
 DISPATCH_BYTES = 64 << 10  # what one If dispatch costs, in bytes copied (~2 us at ~30 GB/s)
-OPTIONS = {"provider", "profile", "opt_level", "spinning", "breakdown", "placement", "int8_kernel"}
+OPTIONS = {"provider", "profile", "opt_level", "spinning", "breakdown", "placement"}
 # moerun device -> execution provider, and why a missing one is missing
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider", "coreml": "CoreMLExecutionProvider"}
@@ -152,11 +152,14 @@ class OnnxRuntimeBackend(Backend):
                         "onnxruntime 1.32's QMoE CPU kernel renormalises the top-k weights whatever "
                         "normalize_routing_weights says (measured against the MoE op); this family does not")
                 expert_bits = 8 if precision == "int8" else 4
-        folder = cache.artifact_dir(self.name, BUILD_VERSION, checkpoint.content_hash(), formulation, precision)
+        # int8: weight codes this CPU's integer kernel multiplies exactly (int8.py); one folder per format
+        int8_weights = weights_for_cpu() if precision == "int8" else None
+        tag = precision + ("-u8" if int8_weights == "u8" else "")
+        folder = cache.artifact_dir(self.name, BUILD_VERSION, checkpoint.content_hash(), formulation, tag)
         target = folder / "model.onnx"
         if not target.exists():
             with cache.building(folder) as tmp:
-                self._build(checkpoint, tmp / "model.onnx", precision, formulation, expert_bits)
+                self._build(checkpoint, tmp / "model.onnx", precision, formulation, expert_bits, int8_weights)
         size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
         return Artifact(backend=self.name, precision=precision, spec=spec, path=target, size_bytes=size,
                         meta={"format": "onnx", "moe_formulation": formulation if spec.is_moe else None,
@@ -166,9 +169,11 @@ class OnnxRuntimeBackend(Backend):
                                                  "int8 (MatMulInteger)" if precision == "int8" else
                                                  "int4 (blocked DequantizeLinear)" if precision == "int4" else "fp32"),
                               "external_data": target.with_name("model.onnx.data").exists(),
+                              "int8_weights": int8_weights,
                               "bits_per_weight": size * 8 / spec.total_params})
 
-    def _build(self, ckpt: Checkpoint, path: Path, precision: str, formulation: str, expert_bits: int | None) -> None:
+    def _build(self, ckpt: Checkpoint, path: Path, precision: str, formulation: str, expert_bits: int | None,
+               int8_weights: str | None = None) -> None:
         """Build, quantise and write in one pass (backends/onnxgraph/builder.py): with 1 GiB of
         fp32 weights or more the initializers stream into `model.onnx.data` as they are made."""
         import onnx
@@ -178,7 +183,7 @@ class OnnxRuntimeBackend(Backend):
         weight_bits = {"fp32": None, "int8": 8, "int4": 4}[precision]
         external = path.with_name(path.name + ".data") if ckpt.spec.total_params * 4 >= EXTERNAL_DATA_BYTES else None
         model = build_onnx(ckpt, formulation=formulation, expert_bits=expert_bits, weight_bits=weight_bits,
-                           attention=self.attention, external_data=external)
+                           attention=self.attention, external_data=external, int8_weights=int8_weights or "s8")
         if external is None:
             onnx.checker.check_model(model)
         onnx.save_model(model, str(path))
@@ -213,8 +218,8 @@ class OnnxRuntimeSession(Session):
         opts = settings.options
         self.threads = settings.threads or len(os.sched_getaffinity(0))
         self.profile = bool(opts.get("profile", False))
-        # int8 graphs: the GEMM kernel that computes them exactly on this CPU (int8.py)
-        self.int8 = int8_kernel(str(opts.get("int8_kernel", "auto"))) if artifact.precision == "int8" else None
+        # int8 graphs: which integer GEMM runs them on this CPU, and whether it is exact (int8.py)
+        self.int8 = int8_kernel(artifact.meta.get("int8_weights")) if artifact.precision == "int8" else None
         if opts.get("breakdown", "cut") not in ("cut", "profile"):
             raise ConfigError(f"onnxruntime: breakdown must be cut or profile, got {opts.get('breakdown')!r}")
         device = settings.device

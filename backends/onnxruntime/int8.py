@@ -12,18 +12,22 @@ ONNX Runtime's x86 kernels (MLAS) compute that product in one of two ways:
 
 On an AVX2 EPYC that clipping took tiny-dense int8 from 96 % top-1 agreement with the fp32
 reference (max |diff| 0.33) to 79 % (3.02); the same figures appear on this AVX-512 machine
-when ONNX Runtime runs under ``qemu-x86_64 -cpu Haswell`` (docs/backends.md). The remedy
-ONNX Runtime ships is the session option ``session.x64quantprecision=1``: a graph
-transformer rewrites s8 weights to u8 (+128, zero point 128) and MLAS runs its u8 x u8
-kernel, which widens to 16 bits before multiplying and never saturates. Its integer results
-equal the VNNI kernel's exactly, so an int8 verdict computes the same numbers on every x86.
-It is not free where VNNI exists (the transformer fires there too, and the u8 x u8 kernel
-gave up ~15 % of dense prefill and 3-5 % of decode on an AVX512-VNNI EPYC), so moerun turns
-it on only for CPUs without AVX512-VNNI. AVX-VNNI alone (some laptop CPUs) is treated as
-no VNNI: a slower exact kernel rather than a trusted guess.
+when ONNX Runtime runs under ``qemu-x86_64 -cpu Haswell`` (docs/backends.md). MLAS's u8 x u8
+kernel widens to 16 bits before multiplying and never saturates, and with u8 weights (the
+s8 codes + 128, zero point 128) it computes exactly the integers the VNNI kernel does, so
+an int8 verdict computes the same numbers on every x86. ONNX Runtime's own remedy, the
+session option ``session.x64quantprecision=1`` (a rewrite of s8 weights to u8), reaches only
+the main graph: the grouped formulation's experts inside If branches kept saturating under
+emulation (tiny-moe grouped max |diff| 2.12 against 0.19). So the ONNX builder writes u8
+weights itself where the CPU needs them. They are not free where VNNI exists (on an
+AVX512-VNNI EPYC the u8 x u8 kernel gave up ~15 % of dense prefill and 3-5 % of decode), so
+moerun builds them only for CPUs without AVX512-VNNI; the artifact cache keeps the two
+formats apart. AVX-VNNI alone (some laptop CPUs) is treated as no VNNI: a slower exact
+kernel rather than a trusted guess.
 
-`int8_kernel()` makes the choice and says why; `saturating_u8s8` is the pre-VNNI kernel in
-numpy, so a test on any machine can show what that kernel would compute.
+`weights_for_cpu()` picks the weight format the ONNX builder writes; `int8_kernel()` says
+what a session runs and why; `saturating_u8s8` is the pre-VNNI kernel in numpy, so a test on
+any machine can show what that kernel would compute.
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ from typing import Any, Mapping
 
 import numpy as np
 
-KERNELS = ("auto", "u8s8", "u8u8")
 SESSION_OPTION = "session.x64quantprecision"
 
 
@@ -51,31 +54,42 @@ def _x86(machine: str | None = None) -> bool:
     return (machine or platform.machine()).lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 
 
-def int8_kernel(choice: str = "auto", features: Mapping[str, bool] | None = None,
-                machine: str | None = None) -> dict[str, Any]:
-    """The int8 GEMM path for a session: ``kernel`` (u8s8 or u8u8), ``exact`` (whether the
-    integer products can be clipped), ``session_option`` (the value of
-    session.x64quantprecision to set, None to leave it) and ``why``. `choice` forces a
-    kernel (the -O int8_kernel option); `features` and `machine` default to this CPU's."""
-    if choice not in KERNELS:
-        from moerun import ConfigError
-
-        raise ConfigError(f"onnxruntime: int8_kernel must be one of {', '.join(KERNELS)}, got {choice!r}")
+def saturates(features: Mapping[str, bool] | None = None, machine: str | None = None) -> bool:
+    """Whether ONNX Runtime's u8 x s8 kernel on this CPU sums pairs in saturating 16-bit
+    lanes: x86 without AVX512-VNNI (AVX-VNNI alone counts as without: a slower exact
+    kernel rather than a guess)."""
     if not _x86(machine):
-        return {"kernel": "u8s8", "exact": True, "session_option": None,
-                "why": f"{machine or platform.machine()}: ONNX Runtime's int8 kernels here have no 16-bit saturating step"}
+        return False
     features = cpu_features() if features is None else features
-    vnni = bool(features.get("AVX512VNNI"))
-    if choice == "u8u8" or (choice == "auto" and not vnni):
-        why = ("forced (-O int8_kernel=u8u8)" if choice == "u8u8" else
-               "no AVX512-VNNI: MLAS's u8 x s8 kernel (vpmaddubsw) saturates 16-bit pair sums; "
-               "u8 x u8 is exact (session.x64quantprecision=1)")
-        return {"kernel": "u8u8", "exact": True, "session_option": "1", "why": why}
-    if vnni:
-        why = "forced (-O int8_kernel=u8s8)" if choice == "u8s8" else "AVX512-VNNI: vpdpbusd sums u8 x s8 in 32 bits"
-        return {"kernel": "u8s8", "exact": True, "session_option": "0", "why": why}
-    return {"kernel": "u8s8", "exact": False, "session_option": "0",
-            "why": "forced (-O int8_kernel=u8s8) without AVX512-VNNI: 16-bit pair sums saturate (vpmaddubsw)"}
+    return not features.get("AVX512VNNI")
+
+
+def weights_for_cpu(features: Mapping[str, bool] | None = None, machine: str | None = None) -> str:
+    """The MatMulInteger weight format to build for this CPU: ``u8`` where u8 x s8
+    saturates (MLAS then runs u8 x u8, exact), else ``s8``."""
+    return "u8" if saturates(features, machine) else "s8"
+
+
+def int8_kernel(weights: str | None, features: Mapping[str, bool] | None = None,
+                machine: str | None = None) -> dict[str, Any]:
+    """The int8 GEMM path a session runs, for a graph whose MatMulInteger weights are
+    `weights` (``u8``, ``s8``, or None for a graph moerun did not build): ``kernel``,
+    ``exact`` (True, False, or None for unknown), ``session_option`` (the value of
+    session.x64quantprecision to set, None to leave it) and ``why``."""
+    if weights == "u8":
+        return {"kernel": "u8u8", "exact": True, "session_option": None,
+                "why": "u8 weights (zero point 128): u8 x u8 widens to 16 bits before multiplying, never saturates"
+                       + ("" if saturates(features, machine) else
+                          "; this CPU has AVX512-VNNI, where s8 weights would run faster")}
+    if not saturates(features, machine):
+        why = ("AVX512-VNNI: vpdpbusd sums u8 x s8 in 32 bits" if _x86(machine) else
+               f"{machine or platform.machine()}: ONNX Runtime's int8 kernels here have no 16-bit saturating step")
+        return {"kernel": "u8s8", "exact": True, "session_option": None, "why": why}
+    # s8 weights on a CPU whose u8 x s8 kernel saturates (a graph built elsewhere): ONNX
+    # Runtime's own rewrite to u8 covers the main graph's weights, not those inside If branches
+    return {"kernel": "u8u8", "exact": None, "session_option": "1",
+            "why": "s8 weights without AVX512-VNNI: session.x64quantprecision rewrites the main graph's to u8; "
+                   "weights inside If branches (grouped experts) would keep the saturating u8 x s8 kernel"}
 
 
 def saturating_u8s8(a: np.ndarray, b: np.ndarray) -> np.ndarray:
