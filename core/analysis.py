@@ -12,32 +12,31 @@ def verdicts(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     half-width (`_hw`), rounds used (`_n`) and contention flags, and, against the
     total-matched twin, the share of the ideal (weight bytes read per token) speed-up realised.
     Per-round records are collapsed first; older one-record files still work (one round)."""
+    from .comparison import SHARED_FIELDS, record_key
     from .protocol import collapse, paired
-
-    def workload(r: dict[str, Any]) -> tuple:
-        p = r.get("point") or {}
-        return (hardware(r), r.get("backend"), paired_precision(r), p.get("prompt_tokens"), p.get("new_tokens"),
-                p.get("threads"), p.get("batch_size", 1), options_text(r))
 
     results = collapse(results)
     by_key: dict[tuple, dict[str, dict[str, Any]]] = {}
     baselines: dict[tuple, list[dict[str, Any]]] = {}
     for r in results:
         if r.get("role") in ("moe", "dense-active", "dense-total", "dense-isomem"):
-            by_key.setdefault((r.get("group"), *workload(r)), {})[r["role"]] = r
+            by_key.setdefault((r.get("group"), *record_key(r)), {})[r["role"]] = r
         elif r.get("role") == "baseline" and r.get("status") == "ok":
-            baselines.setdefault(workload(r), []).append(r)
+            baselines.setdefault(record_key(r), []).append(r)
     rows = []
-    for (group, label, backend, precision, prompt, new, threads, batch, options), roles in by_key.items():
+    for (group, *key), roles in by_key.items():
+        label, backend, precision, *shared, options = key
+        fields = dict(zip(SHARED_FIELDS, shared))
         moe = roles.get("moe")
-        named = baselines.get((label, backend, precision, prompt, new, threads, batch, options), [])
+        named = baselines.get(tuple(key), [])
         if moe is None or (len(roles) < 2 and not named):
             continue
         protocol = moe.get("protocol") or {}
         target, min_rounds = protocol.get("target"), protocol.get("min_rounds", 3)
         row: dict[str, Any] = {"group": group, "hardware": label, "options": options, "backend": backend,
                                "precision": precision,
-                               "prompt_tokens": prompt, "new_tokens": new, "threads": threads, "batch_size": batch,
+                               "prompt_tokens": fields["prompt_tokens"], "new_tokens": fields["new_tokens"],
+                               "threads": fields["threads"], "batch_size": fields["batch_size"] or 1,
                                "target": target}
         stats: list[dict[str, Any]] = []
 
@@ -96,12 +95,9 @@ def verdicts(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 def paired_precision(r: dict[str, Any]) -> str | None:
     """The precision a result is compared at: its own, except for an iso-memory twin
     (``NAME:dense-isomem-P-Q``), which runs at Q and pairs with the MoE at P."""
-    if r.get("role") == "dense-isomem":
-        name = (r.get("point") or {}).get("model") or r.get("model_name") or ""
-        _, sep, tail = name.partition(":dense-isomem-")
-        if sep and "-" in tail:
-            return tail.split("-")[0]
-    return r.get("precision")
+    from .comparison import record_key
+
+    return record_key(r)[2]
 
 
 def step_bytes(r: dict[str, Any]) -> float:
@@ -166,23 +162,6 @@ def maturity(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             "reasons": sorted({r.get("error") for r in rs if r.get("status") != "ok" and r.get("error")})[:3],
         })
     return rows
-
-
-def ratio_interval(a: list[float], b: list[float], *, level: float = 0.95, resamples: int = 2000,
-                   seed: int = 0) -> list[float] | None:
-    """Percentile-bootstrap interval of median(a) / median(b), resampling each side's
-    repetitions independently (fixed seed: the same results give the same interval).
-    None with fewer than 2 repetitions on either side."""
-    if len(a) < 2 or len(b) < 2:
-        return None
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    xa, xb = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    ra = np.median(xa[rng.integers(0, len(xa), (resamples, len(xa)))], axis=1)
-    rb = np.median(xb[rng.integers(0, len(xb), (resamples, len(xb)))], axis=1)
-    lo, hi = np.percentile(ra / rb, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
-    return [float(lo), float(hi)]
 
 
 def options_text(r: dict[str, Any]) -> str:

@@ -69,6 +69,10 @@ class LoadSettings:
     compile: bool = False
     batch_size: int = 1  # sequences decoded together: the KV cache is sized for all of them
     options: dict[str, Any] = attrs.field(factory=dict, hash=False)
+    # lockstep (moerun.lockstep): other engines run between this session's timed units, so a
+    # backend whose thread pool keeps spinning after a call should let it park once the call
+    # returns (ONNX Runtime: session.force_spinning_stop); within a call nothing changes
+    shared_cpu: bool = False
 
 
 @attrs.frozen(kw_only=True, eq=False)

@@ -138,8 +138,8 @@ def _protocol_options(parser: argparse.ArgumentParser | Any, budget_default: str
     d = (lambda value: argparse.SUPPRESS) if sub else (lambda value: value)
     g = parser.add_argument_group("protocol: rounds, precision target, busy machine")
     g.add_argument("--min-rounds", type=_positive_int, default=d(None), metavar="N",
-                   help="rounds every point runs, each in a fresh process, unless --budget runs out "
-                        "first (default: 3)")
+                   help="rounds every point runs, each in a fresh process (in lockstep: restarts of the "
+                        "comparison), unless --budget runs out first (default: 2)")
     g.add_argument("--max-rounds", type=_positive_int, default=d(None), metavar="N",
                    help="rounds a comparison may reach while chasing the target (default: 12)")
     g.add_argument("--target", type=_percent, default=d(None), metavar="PCT",
@@ -148,6 +148,13 @@ def _protocol_options(parser: argparse.ArgumentParser | Any, budget_default: str
     g.add_argument("--budget", type=_seconds, default=d(None), metavar="S",
                    help=f"seconds the rounds after the first may take, counted from the first round "
                         f"({budget_default}; 'inf': no limit)")
+    g.add_argument("--lockstep", action=argparse.BooleanOptionalAction, default=d(None),
+                   help="load the sides of each comparison together and time them in alternating cycles, the "
+                        "ratio formed within each cycle (default: on; off, or sides that do not fit in memory "
+                        "together: one process after another per round)")
+    g.add_argument("--unit-s", type=_unit_seconds, default=d(None), metavar="S",
+                   help="seconds one timed lockstep unit aims at: that many prefills, or decode passes, at least "
+                        "one (default: 0.05)")
     g.add_argument("--if-busy", choices=("warn", "wait", "refuse"), default=d(None),
                    help="other processes using the CPU: warn and flag (default), wait for quiet (up to "
                         "--wait-limit, before the study and after any contended point) or refuse to measure")
@@ -155,6 +162,13 @@ def _protocol_options(parser: argparse.ArgumentParser | Any, budget_default: str
                    help="longest wait for a quiet machine with --if-busy wait (default: 120)")
     g.add_argument("--reprobe", action="store_true", default=d(False),
                    help="measure the memory bandwidth again instead of using this machine's cached probe")
+
+
+def _unit_seconds(text: str) -> float:
+    value = _seconds(text)
+    if not 0.01 <= value <= 10:
+        raise argparse.ArgumentTypeError(f"must be between 0.01 and 10 seconds, got {value:g}")
+    return value
 
 
 def _fleet_options(parser: argparse.ArgumentParser | Any, sub: bool = False) -> None:
@@ -643,7 +657,7 @@ def _protocol(args: argparse.Namespace, **defaults: Any) -> Any:
     from .protocol import Protocol
 
     given = {"min_rounds": args.min_rounds, "max_rounds": args.max_rounds, "target": args.target,
-             "budget_s": args.budget, "if_busy": args.if_busy}
+             "budget_s": args.budget, "if_busy": args.if_busy, "lockstep": args.lockstep, "unit_s": args.unit_s}
     fields = {k: v for k, v in {**defaults, **{k: v for k, v in given.items() if v is not None}}.items()
               if v is not None}
     if "budget_s" in fields and math.isinf(fields["budget_s"]):

@@ -110,6 +110,55 @@ class CpuWindow:
         return out
 
 
+class CpuTally:
+    """Several stretches of time added up, reported as one `CpuWindow` over their total: the
+    timed units of a lockstep worker, between which the other sides of its comparison ran
+    (their CPU time belongs to no unit of this one). `start()` and `stop()` bracket each."""
+
+    def __init__(self) -> None:
+        self.wall = self.busy = self.steal = self.own = 0.0
+        self.cpus = 0
+        self.stat_ok = True
+        self.mhz: list[float] = []
+        self._t0: float | None = None
+
+    def start(self) -> None:
+        self._t0, self._stat0, self._own0 = time.monotonic(), _proc_stat(), _own_cpu_s()
+
+    def stop(self) -> None:
+        if self._t0 is None:
+            return
+        self.wall += time.monotonic() - self._t0
+        stat1, own1 = _proc_stat(), _own_cpu_s()
+        if self._stat0 is None or stat1 is None:
+            self.stat_ok = False
+        else:
+            self.busy += stat1[0] - self._stat0[0]
+            self.steal += stat1[1] - self._stat0[1]
+            self.cpus = stat1[2] or _cores()
+        self.own += own1 - self._own0
+        self._t0 = None
+
+    def close(self) -> dict[str, Any]:
+        wall = self.wall
+        out: dict[str, Any] = {"window_s": wall, "load_avg_1m": _loadavg(), "stretches": "timed units only"}
+        mhz = _mhz()
+        if mhz:
+            out["cpu_mhz"] = mhz
+        if not self.stat_ok or wall <= 0:
+            out["source"] = "load average only (no /proc/stat)"
+            out["contended"] = bool(out["load_avg_1m"] and out["load_avg_1m"] > _cores() + BUSY_CORES)
+            return out
+        cpus = self.cpus or _cores()
+        others = max(0.0, self.busy - self.own) / wall
+        resolution = cpus / _TICK / wall
+        out.update(source="/proc/stat busy time minus this process's own CPU time, over its timed units",
+                   others_cores=others, own_cores=self.own / wall, steal_share=self.steal / (wall * cpus),
+                   resolution_cores=resolution)
+        out["contended"] = bool(others - resolution >= BUSY_CORES or out["steal_share"] >= BUSY_STEAL)
+        return out
+
+
 def _loadavg() -> float | None:
     try:
         return os.getloadavg()[0]

@@ -34,7 +34,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import attrs
 
+from .comparison import Comparison, comparisons
 from .errors import ConfigError
+from .stats import ratio_interval
 
 if TYPE_CHECKING:  # pragma: no cover
     from .runner import Point
@@ -48,6 +50,8 @@ def _check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     name = attribute.name.replace("_", "-")
     if attribute.name in ("min_rounds", "max_rounds") and value < 1:
         raise ConfigError(f"{name} must be >= 1, got {value}")
+    if attribute.name == "unit_s" and not 0.01 <= value <= 10:
+        raise ConfigError(f"unit-s must be between 0.01 and 10 seconds, got {value:g}")
     if attribute.name in ("target", "wait_s") and value < 0:
         raise ConfigError(f"{name} must be >= 0, got {value}")
     if attribute.name == "budget_s" and value is not None and value < 0:
@@ -60,13 +64,17 @@ def _check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
 class Protocol:
     """How many rounds, to what precision, within what time, and what to do on a busy machine."""
 
-    min_rounds: int = attrs.field(default=3, validator=_check)
+    min_rounds: int = attrs.field(default=2, validator=_check)
     max_rounds: int = attrs.field(default=12, validator=_check)
     target: float = attrs.field(default=0.03, validator=_check)  # relative 95 % half-width; 0: min_rounds only
     budget_s: float | None = attrs.field(default=150.0, validator=_check)  # None: no limit
     if_busy: str = attrs.field(default="warn", validator=_check)
     wait_s: float = attrs.field(default=120.0, validator=_check)
     seed: int = 0  # the shuffle of each round's order
+    # lockstep (moerun.lockstep): a comparison's sides loaded together and timed in alternation;
+    # a round is then one restart of every side's process
+    lockstep: bool = True
+    unit_s: float = attrs.field(default=0.05, validator=_check)  # seconds one timed unit aims at (lockstep.UNIT_S)
 
     def __attrs_post_init__(self) -> None:
         if self.max_rounds < self.min_rounds:
@@ -102,6 +110,44 @@ def log_interval(values: Sequence[float]) -> dict[str, Any]:
             "halfwidth": math.expm1(half)}
 
 
+def nested_interval(groups: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """Geometric mean and 95 % interval of ratios measured in cycles nested in restarts
+    (`groups`: one list of log-ratios per restart), under a one-way random-effects model:
+    log r = mu + restart effect + cycle noise.
+
+    The grand mean is the mean of the restart means. Its variance is estimated as
+    (MS_within + max(0, MS_between - MS_within)) / N, with N cycles in all: the cycle noise
+    alone when restarts agree beyond it, plus the between-restart component when they do
+    not. Degrees of freedom by Satterthwaite's approximation over the two parts: many (from
+    the cycles) when restarts agree, falling to restarts - 1 as the between-restart part
+    dominates. So the interval is as tight as all cycles allow when fresh processes measure
+    alike, and as wide as the spread of restarts says when they do not (two runs' intervals
+    then overlap where one-level intervals did not)."""
+    groups = [list(g) for g in groups if len(g)]
+    R = len(groups)
+    N = sum(len(g) for g in groups)
+    if R == 0:
+        return {"n": 0, "value": None, "ci95": None, "halfwidth": math.inf}
+    means = [statistics.fmean(g) for g in groups]
+    mean = statistics.fmean(means)
+    df_w = N - R
+    ss_w = sum((x - m) ** 2 for g, m in zip(groups, means) for x in g)
+    ms_w = ss_w / df_w if df_w > 0 else 0.0
+    n_bar = N / R
+    ms_b = n_bar * statistics.variance(means) if R > 1 else 0.0
+    within = ms_w / N
+    between = max(0.0, ms_b - ms_w) / N if R > 1 else 0.0
+    var = within + between
+    if var <= 0 or (df_w <= 0 and R < 2):
+        return {"n": R, "cycles": N, "value": math.exp(mean), "ci95": None, "halfwidth": math.inf if var <= 0 and N < 2
+                else 0.0}
+    parts = [(within, df_w), (between, R - 1)]
+    df = var ** 2 / sum(v ** 2 / d for v, d in parts if v > 0 and d > 0)
+    half = t975(max(1, int(df))) * math.sqrt(var)
+    return {"n": R, "cycles": N, "value": math.exp(mean), "ci95": [math.exp(mean - half), math.exp(mean + half)],
+            "halfwidth": math.expm1(half), "df": df, "between_share": between / var}
+
+
 def _quiet_rounds(rounds: dict[int, dict[str, Any]], min_rounds: int) -> tuple[list[int], bool]:
     """The rounds a statistic uses: the quiet ones while at least `min_rounds` of them exist,
     else all (the flag says contended rounds were kept)."""
@@ -112,23 +158,47 @@ def _quiet_rounds(rounds: dict[int, dict[str, Any]], min_rounds: int) -> tuple[l
 
 
 def paired(a: dict[str, Any], b: dict[str, Any], metric: str, min_rounds: int = 3) -> dict[str, Any]:
-    """a / b for `metric` from two collapsed records, paired by round. One round: the ratio of
-    the two processes' medians with the bootstrap interval over their repetitions."""
+    """a / b for `metric` from two collapsed records, paired by round.
+
+    Rounds measured in lockstep (both sides' processes alive together, timed units
+    alternated) give one ratio per cycle; a round's value is the geometric mean of its
+    cycles' ratios, and with two rounds or more the interval is Student-t over rounds, so it
+    holds both levels: the cycles' noise is inside each round's value, the spread between
+    fresh processes is what the interval measures. One lockstep round: a t interval over its
+    cycles (the between-process level is not in it, and the method says so). One round of
+    separate processes: the ratio of the two medians with the bootstrap interval over their
+    repetitions."""
     ra, rb = _round_values(a, metric), _round_values(b, metric)
     both = {i: {"contended": ra[i]["contended"] or rb[i]["contended"]} for i in ra.keys() & rb.keys()}
     uneven = sum(1 for i in both if ra[i]["contended"] != rb[i]["contended"])
     used, kept_contended = _quiet_rounds(both, min_rounds)
-    out = log_interval([ra[i]["value"] / rb[i]["value"] for i in used])
+    cycles = {i: _cycle_log_ratios(ra[i], rb[i]) for i in used}
+    lockstep = bool(used) and all(cycles[i] for i in used)
+    if lockstep:
+        out = nested_interval([cycles[i] for i in used])
+        out["method"] = ("lockstep: a ratio per cycle, restarts as a random effect" if out["n"] > 1 else
+                         "lockstep, one restart: cycles in one set of processes (the between-process spread "
+                         "is not in it)")
+    else:
+        out = log_interval([ra[i]["value"] / rb[i]["value"] for i in used])
+        out["method"] = "paired rounds (between processes)"
     out.update(rounds=len(both), used_rounds=len(used), contended=kept_contended, uneven=uneven,
-               bandwidth_range=_bandwidth_range(ra, rb, rounds=used), method="paired rounds (between processes)")
-    if out["n"] == 1:
-        from .analysis import ratio_interval
-
+               bandwidth_range=_bandwidth_range(ra, rb, rounds=used))
+    if out["n"] == 1 and not lockstep:
         ci = ratio_interval(_reps(a, metric), _reps(b, metric))
         out.update(ci95=ci, method="one round: bootstrap over repetitions inside one process (understates spread)")
         if ci:
             out["halfwidth"] = max(ci[1] / out["value"] - 1, 1 - ci[0] / out["value"])
     return out
+
+
+def _cycle_log_ratios(a: dict[str, Any], b: dict[str, Any]) -> list[float]:
+    """log(a / b) per lockstep cycle where both sides ran in the same lockstep session ([]
+    otherwise); a side that died mid-way pairs up to its last cycle."""
+    ca, cb = a.get("cycles"), b.get("cycles")
+    if not ca or not cb or ca.get("session") != cb.get("session"):
+        return []
+    return [math.log(x / y) for x, y in zip(ca["values"], cb["values"]) if x and y]
 
 
 def spread(record: dict[str, Any], metric: str, min_rounds: int = 3) -> dict[str, Any]:
@@ -139,9 +209,14 @@ def spread(record: dict[str, Any], metric: str, min_rounds: int = 3) -> dict[str
 
 
 def _round_values(record: dict[str, Any], metric: str) -> dict[int, dict[str, Any]]:
-    return {r["round"]: {"value": r[metric], "contended": bool(r.get("contended")),
-                         "bandwidth": r.get("bandwidth_bytes_s")}
-            for r in record.get("rounds") or () if r.get("status") == "ok" and r.get(metric)}
+    out = {}
+    for r in record.get("rounds") or ():
+        if r.get("status") == "ok" and r.get(metric):
+            lock = r.get("lockstep") or {}
+            cycles = {"session": lock.get("session"), "values": lock[metric]} if lock.get(metric) else None
+            out[r["round"]] = {"value": r[metric], "contended": bool(r.get("contended")),
+                               "bandwidth": r.get("bandwidth_bytes_s"), "cycles": cycles}
+    return out
 
 
 def _bandwidth_range(*sides: dict[int, dict[str, Any]], rounds: Iterable[int]) -> float | None:
@@ -181,7 +256,15 @@ def round_summary(record: dict[str, Any]) -> dict[str, Any]:
             "bandwidth_bytes_s": (record.get("bandwidth_after_timed") or {}).get("bytes_s"),
             "contended": bool(contention.get("contended")), "others_cores": contention.get("others_cores"),
             "steal_share": contention.get("steal_share"), "wall_s": record.get("wall_s"),
-            "started_at": record.get("started_at"), "resumed": bool(record.get("resumed"))}
+            "started_at": record.get("started_at"), "resumed": bool(record.get("resumed")),
+            **({"lockstep": _lockstep_summary(record["lockstep"])} if record.get("lockstep") else {})}
+
+
+def _lockstep_summary(lock: dict[str, Any]) -> dict[str, Any]:
+    """What a collapsed record keeps of a lockstep round: the session it shared with the
+    other sides and its per-cycle unit rates (what the verdict's ratios are made of)."""
+    return {"session": lock.get("session"), "decode_tok_s": lock.get("decode_tok_s"),
+            "prefill_tok_s": lock.get("prefill_tok_s")}
 
 
 def collapse(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -212,6 +295,9 @@ def collapse(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         base.pop("round", None)
         base["rounds"] = [round_summary(r) for r in rs]
         base["resumed"] = all(r.get("resumed") for r in rs)
+        first_ok = next((r for r in rs if r.get("status") == "ok"), None)
+        if first_ok is not None and first_ok.get("phases_s"):  # later lockstep restarts load side by side
+            base["phases_s"] = first_ok["phases_s"]
         for extra in ONCE:  # measured in a point's first round only
             found = next((r[extra] for r in rs if r.get(extra) is not None), None)
             if found is not None:
@@ -230,33 +316,6 @@ def collapse(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------ scheduling
-def workload(point: dict[str, Any]) -> tuple:
-    """What the sides of a comparison share (everything but the model)."""
-    p = dict(point)
-    for k in ("model", "role", "group", "timeout_s", "memory_limit_mb"):
-        p.pop(k, None)
-    return tuple(sorted((k, repr(v)) for k, v in p.items()))
-
-
-def comparisons(points: Sequence["Point"]) -> list[list["Point"]]:
-    """Points grouped by workload, in first-seen order."""
-    groups: dict[tuple, list["Point"]] = {}
-    for p in points:
-        groups.setdefault(workload(p.to_dict()), []).append(p)
-    return list(groups.values())
-
-
-def _pairs(cluster: Sequence["Point"]) -> list[tuple["Point", "Point"]]:
-    """The (MoE, other side) pairs whose verdicts the cluster yields."""
-    moes = [p for p in cluster if p.role == "moe"]
-    out = []
-    for moe in moes:
-        for p in cluster:
-            if (p.role in ("dense-active", "dense-total") and p.group == moe.group) or p.role == "baseline":
-                out.append((moe, p))
-    return out
-
-
 @attrs.define
 class _State:
     """Per point key: its per-round records so far (folded on demand)."""
@@ -278,19 +337,19 @@ class _State:
         return bool(rs) and rs[0].get("status") != "ok"
 
 
-def _needs_round(cluster: Sequence["Point"], state: _State, protocol: Protocol, limits: bool = True) -> set[str]:
-    """Keys of the cluster's points that another round would help (`limits`: and that
+def _needs_round(comp: Comparison, state: _State, protocol: Protocol, limits: bool = True) -> set[str]:
+    """Keys of the comparison's points that another round would help (`limits`: and that
     max-rounds still allows). With a target of 0 only min-rounds counts."""
     def runnable(p: "Point") -> bool:
         return not state.first_failed(p.key) and (not limits or state.rounds(p.key) < protocol.max_rounds)
 
     if protocol.target <= 0:
-        return {p.key for p in cluster if runnable(p) and state.rounds(p.key) < protocol.min_rounds}
+        return {p.key for p in comp.sides if runnable(p) and state.rounds(p.key) < protocol.min_rounds}
 
+    by_key = {p.key: p for p in comp.sides}
     need: set[str] = set()
-    in_pair: set[str] = set()
-    for moe, other in _pairs(cluster):
-        in_pair |= {moe.key, other.key}
+    for pair in comp.pairs:
+        moe, other = by_key[pair.moe], by_key[pair.other]
         if not (runnable(moe) and runnable(other)):
             continue
         a, b = state.folded(moe.key), state.folded(other.key)
@@ -301,8 +360,8 @@ def _needs_round(cluster: Sequence["Point"], state: _State, protocol: Protocol, 
         stats = [paired(a, b, m, protocol.min_rounds) for m in METRICS if a["metrics"].get(m)]
         if any(s["used_rounds"] < protocol.min_rounds or s["halfwidth"] > protocol.target for s in stats):
             need |= {moe.key, other.key}
-    for p in cluster:
-        if p.key in in_pair or not runnable(p):
+    for p in comp.sides:
+        if p.key in comp.paired_keys or not runnable(p):
             continue
         rec = state.folded(p.key)
         if rec is None or state.rounds(p.key) < protocol.min_rounds:
@@ -317,28 +376,54 @@ def run_rounds(points: Sequence["Point"], executor: Any, protocol: Protocol, *,
                previous: Iterable[dict[str, Any]] = (),
                record: Callable[[dict[str, Any]], None] = lambda r: None,
                on_start: Callable[[int, int, "Point"], None] | None = None,
-               before_round: Callable[[], None] | None = None) -> dict[str, Any]:
+               before_round: Callable[[], None] | None = None,
+               default_precision: Callable[[str], str] | None = None) -> dict[str, Any]:
     """Run `points` in rounds until the protocol is satisfied; every new per-round record
     goes to `record` as it finishes. `previous` records (a resumed file) count as done.
-    Returns {"records": every per-round record, "stopped": why rounds stopped}."""
+
+    A comparison (`moerun.comparison`) whose executor can hold its sides together
+    (`executor.together(points)` says why not) runs each round in lockstep
+    (`executor.run_together`): every side of the comparison that still runs, at once;
+    else its sides run one after another in a shuffled order. Returns {"records": every
+    per-round record, "stopped": why rounds stopped, "elapsed_s", "lockstep": why each
+    comparison ran as it did}."""
     state = _State()
     for r in previous:
         state.add({**r, "round": r.get("round", 0), "resumed": True})
-    clusters = comparisons(points)
+    comps = comparisons(points, default_precision)
     rng = random.Random(protocol.seed)
     next_round = 1 + max((r.get("round", 0) for rs in state.records.values() for r in rs), default=-1)
     t0 = time.monotonic()
     stopped = "every verdict met the target" if protocol.target > 0 else f"{protocol.min_rounds} rounds"
     done_count = 0
+    how: dict[tuple, str] = {}
+    for comp in comps:
+        ok, why = (executor.together(list(comp.sides)) if protocol.lockstep and hasattr(executor, "together")
+                   else (False, "lockstep off" if not protocol.lockstep else "this executor runs points one by one"))
+        how[comp.key] = why if ok or len(comp.sides) > 1 else "one side"
+        if not ok:
+            how[comp.key] = "sequential rounds: " + how[comp.key]
+
+    def stamp(result: dict[str, Any], p: "Point", wall: float) -> None:
+        result["wall_s"] = wall
+        result["key"], result["point"] = p.key, p.to_dict()
+        result["round"] = next_round
+        result["protocol"] = protocol.to_dict()
+        state.add(result)
+        record(result)
+
     while True:
-        plan = [(c, _needs_round(c, state, protocol)) for c in clusters]
+        plan = [(c, _needs_round(c, state, protocol)) for c in comps]
         plan = [(c, need) for c, need in plan if need]
         if not plan:
             break
         rng.shuffle(plan)
         ran = False
-        for cluster, need in plan:
-            todo = [p for p in cluster if p.key in need]
+        for comp, need in plan:
+            lockstep = not how[comp.key].startswith("sequential")
+            runnable = [p for p in comp.sides if not state.first_failed(p.key)
+                        and state.rounds(p.key) < protocol.max_rounds]
+            todo = runnable if lockstep else [p for p in comp.sides if p.key in need]
             opening = any(state.rounds(p.key) == 0 for p in todo)  # round 1 always runs in full
             if not opening and protocol.budget_s is not None:
                 projected = sum(_last_wall(state, p.key) for p in todo)
@@ -348,27 +433,36 @@ def run_rounds(points: Sequence["Point"], executor: Any, protocol: Protocol, *,
             rng.shuffle(todo)
             if before_round:
                 before_round()
-            for p in todo:
-                if on_start:
-                    on_start(done_count, next_round, p)
+            def this_round(p: "Point") -> "Point":  # breakdown and parity run in a point's first round only
+                return p if state.rounds(p.key) == 0 else attrs.evolve(p, **{k: False for k in ONCE})
+
+            if lockstep and len(todo) > 1:
+                for p in todo:
+                    if on_start:
+                        on_start(done_count, next_round, p)
+                    done_count += 1
                 started = time.perf_counter()
-                point_first = state.rounds(p.key) == 0
-                result = executor.run(p if point_first else attrs.evolve(p, **{k: False for k in ONCE}))
-                result["wall_s"] = time.perf_counter() - started
-                result["key"], result["point"] = p.key, p.to_dict()
-                result["round"] = next_round
-                result["protocol"] = protocol.to_dict()
-                state.add(result)
-                record(result)
-                done_count += 1
+                results = executor.run_together([this_round(p) for p in todo], protocol=protocol,
+                                                seed=rng.randrange(1 << 30), first=opening)
+                wall = (time.perf_counter() - started) / len(todo)
+                for p, result in zip(todo, results):
+                    stamp(result, p, wall)
+            else:
+                for p in todo:
+                    if on_start:
+                        on_start(done_count, next_round, p)
+                    started = time.perf_counter()
+                    result = executor.run(this_round(p))
+                    stamp(result, p, time.perf_counter() - started)
+                    done_count += 1
             ran = True
         if not ran:
             break
         next_round += 1
-    if "budget" not in stopped and any(_needs_round(c, state, protocol, limits=False) for c in clusters):
+    if "budget" not in stopped and any(_needs_round(c, state, protocol, limits=False) for c in comps):
         stopped = f"max-rounds ({protocol.max_rounds}) reached"
     return {"records": [r for rs in state.records.values() for r in rs], "stopped": stopped,
-            "elapsed_s": time.monotonic() - t0}
+            "elapsed_s": time.monotonic() - t0, "lockstep": how}
 
 
 def _last_wall(state: _State, key: str) -> float:

@@ -225,11 +225,74 @@ def base_result(point: Point, env: dict[str, Any] | None) -> dict[str, Any]:
 def measure(point: Point, plugins: "MoerunPlugins", cache: Cache | None = None,
             env: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run `point` in this process and return its result dict (never raises MoerunError:
-    unsupported/unavailable/failed are statuses)."""
-    cache = cache or Cache()
-    result = base_result(point, env)
-    session = None
-    try:
+    unsupported/unavailable/failed are statuses): open, the timed repetitions, finish."""
+    run = PointRun(point, plugins, cache, env)
+    with run:
+        if run.guarded(run.open):
+            run.guarded(lambda: run.finish(run.workload.time(point.repetitions, point.warmup)))
+    return run.result
+
+
+class PointRun:
+    """One point in phases, so that the sequential runner (`measure`) and the lockstep worker
+    (`moerun.worker --serve`) share everything but the timed work itself:
+
+    - `open()`: backend, checkpoint, preparation, load; `workload` is then ready;
+    - the timed work: `workload.time(...)` here, or units on a lockstep worker's command;
+    - `finish(timings, contention)`: metrics, memory, parity, breakdown, the status.
+
+    Every phase runs through `guarded`, which turns an error into the point's status. Used as
+    a context manager it closes the session and stamps `finished_at`."""
+
+    def __init__(self, point: Point, plugins: "MoerunPlugins", cache: Cache | None = None,
+                 env: dict[str, Any] | None = None, shared_cpu: bool = False) -> None:
+        self.point, self.plugins, self.cache = point, plugins, cache or Cache()
+        self.shared_cpu = shared_cpu  # LoadSettings.shared_cpu: a lockstep worker
+        self.result = base_result(point, env)
+        self.session: Any = None
+        self.workload: "Workload | None" = None
+        self.ok = True
+
+    def __enter__(self) -> "PointRun":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.session is not None:
+            try:
+                self.session.close()
+            except Exception:  # noqa: BLE001 - closing must not mask the result
+                pass
+            self.session = None
+        self.result.setdefault("finished_at", _now())
+
+    def guarded(self, phase: Any) -> bool:
+        """Run `phase()`; an error becomes the point's status and error. True if it ran."""
+        point, result = self.point, self.result
+        try:
+            phase()
+            return True
+        except UnsupportedError as exc:
+            result["status"], result["error"] = "unsupported", str(exc)
+        except BackendUnavailableError as exc:
+            result["status"], result["error"] = "unavailable", str(exc)
+        except MoerunError as exc:
+            result["status"], result["error"] = "failed", str(exc)
+        except MemoryError:
+            limit = f" (memory limit {point.memory_limit_mb} MB)" if point.memory_limit_mb else ""
+            result["status"], result["error"] = "failed", f"out of memory{limit}"
+        except Exception as exc:  # an engine's own error: recorded, the study goes on
+            result["status"] = "failed"
+            result["error"] = f"{type(exc).__name__}: {exc}"
+            result["traceback"] = traceback.format_exc(limit=8)
+        self.ok = False
+        return False
+
+    def open(self) -> None:
+        """Backend, checkpoint, engine artifact and session: everything before the clock."""
+        point, plugins, cache, result = self.point, self.plugins, self.cache, self.result
         backend_cls = plugins.backends.get(point.backend)
         backend = backend_cls()
         av = backend.availability()
@@ -289,13 +352,13 @@ def measure(point: Point, plugins: "MoerunPlugins", cache: Cache | None = None,
         settings = LoadSettings(  # the parity workload runs on the same session: room for it too
             threads=point.threads, device=device, compile=point.compile,
             max_context=max(context, sum(PARITY_TOKENS)) if point.parity else context,
-            batch_size=B, options=dict(point.options),
+            batch_size=B, options=dict(point.options), shared_cpu=self.shared_cpu,
         )
         if ckpt is not None:
             ckpt.release()
         memory.release_free()  # what preparation left behind is not the engine's
         load_phase = memory.Phase()
-        session = backend.load(artifact, settings)
+        self.session = session = backend.load(artifact, settings)
         t3 = time.perf_counter()
         loaded = load_phase.close()
         after_load = memory.status()
@@ -303,25 +366,46 @@ def measure(point: Point, plugins: "MoerunPlugins", cache: Cache | None = None,
         result["artifact"] = {"path": str(artifact.path), "size_bytes": artifact.size_bytes, **artifact.meta}
         result["phases_s"] = {"checkpoint": t1 - t0, "prepare": t2 - t1, "load": t3 - t2}
         result["session"] = session.describe()
+        self.spec, self.precision, self.ckpt = spec, precision, ckpt
         plugins.hook.moerun_measurement_start(point=point.to_dict())
-
         seqs = batch_token_ids(spec.vocab_size, context, point.seed, B)
-        prompts, follows = [q[: point.prompt_tokens] for q in seqs], [q[point.prompt_tokens:] for q in seqs]
-        prompt, follow = prompts[0], follows[0]
-        trackers = _start_trackers(plugins)
-        timed_memory, window = memory.Phase(), CpuWindow()
-        if B == 1:
-            timings = _time_workload(session, prompt, follow, point.repetitions, point.warmup)
-        else:
-            timings = _time_workload(session, prompts, follows, point.repetitions, point.warmup, batched=True)
-        result["contention"] = {"timed": window.close()}
-        timed = timed_memory.close()
-        result["trackers"] = _stop_trackers(trackers)
+        self.workload = Workload(session, [q[: point.prompt_tokens] for q in seqs],
+                                 [q[point.prompt_tokens:] for q in seqs])
+        # the timed phase starts here: trackers, the memory high-water mark, other processes' CPU
+        self.trackers = _start_trackers(plugins)
+        self.timed_memory, self.window = memory.Phase(), CpuWindow()
+
+    def pause_trackers(self) -> None:
+        """Between a lockstep worker's units: trackers with `pause()` stop counting."""
+        for tracker in self.trackers.values():
+            if not isinstance(tracker, Exception) and hasattr(tracker, "pause"):
+                tracker.pause()
+
+    def resume_trackers(self) -> None:
+        for tracker in self.trackers.values():
+            if not isinstance(tracker, Exception) and hasattr(tracker, "resume"):
+                tracker.resume()
+
+    def finish(self, timings: dict[str, Any], contention: dict[str, Any] | None = None) -> None:
+        """After the timed work: what other processes did meanwhile (`contention`, else this
+        run's own window), trackers, metrics, memory, parity and breakdown; status ok."""
+        point, result, session, spec = self.point, self.result, self.session, self.spec
+        window = self.window.close()
+        result["contention"] = {"timed": contention or window}
+        timed = self.timed_memory.close()
+        result["trackers"] = _stop_trackers(self.trackers)
+        if contention is not None:  # a lockstep worker: say what each tracker's figures cover
+            for name, tracker in self.trackers.items():
+                if isinstance(result["trackers"].get(name), dict) and result["trackers"][name].get("available"):
+                    result["trackers"][name]["covers"] = (
+                        "this side's timed units" if hasattr(tracker, "pause") else
+                        "the whole lockstep, other sides' units included (the tracker has no pause())")
         result["timings"] = timings
+        prompts, follows = self.workload.prompts, self.workload.follows
         counts = session.expert_counts()
         coverage = expert_coverage(session, spec, prompts, follows)
-        result["metrics"] = derive_metrics(spec, _nominal(precision), point, timings,
-                                           _bandwidth_now(result, cache), session, coverage)
+        result["metrics"] = derive_metrics(spec, _nominal(self.precision), point, timings,
+                                           _bandwidth_now(result, self.cache), session, coverage)
         if counts is not None:
             result["metrics"]["expert_counts"] = np.asarray(counts).tolist()
             result["metrics"].update(routing_stats(np.asarray(counts)))
@@ -336,32 +420,11 @@ def measure(point: Point, plugins: "MoerunPlugins", cache: Cache | None = None,
             timed_peak_method=timed["method"],
         )
         if point.parity:
-            result["parity"] = _parity(session, spec, ckpt, plugins, cache, point)
+            result["parity"] = _parity(session, spec, self.ckpt, self.plugins, self.cache, point)
         if point.breakdown:
-            result["breakdown"] = (_breakdown(session, prompt, follow, timings) if B == 1 else
+            result["breakdown"] = (_breakdown(session, prompts[0], follows[0], timings) if point.batch_size == 1 else
                                    {"available": False, "reason": "the breakdown instruments one sequence (batch 1)"})
         result["status"] = "ok"
-    except UnsupportedError as exc:
-        result["status"], result["error"] = "unsupported", str(exc)
-    except BackendUnavailableError as exc:
-        result["status"], result["error"] = "unavailable", str(exc)
-    except MoerunError as exc:
-        result["status"], result["error"] = "failed", str(exc)
-    except MemoryError:
-        limit = f" (memory limit {point.memory_limit_mb} MB)" if point.memory_limit_mb else ""
-        result["status"], result["error"] = "failed", f"out of memory{limit}"
-    except Exception as exc:  # an engine's own error: recorded, the study goes on
-        result["status"] = "failed"
-        result["error"] = f"{type(exc).__name__}: {exc}"
-        result["traceback"] = traceback.format_exc(limit=8)
-    finally:
-        if session is not None:
-            try:
-                session.close()
-            except Exception:  # noqa: BLE001 - closing must not mask the result
-                pass
-    result["finished_at"] = _now()
-    return result
 
 
 def _start_trackers(plugins: "MoerunPlugins") -> dict[str, Any]:
@@ -390,73 +453,99 @@ def _stop_trackers(started: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _time_workload(session: Any, prompt: list, follow: list, reps: int, warmup: int, *,
-                   batched: bool = False) -> dict[str, Any]:
-    """Warm-up (excluded, reported), then `reps` x (timed prefill, per-step timed decode).
+class Workload:
+    """The timed work of one point on an open session: the prompts and the predetermined ids
+    every backend decodes (not the argmax, so every backend and precision runs exactly the
+    same token sequence whatever its numerics). With B > 1 sequences the B prompts prefill in
+    one step and the B sequences decode in lock step (Session.prefill_batch / decode_batch).
+    Every timed call is bracketed by `synchronize()`."""
 
-    Decode feeds the predetermined `follow` ids, not the argmax, so every backend and
-    precision runs exactly the same token sequence whatever its numerics. `batched`: `prompt`
-    and `follow` hold one list per sequence; the B prompts prefill in one step and the B
-    sequences decode in lock step (Session.prefill_batch / decode_batch). Rates are
-    aggregate tokens/s over the batch; ``decode_seq_tok_s`` is one sequence's.
-    """
-    if batched:
-        B, n_prompt, n_new = len(prompt), len(prompt[0]), len(follow[0])
-        run_prefill, run_decode = session.prefill_batch, session.decode_batch
-        steps = [list(step) for step in zip(*follow)]
-    else:
-        B, n_prompt, n_new = 1, len(prompt), len(follow)
-        run_prefill, run_decode = session.prefill, session.decode
-        steps = follow
-    clock = time.perf_counter_ns
-    warm_ns = []
-    for _ in range(warmup):
-        session.reset()
-        session.synchronize()
+    def __init__(self, session: Any, prompts: list[list[int]], follows: list[list[int]]) -> None:
+        self.session, self.prompts, self.follows = session, prompts, follows
+        self.B, self.n_prompt, self.n_new = len(prompts), len(prompts[0]), len(follows[0])
+        if self.B > 1:
+            self.prompt: Any = prompts
+            self.steps: list[Any] = [list(step) for step in zip(*follows)]
+            self.run_prefill, self.run_decode = session.prefill_batch, session.decode_batch
+        else:
+            self.prompt, self.steps = prompts[0], follows[0]
+            self.run_prefill, self.run_decode = session.prefill, session.decode
+
+    def warm(self) -> int:
+        """The whole workload once, untimed in effect (ns returned for the record): the first
+        timed repetition must not be the one that warms."""
+        s, clock = self.session, time.perf_counter_ns
+        s.reset()
+        s.synchronize()
         t = clock()
-        run_prefill(prompt)
-        for tok in steps:  # the whole workload: the first timed repetition must not be the one that warms
-            run_decode(tok)
-        session.synchronize()
-        warm_ns.append(clock() - t)
-    prefill_ns, decode_rep_ns, token_ns = [], [], []
-    engine_reps: list[dict[str, Any]] = []
-    for _ in range(reps):
-        session.reset()
-        session.synchronize()
+        self.run_prefill(self.prompt)
+        for tok in self.steps:
+            self.run_decode(tok)
+        s.synchronize()
+        return clock() - t
+
+    def prefill(self) -> int:
+        """One timed prefill of the prompt on an empty cache, in ns."""
+        s, clock = self.session, time.perf_counter_ns
+        s.reset()
+        s.synchronize()
         t = clock()
-        run_prefill(prompt)
-        session.synchronize()
-        prefill_ns.append(clock() - t)
-        rep_tokens = []
-        for tok in steps:
+        self.run_prefill(self.prompt)
+        s.synchronize()
+        return clock() - t
+
+    def decode(self, prefilled: bool = False) -> list[int]:
+        """Every decode step after the prompt, each timed, in ns (the prompt is prefilled
+        first, untimed, unless `prefilled`)."""
+        s, clock = self.session, time.perf_counter_ns
+        if not prefilled:
+            s.reset()
+            self.run_prefill(self.prompt)
+            s.synchronize()
+        out = []
+        for tok in self.steps:
             t = clock()
-            run_decode(tok)
-            session.synchronize()
-            rep_tokens.append(clock() - t)
-        token_ns.extend(rep_tokens)
-        decode_rep_ns.append(sum(rep_tokens))
-        engine = session.engine_timings()  # the engine's own counters for this repetition
-        if engine:
-            engine_reps.append({**engine, "moerun_prefill_ms": prefill_ns[-1] / 1e6,
-                                "moerun_decode_ms": decode_rep_ns[-1] / 1e6})
-    out: dict[str, Any] = {
-        "batch_size": B,
-        "warmup_s": [w / 1e9 for w in warm_ns],
-        "prefill_ms": summarize([x / 1e6 for x in prefill_ns]),
-        "prefill_tok_s": summarize([B * n_prompt / (x / 1e9) for x in prefill_ns]),
-        "prefill_tok_s_reps": [B * n_prompt / (x / 1e9) for x in prefill_ns],
-        "ttft_ms": float(np.median(prefill_ns) / 1e6),
-    }
-    if engine_reps:
-        out["engine_per_rep"] = engine_reps
-    if n_new:
-        out["decode_token_ms"] = summarize([x / 1e6 for x in token_ns])  # one step: every sequence's next token
-        out["decode_tok_s"] = summarize([B * n_new / (x / 1e9) for x in decode_rep_ns])
-        out["decode_tok_s_reps"] = [B * n_new / (x / 1e9) for x in decode_rep_ns]
-        if B > 1:
-            out["decode_seq_tok_s"] = summarize([n_new / (x / 1e9) for x in decode_rep_ns])
-    return out
+            self.run_decode(tok)
+            s.synchronize()
+            out.append(clock() - t)
+        return out
+
+    def time(self, reps: int, warmup: int) -> dict[str, Any]:
+        """Warm-up (excluded, reported), then `reps` x (timed prefill, per-step timed decode)."""
+        warm_ns = [self.warm() for _ in range(warmup)]
+        prefill_ns, decode_reps, engine_reps = [], [], []
+        for _ in range(reps):
+            prefill_ns.append(self.prefill())
+            decode_reps.append(self.decode(prefilled=True))
+            engine = self.session.engine_timings()  # the engine's own counters for this repetition
+            if engine:
+                engine_reps.append({**engine, "moerun_prefill_ms": prefill_ns[-1] / 1e6,
+                                    "moerun_decode_ms": sum(decode_reps[-1]) / 1e6})
+        return self.timings(prefill_ns, decode_reps, warm_ns, engine_reps)
+
+    def timings(self, prefill_ns: list[int], decode_reps: list[list[int]], warm_ns: Sequence[int] = (),
+                engine_reps: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+        """The timings record from timed prefills and decode repetitions (per-step ns). Rates
+        are aggregate tokens/s over the batch; ``decode_seq_tok_s`` is one sequence's."""
+        B, n_prompt, n_new = self.B, self.n_prompt, self.n_new
+        out: dict[str, Any] = {
+            "batch_size": B,
+            "warmup_s": [w / 1e9 for w in warm_ns],
+            "prefill_ms": summarize([x / 1e6 for x in prefill_ns]),
+            "prefill_tok_s": summarize([B * n_prompt / (x / 1e9) for x in prefill_ns]),
+            "prefill_tok_s_reps": [B * n_prompt / (x / 1e9) for x in prefill_ns],
+            "ttft_ms": float(np.median(prefill_ns) / 1e6),
+        }
+        if engine_reps:
+            out["engine_per_rep"] = list(engine_reps)
+        if n_new and decode_reps:
+            rep_ns = [sum(r) for r in decode_reps]
+            out["decode_token_ms"] = summarize([x / 1e6 for r in decode_reps for x in r])  # one step, all sequences
+            out["decode_tok_s"] = summarize([B * n_new / (x / 1e9) for x in rep_ns])
+            out["decode_tok_s_reps"] = [B * n_new / (x / 1e9) for x in rep_ns]
+            if B > 1:
+                out["decode_seq_tok_s"] = summarize([n_new / (x / 1e9) for x in rep_ns])
+        return out
 
 
 def expert_coverage(session: Any, spec: ModelSpec, prompts: list[list[int]],
@@ -682,28 +771,35 @@ def run_isolated(point: Point, *, cache: Cache | None = None, env: dict[str, Any
             try:
                 proc.wait(timeout=point.timeout_s)
             except subprocess.TimeoutExpired:
-                _kill_group(proc)
+                kill_group(proc)
                 reason = f"timed out after {point.timeout_s:g} s (hung or too slow); killed"
             except BaseException:  # Ctrl-C: take the child down with us
-                _kill_group(proc)
+                kill_group(proc)
                 raise
-        if reason is None and out.exists():
-            return json.loads(out.read_text())
-        result = base_result(point, env)
-        if reason is None:
-            rc = proc.returncode
-            if rc < 0:
-                sig = signal.Signals(-rc)
-                reason = f"crashed: {_SIGNAL_HINTS.get(sig, 'signal')} ({sig.name})"
-            else:
-                reason = f"worker exited with code {rc} without a result"
-        tail = _tail(errlog)
-        result["error"] = reason + (f"; stderr: {tail}" if tail else "")
-        result["finished_at"] = _now()
-        return result
+        return child_result(point, env, proc, out, errlog, reason)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def child_result(point: Point, env: dict[str, Any] | None, proc: subprocess.Popen, out: Path, errlog: Path,
+                 reason: str | None = None) -> dict[str, Any]:
+    """A worker's result file, or, where it left none (crash, kill, timeout: `reason`), a
+    `failed` result saying why, with the tail of its stderr."""
+    if reason is None and out.exists():
+        return json.loads(out.read_text())
+    result = base_result(point, env)
+    if reason is None:
+        rc = proc.poll()
+        if rc is not None and rc < 0:
+            sig = signal.Signals(-rc)
+            reason = f"crashed: {_SIGNAL_HINTS.get(sig, 'signal')} ({sig.name})"
+        else:
+            reason = f"worker exited with code {rc} without a result"
+    tail = _tail(errlog)
+    result["error"] = reason + (f"; stderr: {tail}" if tail else "")
+    result["finished_at"] = _now()
+    return result
+
+
+def kill_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:

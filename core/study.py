@@ -206,6 +206,52 @@ class LocalExecutor:
         result.setdefault("contention", {})["point"] = window.close()
         return result
 
+    TOGETHER_HEADROOM = 1.5  # engines hold more than their weights (int4 ONNX graphs twice; docs/backends.md)
+
+    def together(self, points: Sequence[Point]) -> tuple[bool, str]:
+        """Whether the sides of a comparison can be loaded at once here (lockstep), and why
+        or why not: each in its own process, so isolation must be on, and their weights and
+        KV caches (x TOGETHER_HEADROOM) must fit the memory available now."""
+        if not self.isolate:
+            return False, "--no-isolate: one process holds one engine at a time"
+        if len(points) < 2:
+            return False, "one side"
+        need = sum(self._expected_bytes(p) for p in points) * self.TOGETHER_HEADROOM
+        from .environment import meminfo_bytes
+
+        available = meminfo_bytes("MemAvailable")
+        if available and need > available:
+            return False, (f"the {len(points)} sides need about {need / 1e9:.1f} GB together, "
+                           f"{available / 1e9:.1f} GB available")
+        return True, f"lockstep: {len(points)} sides loaded together (about {need / 1e9:.1f} GB)"
+
+    def _expected_bytes(self, point: Point) -> float:
+        from .predict import expected_need
+
+        path = Path(point.model)
+        if path.is_file():
+            return path.stat().st_size
+        try:
+            spec = self.plugins.models.resolve(point.model) if not path.is_dir() else None
+            if spec is None:
+                from .checkpoint import Checkpoint
+
+                spec = Checkpoint.open(path).spec
+            precision = point.precision or self.plugins.backends.get(point.backend).capabilities.default_precision
+            return expected_need(spec, precision, batch=point.batch_size,
+                                 context=point.prompt_tokens + point.new_tokens)
+        except Exception:  # noqa: BLE001 - the point itself will say what is wrong with it
+            return 0.0
+
+    def run_together(self, points: Sequence[Point], *, protocol: MeasurementProtocol, seed: int = 0,
+                     first: bool = True) -> list[dict[str, Any]]:
+        """One lockstep restart of `points` (`moerun.lockstep`); after the `first`, the sides
+        load at the same time."""
+        from .lockstep import run_together
+
+        return run_together(points, cache=self.cache, env=self.env, unit_s=protocol.unit_s,
+                            target=protocol.target or 0.03, seed=seed, load_together=not first)
+
 
 @attrs.frozen
 class StudyOutcome:
@@ -216,6 +262,7 @@ class StudyOutcome:
     records: list[dict[str, Any]]
     stopped: str
     elapsed_s: float
+    scheduling: dict[tuple, str] = attrs.field(factory=dict)  # per comparison: lockstep, or why not
 
 
 def run_study(
@@ -265,7 +312,8 @@ def run_study(
     def run_lane(lane_points: list[Point]) -> dict[str, Any]:
         lane_keys = {p.key for p in lane_points}
         return run_rounds(lane_points, executor, protocol, previous=[r for r in previous if r["key"] in lane_keys],
-                          record=record, on_start=start, before_round=before_round)
+                          record=record, on_start=start, before_round=before_round,
+                          default_precision=lambda b: plugins.backends.get(b).capabilities.default_precision)
 
     if len(lanes) <= 1:
         runs = {None: run_lane(list(points))}
@@ -281,7 +329,8 @@ def run_study(
                                                                  for lane, run in runs.items())
     folded = {r["key"]: r for r in collapse(records)}
     results = [folded[p.key] if p.key in folded else base_result(p, None) for p in points]
-    return StudyOutcome(results=results, records=records, stopped=stopped,
+    scheduling = {k: v for run in runs.values() for k, v in run.get("lockstep", {}).items()}
+    return StudyOutcome(results=results, records=records, stopped=stopped, scheduling=scheduling,
                         elapsed_s=max(run["elapsed_s"] for run in runs.values()))
 
 

@@ -11,7 +11,10 @@
 - ``tegrastats``: Jetson board input power (VDD_IN), integrated.
 - ``powermetrics``: macOS CPU+GPU+ANE power (root), integrated.
 
-Each reports ``{"available": False, "reason": ...}`` where it cannot work.
+Each reports ``{"available": False, "reason": ...}`` where it cannot work. Those that
+integrate over time also have ``pause()`` and ``resume()``: a lockstep worker
+(`moerun.lockstep`) calls them around each of its timed units, so that they cover this
+side's units, not the other sides' (and a paused RSS sampler costs the others nothing).
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ class RssTracker:
     def __init__(self) -> None:
         self.samples: list[int] = []
         self._stop = threading.Event()
+        self._running = threading.Event()  # cleared while paused: the thread sleeps on it
+        self._running.set()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -53,8 +58,15 @@ class RssTracker:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def pause(self) -> None:
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
     def _run(self) -> None:
         while not self._stop.is_set():
+            self._running.wait()
             value = _rss_bytes()
             if value is not None:
                 self.samples.append(value)
@@ -64,7 +76,10 @@ class RssTracker:
         if self._thread is None:
             return {"available": False, "reason": "/proc/self/statm is not readable on this system"}
         self._stop.set()
+        self._running.set()
         self._thread.join()
+        if not self.samples:
+            self.samples.append(_rss_bytes() or 0)
         return {"available": True, "peak_bytes": max(self.samples), "mean_bytes": sum(self.samples) / len(self.samples),
                 "samples": len(self.samples)}
 
@@ -104,19 +119,35 @@ class RaplTracker:
     def start(self) -> None:
         self.before, self.reason = read_rapl(self.root)
         self.t0 = time.perf_counter()
+        self.joules: dict[str, float] = {}
+        self.seconds = 0.0
 
-    def stop(self) -> dict[str, Any]:
-        if self.reason:
-            return {"available": False, "reason": self.reason}
+    def pause(self) -> None:
+        """Add the stretch since start/resume; energy is counted only while running."""
+        if self.reason or not self.before:
+            return
         after, reason = read_rapl(self.root)
         if reason:
-            return {"available": False, "reason": reason}
-        seconds = time.perf_counter() - self.t0
-        joules = {}
+            self.reason = reason
+            return
         for zone, (e0, wrap) in self.before.items():
             e1 = after[zone][0]
             delta = e1 - e0 if e1 >= e0 else e1 + wrap - e0  # the counter wrapped
-            joules[zone] = delta / 1e6
+            self.joules[zone] = self.joules.get(zone, 0.0) + delta / 1e6
+        self.seconds += time.perf_counter() - self.t0
+        self.before = {}
+
+    def resume(self) -> None:
+        if self.reason:
+            return
+        self.before, self.reason = read_rapl(self.root)
+        self.t0 = time.perf_counter()
+
+    def stop(self) -> dict[str, Any]:
+        self.pause()
+        if self.reason:
+            return {"available": False, "reason": self.reason}
+        seconds, joules = self.seconds, self.joules
         total = sum(joules.values())
         return {"available": True, "joules": total, "zones_joules": joules, "seconds": seconds,
                 "watts": total / seconds if seconds else None}
@@ -159,7 +190,18 @@ class _SampledPower:
     def parse(self, chunk: str) -> dict[str, float]:
         raise NotImplementedError
 
+    paused = False
+
+    def pause(self) -> None:
+        self.paused = True
+        self.readings.append((time.perf_counter(), float("nan")))  # a gap: not integrated across
+
+    def resume(self) -> None:
+        self.paused = False
+
     def feed(self, chunk: str, now: float) -> None:
+        if self.paused:
+            return
         values = self.parse(chunk)
         total = next((values[k] for k in self.total_keys if k in values), None)
         if total is not None:
@@ -200,12 +242,15 @@ class _SampledPower:
 
 
 def integrate(readings: list[tuple[float, float]], err: str = "") -> dict[str, Any]:
-    """Energy from (time s, power mW) samples: trapezoids between samples."""
-    if len(readings) < 2:
+    """Energy from (time s, power mW) samples: trapezoids between samples; a NaN power marks
+    a gap (a paused stretch), which is not integrated across."""
+    pairs = [((t0, p0), (t1, p1)) for (t0, p0), (t1, p1) in zip(readings, readings[1:]) if p0 == p0 and p1 == p1]
+    if not pairs:
         why = err.strip().splitlines()[-1] if err and err.strip() else "fewer than 2 power samples"
         return {"available": False, "reason": why}
-    joules = sum((t1 - t0) * (p0 + p1) / 2 / 1000 for (t0, p0), (t1, p1) in zip(readings, readings[1:]))
-    seconds = readings[-1][0] - readings[0][0]
+    joules = sum((t1 - t0) * (p0 + p1) / 2 / 1000 for (t0, p0), (t1, p1) in pairs)
+    seconds = sum(t1 - t0 for (t0, _), (t1, _) in pairs)
+    readings = [r for r in readings if r[1] == r[1]]
     return {"available": True, "joules": joules, "seconds": seconds, "watts": joules / seconds if seconds else None,
             "samples": len(readings)}
 
@@ -258,18 +303,37 @@ class NvmlTracker:
             self.handle = pynvml.nvmlDeviceGetHandleByIndex(0)
             self.e0 = pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
             self.t0 = time.perf_counter()
+            self.mj, self.seconds, self.paused = 0, 0.0, False
         except pynvml.NVMLError as exc:
             self.reason = f"NVML: {exc}"
+
+    def pause(self) -> None:
+        if self.reason or self.paused:
+            return
+        import pynvml
+
+        self.mj += pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle) - self.e0
+        self.seconds += time.perf_counter() - self.t0
+        self.paused = True
+
+    def resume(self) -> None:
+        if self.reason or not self.paused:
+            return
+        import pynvml
+
+        self.e0 = pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
+        self.t0 = time.perf_counter()
+        self.paused = False
 
     def stop(self) -> dict[str, Any]:
         if self.reason:
             return {"available": False, "reason": self.reason}
         import pynvml
 
-        e1 = pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
+        self.pause()
         mem = pynvml.nvmlDeviceGetMemoryInfo(self.handle)
-        seconds = time.perf_counter() - self.t0
-        joules = (e1 - self.e0) / 1000
+        seconds = self.seconds
+        joules = self.mj / 1000
         return {"available": True, "joules": joules, "seconds": seconds, "watts": joules / seconds if seconds else None,
                 "device_memory_used_bytes": mem.used}
 

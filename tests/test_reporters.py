@@ -96,7 +96,7 @@ def test_breakdown_figure_holds_the_measured_stacks(plugins, cache, tmp_path):
 
 
 def test_ratio_interval_brackets_the_ratio_and_narrows_with_agreement():
-    from moerun.analysis import ratio_interval
+    from moerun.stats import ratio_interval
 
     lo, hi = ratio_interval([10.0, 11.0, 9.0, 10.5], [20.0, 19.0, 21.0, 20.5])
     assert lo <= 10.25 / 20.25 <= hi and 0.4 < lo < hi < 0.6

@@ -1,0 +1,238 @@
+"""Lockstep: the sides of one comparison measured in the same seconds.
+
+A shared machine's bandwidth, frequency and neighbours move by 1.5-2x over minutes, so two
+sides measured minutes apart see different machines. In lockstep every side of a comparison
+(the MoE, its twins, the named baselines) is loaded at once, each in its own worker process
+(`moerun.worker --serve`: crash isolation and per-engine memory as before), and then timed
+in *cycles*: in each cycle every side runs one timed *unit* of prefill, then every side one
+of decode, each phase in a freshly shuffled order, while the others wait blocked on their
+command pipe. A ratio is formed within each cycle from units run within a second or so of
+each other, so drift hits both sides alike and cancels.
+
+- **Units sized to the machine.** After a warm-up, each side times one prefill and one
+  decode pass; its prefill unit is then as many prefills, and its decode unit as many
+  decode passes (the prompt prefilled untimed before each), as fill about `unit_s` seconds
+  (pyperf calibrates its loops the same way), never fewer than one.
+- **Cycles until the restart is precise.** At least `min_cycles`, then until every pair's
+  within-restart 95 % interval (Student-t over the cycles' log-ratios) is within half the
+  protocol's target, or `max_cycles`.
+- **Idle partners cost nothing.** A waiting worker is blocked in a pipe read; before each
+  unit the parent pauses `settle_s` so that thread pools that spin after their work (ONNX
+  Runtime's, OpenMP's) have parked. docs/concepts.md has the measurement.
+- **Restarts.** One call is one restart: fresh processes, fresh allocation and page
+  placement. `moerun.protocol` runs restarts as rounds and forms the interval over them.
+
+`run_together` runs one restart and returns one result record per side, each with its
+per-cycle unit rates under ``lockstep``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import select
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+from .cache import Cache
+from .comparison import pairs_of
+from .contention import CpuWindow
+from .runner import Point, child_result, kill_group
+
+UNIT_S = 0.05  # a unit's noise hardly shrinks with its length here, so units are short (docs/concepts.md)
+MIN_CYCLES = 8
+MAX_CYCLES = 24
+SETTLE_S = 0.005
+PHASES = (("prefill", "prefill_tok_s"), ("decode", "decode_tok_s"))
+
+
+class Side:
+    """One side's worker process and its command pipe."""
+
+    def __init__(self, point: Point, cache: Cache, env: dict[str, Any], folder: Path, python: str | None) -> None:
+        self.point, self.env = point, env
+        self.job, self.out, self.errlog = folder / "job.json", folder / "result.json", folder / "stderr.txt"
+        self.job.write_text(json.dumps({"point": point.to_dict(), "cache": str(cache.root), "env": env or {}}))
+        cmd_r, cmd_w = os.pipe()
+        reply_r, reply_w = os.pipe()
+        with open(self.errlog, "wb") as err:
+            self.proc = subprocess.Popen(
+                [python or sys.executable, "-m", "moerun.worker", "--serve", str(self.job), str(self.out),
+                 str(cmd_r), str(reply_w)],
+                stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True, pass_fds=(cmd_r, reply_w))
+        os.close(cmd_r)
+        os.close(reply_w)
+        self.commands = os.fdopen(cmd_w, "w", buffering=1)
+        self.replies, self.buffer = reply_r, b""
+        self.alive, self.reason = True, None
+        self.reps: dict[str, int] = {}
+        self.rates: dict[str, list[float]] = {"prefill_tok_s": [], "decode_tok_s": []}
+
+    def receive(self, timeout: float) -> dict[str, Any] | None:
+        """The next reply line, or None (marked dead) on a timeout or a worker gone."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.dead(f"timed out after {timeout:g} s (hung or too slow); killed")
+                return None
+            ready, _, _ = select.select([self.replies], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(self.replies, 65536)
+            if not chunk:
+                self.dead(None)  # exited: its result file, or the crash, says why
+                return None
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return json.loads(line)
+
+    def call(self, timeout: float, **cmd: Any) -> dict[str, Any] | None:
+        """Send a command, wait for its reply; None when the side ended (done or dead)."""
+        if not self.alive:
+            return None
+        try:
+            self.commands.write(json.dumps(cmd) + "\n")
+            self.commands.flush()
+        except (BrokenPipeError, OSError):
+            self.dead(None)
+            return None
+        msg = self.receive(timeout)
+        if msg is not None and msg.get("event") == "done" and cmd.get("cmd") != "finish":
+            self.alive = False  # the unit failed: the worker wrote its result and left
+            return None
+        return msg
+
+    def dead(self, reason: str | None) -> None:
+        self.alive = False
+        if reason:
+            self.reason = reason
+            kill_group(self.proc)
+
+    def close(self) -> None:
+        try:
+            self.commands.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            kill_group(self.proc)
+        os.close(self.replies)
+
+    def result(self) -> dict[str, Any]:
+        return child_result(self.point, self.env, self.proc, self.out, self.errlog, self.reason)
+
+
+def _halfwidth(logs: Sequence[float]) -> float:
+    from .protocol import log_interval
+
+    return log_interval([math.exp(x) for x in logs])["halfwidth"]
+
+
+def precise_enough(sides: Sequence[Side], target: float) -> bool:
+    """Every pair's (or, without pairs, every side's) within-restart interval, per phase,
+    within `target`; sides that died are out of it."""
+    by_key = {s.point.key: s for s in sides if s.alive}
+    pairs = [(by_key[p.moe], by_key[p.other]) for p in pairs_of([s.point for s in sides])
+             if p.moe in by_key and p.other in by_key]
+    for _, metric in PHASES:
+        if pairs:
+            for a, b in pairs:
+                logs = [math.log(x / y) for x, y in zip(a.rates[metric], b.rates[metric]) if x and y]
+                if logs and _halfwidth(logs) > target:
+                    return False
+        else:
+            for s in by_key.values():
+                logs = [math.log(x) for x in s.rates[metric] if x]
+                if logs and _halfwidth(logs) > target:
+                    return False
+    return True
+
+
+def _ready(side: Side) -> None:
+    msg = side.receive(side.point.timeout_s)
+    if msg is not None and not msg.get("ok"):
+        side.alive = False  # unsupported, unavailable or failed: its result says which
+
+
+def run_together(points: Sequence[Point], *, cache: Cache, env: dict[str, Any], unit_s: float = UNIT_S,
+                 target: float = 0.03, seed: int = 0, min_cycles: int = MIN_CYCLES, max_cycles: int = MAX_CYCLES,
+                 settle_s: float = SETTLE_S, load_together: bool = False,
+                 python: str | None = None) -> list[dict[str, Any]]:
+    """One restart of a comparison in lockstep; one result record per point, in order.
+    `load_together`: start every side's process at once (else one after another)."""
+    rng = random.Random(seed)
+    session = uuid.uuid4().hex[:12]
+    window = CpuWindow(include_children=True)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="moerun-lockstep-") as tmp:
+        sides: list[Side] = []
+        try:
+            # one at a time, load times are each engine's own; together (later restarts, whose
+            # load figures the first restart already has), the loads overlap on the machine's cores
+            for i, p in enumerate(points):
+                folder = Path(tmp) / str(i)
+                folder.mkdir()
+                sides.append(Side(p, cache, env, folder, python))
+                if not load_together:
+                    _ready(sides[-1])
+            if load_together:
+                for side in sides:
+                    _ready(side)
+            live = [s for s in sides if s.alive]
+            for s in live:
+                s.call(s.point.timeout_s, cmd="warm")
+            for s in live:
+                cal = s.call(s.point.timeout_s, cmd="calibrate")
+                if cal is None:
+                    continue
+                s.reps = {"prefill": max(1, round(unit_s / max(cal["prefill_ns"] / 1e9, 1e-6))),
+                          "decode": max(1, round(unit_s / max(cal["decode_ns"] / 1e9, 1e-6))) if cal["decode_ns"]
+                          else 0}
+                s.unit_timeout = max(60.0, 50 * unit_s + 20 * (cal["prefill_ns"] + cal["decode_ns"]) / 1e9)
+            cycles = 0
+            cycling = time.monotonic()
+            while any(s.alive for s in sides):
+                for phase, metric in PHASES:
+                    order = [s for s in sides if s.alive and s.reps.get(phase)]
+                    rng.shuffle(order)
+                    for s in order:
+                        time.sleep(settle_s)  # a partner's spinning thread pool parks meanwhile
+                        msg = s.call(s.unit_timeout, cmd="unit", phase=phase, reps=s.reps[phase])
+                        if msg is not None:
+                            s.rates[metric].append(msg["tok_s"])
+                cycles += 1
+                if cycles >= max_cycles or (cycles >= min_cycles and precise_enough(sides, target / 2)):
+                    break
+            cycling = time.monotonic() - cycling
+            for s in sides:
+                if s.alive:
+                    s.call(s.point.timeout_s, cmd="finish")
+        except BaseException:  # Ctrl-C: take every worker down with us
+            for s in sides:
+                kill_group(s.proc)
+            raise
+        finally:
+            for s in sides:
+                s.close()
+        contention = window.close()
+        wall = time.monotonic() - started
+        out = []
+        for s in sides:
+            r = s.result()
+            r["isolated"] = True
+            r.setdefault("contention", {})["point"] = contention
+            r["lockstep"] = {"session": session, "sides": len(points), "cycles": cycles, "unit_s": unit_s,
+                             "loaded": "together" if load_together else "one at a time",
+                             "unit_reps": s.reps, "settle_s": settle_s, "cycling_s": cycling, "restart_wall_s": wall,
+                             **s.rates}
+            out.append(r)
+        return out
