@@ -188,6 +188,13 @@ class Backend(abc.ABC):
                 f"(supported: {', '.join(caps.families)})"
             )
 
+    def emulated(self, precision: str, device: str | None = None) -> str | None:
+        """Why `precision` would run by emulation on `device` of this machine (e.g. bf16 on a
+        CPU without bf16 instructions), or None where it runs natively or nobody knows. The
+        study then picks no twin at that precision: its speed would measure the missing
+        instructions, not the model."""
+        return None
+
     @abc.abstractmethod
     def prepare(self, checkpoint: "Checkpoint", precision: str, cache: "Cache") -> Artifact:
         """Convert a checkpoint into what the engine loads (cached by content hash)."""

@@ -256,10 +256,11 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
     run.add_argument("--new-tokens", type=_non_negative_int, default=32, metavar="N",
                      help="tokens decoded one at a time after the prefill (default: 32)")
     run.add_argument("--repetitions", type=_positive_int, default=5, metavar="N",
-                     help="timed repetitions of prefill + decode inside each round's process; a round's "
-                          "value is their median (default: 5)")
+                     help="sequential rounds: timed repetitions of prefill + decode inside each round's "
+                          "process, a round's value their median (default: 5; lockstep sizes its units by "
+                          "--unit-s instead)")
     run.add_argument("--warmup", type=_non_negative_int, default=1, metavar="N",
-                     help="untimed warm-up runs of the whole workload (default: 1)")
+                     help="untimed warm-up runs of the whole workload (default: 1; lockstep: at least 1)")
     run.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                      help="engine threads (default: the engine's choice)")
     run.add_argument("--device", default=None, metavar="DEV",
@@ -588,8 +589,9 @@ def cmd_run(plugins: Any, args: argparse.Namespace) -> int:
         if not Path(m).exists() and not (fleet and os.sep in m):
             plugins.models.resolve(m)
     precisions: list[str | None] = _csv_list(args.precision) or [None]
+    notes: list[str] = []
     points = build_points(
-        plugins, models=models, backends=backends, precisions=precisions, twins=not args.no_twins,
+        plugins, models=models, backends=backends, precisions=precisions, twins=not args.no_twins, notes=notes,
         isomem=not args.no_isomem, batch_sizes=_batch_sizes(args.batch_size) or [1],
         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repetitions=args.repetitions,
         warmup=args.warmup, threads=args.threads, device=args.device, seed=args.seed, router_skew=args.router_skew,
@@ -597,7 +599,7 @@ def cmd_run(plugins: Any, args: argparse.Namespace) -> int:
         compile=args.compile, timeout_s=args.timeout, options=_options(args.option),
         memory_limit_mb=args.memory_limit, hardware=hardware, fit=_fit_device(args.fit),
     )
-    return _execute(plugins, points, args, skipped, _protocol(args, budget_s=150.0))
+    return _execute(plugins, points, args, skipped, _protocol(args, budget_s=150.0), notes)
 
 
 def cmd_study(plugins: Any, args: argparse.Namespace) -> int:
@@ -619,15 +621,16 @@ def cmd_study(plugins: Any, args: argparse.Namespace) -> int:
         plugins.models.resolve(m)
     study = attrs.evolve(study, hardware=_hardware_labels(args, study.hardware),
                          batch_sizes=_batch_sizes(args.batch_size) or study.batch_sizes)
-    points = points_from_study(plugins, study, backends)
+    notes: list[str] = []
+    points = points_from_study(plugins, study, backends, notes)
     if args.memory_limit:
         points = [attrs.evolve(p, memory_limit_mb=args.memory_limit) for p in points]
     if args.fit:
         points = [attrs.evolve(p, fit=_fit_device(args.fit)) for p in points]
     if not args.output:
         args.output = Path(DEFAULT_OUTPUT_DIR) / f"{study.name}-{datetime.now():%Y%m%d-%H%M%S}.jsonl"
-    defaults = {k: getattr(study, k) for k in ("min_rounds", "max_rounds", "target", "budget_s")}
-    return _execute(plugins, points, args, skipped, _protocol(args, **defaults))
+    defaults = {k: getattr(study, k) for k in ("min_rounds", "max_rounds", "target", "budget_s", "lockstep", "unit_s")}
+    return _execute(plugins, points, args, skipped, _protocol(args, **defaults), notes)
 
 
 def _hardware_labels(args: argparse.Namespace, defaults: Sequence[str]) -> list[str | None]:
@@ -693,7 +696,7 @@ def _busy_guard(protocol: Any, err: Any) -> dict[str, Any]:
 
 
 def _execute(plugins: Any, points: Sequence[Any], args: argparse.Namespace, skipped: Sequence[Any],
-             protocol: Any) -> int:
+             protocol: Any, notes: Sequence[str] = ()) -> int:
     """Preflight, then the points in rounds (isolated unless --no-isolate) into --output, then
     the summary."""
     from .cache import Cache
@@ -709,6 +712,8 @@ def _execute(plugins: Any, points: Sequence[Any], args: argparse.Namespace, skip
     preflight(plugins, points, local_files=not fleet)
     for name, reason in skipped:
         print(f"moerun: skipping backend {name}: {reason}", file=err)
+    for note in notes:
+        print(f"moerun: {note}", file=err)
     if fleet:
         # each node looks at its own contention, probes its own bandwidth and writes its own checkpoints
         from .fleet import RayExecutor, describe_labels
@@ -750,6 +755,12 @@ def _summary(outcome: Any, protocol: Any, output: Path, err: Any) -> None:
     rounds = len({r.get("round") for r in outcome.records})
     print(f"moerun: {len(outcome.results)} points, {len(outcome.records)} measurements in {rounds} rounds "
           f"({outcome.elapsed_s:.0f} s); rounds stopped: {outcome.stopped}", file=err)
+    ways: dict[str, int] = {}
+    for why in outcome.scheduling.values():
+        way = "lockstep" if why.startswith("lockstep") else why
+        ways[way] = ways.get(way, 0) + 1
+    if ways:
+        print("moerun: comparisons measured: " + "; ".join(f"{n} {way}" for way, n in ways.items()), file=err)
     rows = verdicts(outcome.results)
     missed = [r for r in rows if r.get("missed_target")]
     if missed and protocol.target:

@@ -29,17 +29,23 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cpu_flags() -> list[str]:
+def cpu_flags() -> set[str]:
+    """Every flag the CPU reports in /proc/cpuinfo (``flags`` on x86, ``Features`` on Arm);
+    empty where there is no such file."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8", "fma")
-                    return [w for w in wanted if w in flags]
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return []
+    return set()
+
+
+def _cpu_flags() -> list[str]:
+    flags = cpu_flags()
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8", "fma")
+    return [w for w in wanted if w in flags]
 
 
 def meminfo_bytes(field: str) -> int | None:

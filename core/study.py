@@ -37,12 +37,19 @@ def isomem_twin(plugins: "MoerunPlugins", model: str, backend: str, precision: s
     return (f"{model}:dense-isomem-{p}-{q}", q) if q else None
 
 
-def _with_isomem(plugins: "MoerunPlugins", points: list[Point]) -> list[Point]:
+def _with_isomem(plugins: "MoerunPlugins", points: list[Point], notes: list[str] | None = None,
+                 here: bool = True) -> list[Point]:
     """After each MoE point, its iso-memory dense point (parity on for both: the accuracy the
-    harder quantisation costs belongs beside the speed)."""
+    harder quantisation costs belongs beside the speed); none where that precision would be
+    emulated on this machine (`here`: the points run on this machine), said in `notes`."""
     out: list[Point] = []
     for p in points:
         twin = isomem_twin(plugins, p.model, p.backend, p.precision) if p.role == "moe" else None
+        why = plugins.backends.get(p.backend)().emulated(twin[1], p.device) if twin and here else None
+        if why:
+            if notes is not None and f"{p.model} on {p.backend}" not in " ".join(notes):
+                notes.append(f"no iso-memory twin for {p.model} on {p.backend} at {twin[1]}: {why}")
+            twin = None
         if twin is None:
             out.append(p)
             continue
@@ -103,7 +110,8 @@ def select_backends(plugins: "MoerunPlugins", names: Iterable[str] | None,
 
 def build_points(plugins: "MoerunPlugins", *, models: list[str], backends: list[str],
                  precisions: list[str | None], twins: bool = True, hardware: Sequence[str | None] = (None,),
-                 batch_sizes: Sequence[int] = (1,), isomem: bool = True, **fields: Any) -> list[Point]:
+                 batch_sizes: Sequence[int] = (1,), isomem: bool = True, notes: list[str] | None = None,
+                 **fields: Any) -> list[Point]:
     """Each model (with its twins; with `isomem`, the iso-memory twin too) x backends x
     precisions x batch sizes x `hardware` labels."""
     for p in precisions:
@@ -119,7 +127,8 @@ def build_points(plugins: "MoerunPlugins", *, models: list[str], backends: list[
                         for batch in batch_sizes:
                             points.append(Point(model=name, backend=backend, precision=precision, role=role,
                                                 group=group, hardware=label, batch_size=batch, **fields))
-    return _with_isomem(plugins, points) if twins and isomem else points
+    here = all(label is None for label in hardware or (None,))  # else each node is its own machine
+    return _with_isomem(plugins, points, notes, here) if twins and isomem else points
 
 
 def _file_backends(plugins: "MoerunPlugins", model: str, backends: list[str]) -> list[str]:
@@ -135,7 +144,8 @@ def _file_backends(plugins: "MoerunPlugins", model: str, backends: list[str]) ->
     return takers
 
 
-def points_from_study(plugins: "MoerunPlugins", study: Any, backends: list[str]) -> list[Point]:
+def points_from_study(plugins: "MoerunPlugins", study: Any, backends: list[str],
+                      notes: list[str] | None = None) -> list[Point]:
     """The study's grid as points: each MoE model with its twins (or alone; the iso-memory
     twin after each MoE point), each named dense baseline once, x backends x precisions x
     prompt lengths x generation lengths x threads x batch sizes (x hardware labels x the
@@ -175,7 +185,7 @@ def points_from_study(plugins: "MoerunPlugins", study: Any, backends: list[str])
                                 prompt_tokens=prompt, new_tokens=new, threads=threads, hardware=label,
                                 batch_size=batch, options=dict(options), **fields))
     isomem = study.twins if study.isomem is None else study.isomem
-    return _with_isomem(plugins, points) if isomem else points
+    return _with_isomem(plugins, points, notes, here=not any(study.hardware or ())) if isomem else points
 
 
 class Executor(Protocol):

@@ -40,10 +40,12 @@ class StudySpec:
     options: dict[str, Any] = attrs.field(factory=dict)
     hardware: list[str] = attrs.field(factory=list)  # fleet labels to run the grid on (--executor ray)
     # the measurement protocol (moerun.protocol; the command line overrides these)
-    min_rounds: int = 3
+    min_rounds: int = 2
     max_rounds: int = 12
     target: float = 0.03  # relative 95 % half-width of every verdict; 0: min_rounds only
     budget_s: float | None = 600.0  # seconds the rounds after the first may take
+    lockstep: bool = True  # the sides of a comparison loaded together, timed in alternating cycles
+    unit_s: float = 0.05  # seconds one timed lockstep unit aims at
 
 
 PRESETS: dict[str, dict[str, Any]] = {

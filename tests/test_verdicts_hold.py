@@ -204,11 +204,14 @@ def test_if_busy_wait_waits_for_the_burner_to_stop(tmp_path):
     assert not r["env"]["contention_before"]["contended"]  # the look that let it start was quiet
 
 
-def test_rounds_through_the_cli_pair_sides_and_resume(tmp_path):
+@pytest.mark.parametrize("lockstep,method", [
+    ("--no-lockstep", "paired rounds (between processes)"),
+    ("--lockstep", "lockstep: a ratio per cycle, restarts as a random effect")])
+def test_rounds_through_the_cli_pair_sides_and_resume(tmp_path, lockstep, method):
     out_file = tmp_path / "rounds.jsonl"
     args = ["-b", "llamacpp", "-m", "tiny-moe", "--prompt-tokens", "8", "--new-tokens", "4", "--repetitions", "2",
             "--min-rounds", "3", "--max-rounds", "4", "--target", "1", "--no-isomem", "-o", str(out_file), "--json",
-            "-q"]
+            "-q", lockstep, "--unit-s", "0.02"]
     out = run_cli(*args)
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out_file.read_text().splitlines()]
@@ -220,7 +223,8 @@ def test_rounds_through_the_cli_pair_sides_and_resume(tmp_path):
     doc = json.loads(out.stdout)
     assert [len(r["rounds"]) for r in doc["results"]] == [len(rounds)] * 3
     (v,) = doc["verdicts"]
-    assert v["rounds"] == len(rounds) and v["method"] == "paired rounds (between processes)"
+    assert v["rounds"] == len(rounds) and v["method"] == method
+    assert ("comparisons measured: 1 lockstep" in out.stderr) == (lockstep == "--lockstep")
     lo, hi = v["decode_vs_active_ci95"]
     assert lo < v["decode_vs_active"] < hi
     assert "rounds stopped" in out.stderr

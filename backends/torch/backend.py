@@ -67,6 +67,28 @@ class TorchBackend(Backend):
         devices, notes = torch_devices(torch)
         return Availability(available=True, version=torch.__version__, devices=devices, device_notes=notes)
 
+    def emulated(self, precision: str, device: str | None = None) -> str | None:
+        """bf16 / fp16 on a CPU without the instructions: oneDNN converts through fp32, and
+        bf16 GEMMs ran 10-20x slower in prefill on an AVX2 EPYC (docs/backends.md)."""
+        if (device or "cpu").split(":")[0] != "cpu" or precision not in ("bf16", "fp16"):
+            return None
+        import platform
+
+        from moerun.environment import cpu_flags
+
+        flags = cpu_flags()
+        if platform.machine().lower() in ("x86_64", "amd64"):
+            native = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}[precision]
+            if any(f in flags for f in native):
+                return None
+            return (f"this CPU has no native {precision} ({' or '.join(native)}): torch would emulate it through "
+                    f"fp32, which measures the missing instructions")
+        if platform.machine().lower() in ("aarch64", "arm64"):
+            native = {"bf16": ("bf16",), "fp16": ("fphp", "asimdhp")}[precision]
+            if flags and not any(f in flags for f in native):
+                return f"this CPU has no native {precision} ({' or '.join(native)}): torch would emulate it"
+        return None
+
     def prepare(self, checkpoint: Checkpoint, precision: str, cache: Cache) -> Artifact:
         # torch reads the HF checkpoint directly: the artifact is the checkpoint itself.
         bytes_per = {"fp32": 4, "bf16": 2, "fp16": 2}[precision]

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Do verdicts hold? Two moerun studies in a row, every verdict of the second against the
-first: its value, the first's 95 % interval, the difference, and whether it lies inside that
-interval and within +-5 % (issue "Verdicts that hold").
+"""Do verdicts hold? Two moerun studies in a row, every verdict side by side: both values and
+95 % intervals, the difference, whether the second lies inside the first's interval, whether
+the two intervals overlap, and whether they agree within +-3 % and +-5 % (issues "Verdicts
+that hold", "Verdicts in minutes on any machine").
 
     .venv/bin/python examples/benchmarks/bench_verdict_repeat.py                  # two default studies
     .venv/bin/python examples/benchmarks/bench_verdict_repeat.py --burn            # the second beside a busy core
@@ -26,7 +27,8 @@ from pathlib import Path
 from moerun.analysis import verdicts
 from moerun.results import read_results
 
-KEYS = ("decode_vs_active", "prefill_vs_active", "decode_vs_total", "prefill_vs_total")
+KEYS = ("decode_vs_active", "prefill_vs_active", "decode_vs_total", "prefill_vs_total", "decode_vs_isomem",
+        "prefill_vs_isomem")
 
 
 def _spin() -> None:
@@ -90,24 +92,30 @@ def main() -> int:
                 if "rounds stopped" in line or "missed" in line or "warning" in line:
                     print("   " + line)
     ra, rb = _rows(a), _rows(b)
-    print(f"\n{'verdict':56s} {'first [95 % interval]':>24s} {'second':>8s} {'diff':>7s}  inside  ±5%   second run")
-    inside = within = total = 0
+    print(f"\n{'verdict':52s} {'first [95 % interval]':>23s} {'second [95 % interval]':>23s} {'diff':>7s}  "
+          f"inside overlap ±3%  ±5%  second run")
+    counts = {"inside": 0, "overlap": 0, "3": 0, "5": 0}
+    total = 0
     for key in sorted(ra.keys() & rb.keys()):
         x, y = ra[key], rb[key]
         diff = y["value"] / x["value"] - 1
         ins = bool(x["ci"]) and x["ci"][0] <= y["value"] <= x["ci"][1]
-        near = abs(diff) <= 0.05
+        over = bool(x["ci"] and y["ci"]) and x["ci"][0] <= y["ci"][1] and y["ci"][0] <= x["ci"][1]
         total += 1
-        inside += ins
-        within += near
+        for name, ok in (("inside", ins), ("overlap", over), ("3", abs(diff) <= 0.03), ("5", abs(diff) <= 0.05)):
+            counts[name] += ok
         note = ", ".join(filter(None, ["missed target" if y["missed"] else "",
                                        "contended" if y["contended"] else ""]))
-        ci = f"[{x['ci'][0]:.2f}-{x['ci'][1]:.2f}]" if x["ci"] else "[-]"
+
+        def cell(v):
+            return f"{v['value']:.3f}x " + (f"[{v['ci'][0]:.3f}-{v['ci'][1]:.3f}]" if v["ci"] else "[-]")
+
         label = " ".join(str(k) for k in key)
-        print(f"{label:56s} {x['value']:>9.3f}x {ci:>13s} {y['value']:>7.3f}x {diff:>+7.1%}  "
-              f"{'yes' if ins else 'NO':6s}  {'yes' if near else 'NO':4s}  {note}")
-    print(f"\n{inside} of {total} verdicts of the second run inside the first's interval; "
-          f"{within} of {total} within ±5 %")
+        print(f"{label:52s} {cell(x):>23s} {cell(y):>23s} {diff:>+7.1%}  {'yes' if ins else 'NO':6s} "
+              f"{'yes' if over else 'NO':7s} {'yes' if abs(diff) <= 0.03 else 'NO':4s} "
+              f"{'yes' if abs(diff) <= 0.05 else 'NO':4s} {note}")
+    print(f"\nof {total} verdicts: {counts['inside']} of the second run inside the first's interval, "
+          f"{counts['overlap']} with overlapping intervals, {counts['3']} within ±3 %, {counts['5']} within ±5 %")
     return 0
 
 

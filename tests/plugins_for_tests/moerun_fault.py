@@ -50,10 +50,22 @@ class FaultBackend(TorchBackend):
             while True:
                 hoard.append(bytearray(64 << 20))
         options = {k: v for k, v in settings.options.items()
-                   if k not in ("mode", "hang_while", "hang_model", "hang_if_env")}
+                   if k not in ("mode", "hang_while", "hang_model", "hang_if_env", "crash_model", "crash_after")}
         import attrs
 
-        return super().load(artifact, attrs.evolve(settings, options=options))
+        session = super().load(artifact, attrs.evolve(settings, options=options))
+        if settings.options.get("crash_model") == artifact.spec.name:  # segfault after N decode calls
+            left = [int(settings.options.get("crash_after", 0))]
+            decode = session.decode
+
+            def crashing_decode(token):
+                left[0] -= 1
+                if left[0] < 0:
+                    ctypes.string_at(0)
+                return decode(token)
+
+            session.decode = crashing_decode
+        return session
 
 
 @hookimpl
