@@ -9,10 +9,12 @@ of decode, each phase in a freshly shuffled order, while the others wait blocked
 command pipe. A ratio is formed within each cycle from units run within a second or so of
 each other, so drift hits both sides alike and cancels.
 
-- **Units sized to the machine.** After a warm-up, each side times one prefill and one
-  decode pass; its prefill unit is then as many prefills, and its decode unit as many
-  decode passes (the prompt prefilled untimed before each), as fill about `unit_s` seconds
-  (pyperf calibrates its loops the same way), never fewer than one.
+- **Units sized to the machine.** After a warm-up, each side times three prefills and a
+  decode pass (medians); its prefill unit is then as many prefills as fill about `unit_s`
+  seconds (pyperf calibrates its loops the same way), never fewer than one. A decode unit
+  is the first `steps` decode steps after the prompt its prefill unit just filled, the same
+  `steps` for every side (as many as the slowest side's `unit_s` holds), or whole passes of
+  the point's new tokens where one pass is shorter than `unit_s`.
 - **Cycles until the restart is precise.** At least `min_cycles`, then until every pair's
   within-restart 95 % interval (Student-t over the cycles' log-ratios) is within half the
   protocol's target, or `max_cycles`.
@@ -48,7 +50,7 @@ from .runner import Point, child_result, kill_group
 
 UNIT_S = 0.05  # a unit's noise hardly shrinks with its length here, so units are short (docs/concepts.md)
 MIN_CYCLES = 8
-MAX_CYCLES = 24
+MAX_CYCLES = 16
 SETTLE_S = 0.005
 PHASES = (("prefill", "prefill_tok_s"), ("decode", "decode_tok_s"))
 
@@ -171,6 +173,7 @@ def run_together(points: Sequence[Point], *, cache: Cache, env: dict[str, Any], 
     `load_together`: start every side's process at once (else one after another)."""
     rng = random.Random(seed)
     session = uuid.uuid4().hex[:12]
+    spent: dict[str, float] = {}  # seconds by stage, for the record
     window = CpuWindow(include_children=True)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="moerun-lockstep-") as tmp:
@@ -187,17 +190,31 @@ def run_together(points: Sequence[Point], *, cache: Cache, env: dict[str, Any], 
             if load_together:
                 for side in sides:
                     _ready(side)
+            spent["load"] = time.monotonic() - started
             live = [s for s in sides if s.alive]
             for s in live:
                 s.call(s.point.timeout_s, cmd="warm")
+            cal = {}
             for s in live:
-                cal = s.call(s.point.timeout_s, cmd="calibrate")
-                if cal is None:
+                msg = s.call(s.point.timeout_s, cmd="calibrate")
+                if msg is not None:
+                    cal[s.point.key] = msg
+            spent["warm_calibrate"] = time.monotonic() - started - spent["load"]
+            # decode: every side decodes the same first `steps` positions after the prompt (as many
+            # as the slowest side's unit_s holds), or whole passes where one pass is shorter than that
+            n_new = points[0].new_tokens
+            slowest = max((c["step_ns"] for c in cal.values()), default=0) / 1e9
+            steps = min(n_new, max(1, round(unit_s / slowest))) if slowest else 0
+            for s in sides:
+                c = cal.get(s.point.key)
+                if c is None or not s.alive:
                     continue
-                s.reps = {"prefill": max(1, round(unit_s / max(cal["prefill_ns"] / 1e9, 1e-6))),
-                          "decode": max(1, round(unit_s / max(cal["decode_ns"] / 1e9, 1e-6))) if cal["decode_ns"]
-                          else 0}
-                s.unit_timeout = max(60.0, 50 * unit_s + 20 * (cal["prefill_ns"] + cal["decode_ns"]) / 1e9)
+                passes = 0
+                if steps:
+                    passes = 1 if steps < n_new else max(1, round(unit_s / max(n_new * c["step_ns"] / 1e9, 1e-6)))
+                s.reps = {"prefill": max(1, round(unit_s / max(c["prefill_ns"] / 1e9, 1e-6))), "decode": passes,
+                          "decode_steps": steps}
+                s.unit_timeout = max(60.0, 50 * unit_s + 20 * (c["prefill_ns"] + n_new * c["step_ns"]) / 1e9)
             cycles = 0
             cycling = time.monotonic()
             while any(s.alive for s in sides):
@@ -206,16 +223,19 @@ def run_together(points: Sequence[Point], *, cache: Cache, env: dict[str, Any], 
                     rng.shuffle(order)
                     for s in order:
                         time.sleep(settle_s)  # a partner's spinning thread pool parks meanwhile
-                        msg = s.call(s.unit_timeout, cmd="unit", phase=phase, reps=s.reps[phase])
+                        msg = s.call(s.unit_timeout, cmd="unit", phase=phase, reps=s.reps[phase],
+                                     steps=s.reps.get("decode_steps"))
                         if msg is not None:
                             s.rates[metric].append(msg["tok_s"])
                 cycles += 1
                 if cycles >= max_cycles or (cycles >= min_cycles and precise_enough(sides, target / 2)):
                     break
             cycling = time.monotonic() - cycling
+            finishing = time.monotonic()
             for s in sides:
                 if s.alive:
                     s.call(s.point.timeout_s, cmd="finish")
+            spent["finish"] = time.monotonic() - finishing
         except BaseException:  # Ctrl-C: take every worker down with us
             for s in sides:
                 kill_group(s.proc)
@@ -233,6 +253,7 @@ def run_together(points: Sequence[Point], *, cache: Cache, env: dict[str, Any], 
             r["lockstep"] = {"session": session, "sides": len(points), "cycles": cycles, "unit_s": unit_s,
                              "loaded": "together" if load_together else "one at a time",
                              "unit_reps": s.reps, "settle_s": settle_s, "cycling_s": cycling, "restart_wall_s": wall,
+                             "stages_s": {**spent, "cycles": cycling},
                              **s.rates}
             out.append(r)
         return out

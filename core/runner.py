@@ -494,16 +494,16 @@ class Workload:
         s.synchronize()
         return clock() - t
 
-    def decode(self, prefilled: bool = False) -> list[int]:
-        """Every decode step after the prompt, each timed, in ns (the prompt is prefilled
-        first, untimed, unless `prefilled`)."""
+    def decode(self, prefilled: bool = False, steps: int | None = None) -> list[int]:
+        """The decode steps after the prompt (all, or the first `steps`), each timed, in ns
+        (the prompt is prefilled first, untimed, unless `prefilled`)."""
         s, clock = self.session, time.perf_counter_ns
         if not prefilled:
             s.reset()
             self.run_prefill(self.prompt)
             s.synchronize()
         out = []
-        for tok in self.steps:
+        for tok in self.steps[:steps]:
             t = clock()
             self.run_decode(tok)
             s.synchronize()
@@ -538,13 +538,13 @@ class Workload:
         }
         if engine_reps:
             out["engine_per_rep"] = list(engine_reps)
-        if n_new and decode_reps:
-            rep_ns = [sum(r) for r in decode_reps]
+        if n_new and decode_reps:  # a repetition's steps: all n_new, or a lockstep unit's first few
+            rates = [B * len(r) / (sum(r) / 1e9) for r in decode_reps]
             out["decode_token_ms"] = summarize([x / 1e6 for r in decode_reps for x in r])  # one step, all sequences
-            out["decode_tok_s"] = summarize([B * n_new / (x / 1e9) for x in rep_ns])
-            out["decode_tok_s_reps"] = [B * n_new / (x / 1e9) for x in rep_ns]
+            out["decode_tok_s"] = summarize(rates)
+            out["decode_tok_s_reps"] = rates
             if B > 1:
-                out["decode_seq_tok_s"] = summarize([n_new / (x / 1e9) for x in rep_ns])
+                out["decode_seq_tok_s"] = summarize([x / B for x in rates])
         return out
 
 

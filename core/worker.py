@@ -94,9 +94,9 @@ def serve(job: dict, out_path: Path, cmd_fd: int, reply_fd: int) -> int:
                     warm_ns.extend(work.warm() for _ in range(max(1, point.warmup)))
                 elif kind == "calibrate":
                     prefilled[0] = False
-                    # medians of three, so that one hiccup does not size every unit (pyperf calibrates likewise)
+                    # medians, so that one hiccup does not size every unit (pyperf calibrates likewise)
                     out.update(prefill_ns=statistics.median(work.prefill() for _ in range(3)),
-                               decode_ns=statistics.median(sum(work.decode()) for _ in range(3)) if work.n_new else 0)
+                               step_ns=statistics.median(work.decode()) if work.n_new else 0)
                 elif kind == "unit":
                     reps, tokens = int(cmd["reps"]), 0
                     run.resume_trackers()
@@ -107,13 +107,14 @@ def serve(job: dict, out_path: Path, cmd_fd: int, reply_fd: int) -> int:
                         total, tokens = sum(unit), work.B * work.n_prompt * reps
                         prefilled[0] = True
                     else:
-                        total = 0
+                        total, count, first = 0, 0, int(cmd.get("steps") or work.n_new)
                         for _ in range(reps):  # each pass after a prefill: the prefill unit's, else untimed
-                            steps = work.decode(prefilled=prefilled[0])
+                            steps = work.decode(prefilled=prefilled[0], steps=first)
                             prefilled[0] = False
                             decode_reps.append(steps)
                             total += sum(steps)
-                        tokens = work.B * work.n_new * reps
+                            count += len(steps)
+                        tokens = work.B * count
                     tally.stop()
                     run.pause_trackers()
                     out.update(ns=total, tok_s=tokens / (total / 1e9))

@@ -88,6 +88,7 @@ def test_two_sides_in_lockstep_alternate_units_and_say_so(plugins, cache):
         assert lock["unit_reps"]["prefill"] >= 1 and lock["unit_reps"]["decode"] >= 1
         # the worker's timings are its units' own: one decode pass per rep per cycle
         assert r["timings"]["decode_tok_s"]["n"] == 4 * lock["unit_reps"]["decode"]
+        assert 1 <= lock["unit_reps"]["decode_steps"] <= 4
         assert r["contention"]["timed"]["stretches"] == "timed units only"
         assert r["trackers"]["rss"]["covers"] == "this side's timed units"
         assert r["env"] == {"marker": 1} and r["isolated"]
@@ -102,7 +103,7 @@ def test_two_sides_in_lockstep_alternate_units_and_say_so(plugins, cache):
 def test_a_side_that_cannot_open_or_crashes_midway_leaves_the_others_measured(plugins, cache, test_plugin_env):
     test_plugin_env.setenv("MOERUN_PLUGINS", "moerun_fault")
     base = dict(backend="fault", group="tiny-moe", prompt_tokens=8, new_tokens=4,
-                options={"crash_model": "tiny-moe:dense-total", "crash_after": 30})
+                options={"crash_model": "tiny-moe:dense-total", "crash_after": 12})
     pts = [Point(model="tiny-moe", role="moe", **base),
            Point(model="tiny-moe:dense-active", role="dense-active", **base),
            Point(model="tiny-moe:dense-total", role="dense-total", **base),
@@ -113,7 +114,7 @@ def test_a_side_that_cannot_open_or_crashes_midway_leaves_the_others_measured(pl
     assert moe["lockstep"]["cycles"] == 6 and len(active["lockstep"]["decode_tok_s"]) == 6
     assert bad["status"] in ("unsupported", "failed") and "int4" in bad["error"]
     assert total["status"] == "failed" and "segmentation fault" in total["error"]
-    # it decoded (warm-up 4 + calibration 12 + units) until its 31st decode call: fewer cycles than the others
+    # it decoded (warm-up 4 + calibration 4 + units of 1-4 steps) until its 13th decode call: fewer cycles
     assert len(total["lockstep"]["decode_tok_s"]) < 6
 
 

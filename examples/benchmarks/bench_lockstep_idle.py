@@ -33,7 +33,8 @@ from moerun.protocol import log_interval
 
 
 def _unit(side: Side, phase: str) -> float:
-    msg = side.call(side.unit_timeout, cmd="unit", phase=phase, reps=side.reps[phase])
+    msg = side.call(side.unit_timeout, cmd="unit", phase=phase, reps=side.reps[phase],
+                    steps=side.reps["decode_steps"])
     if msg is None:
         raise SystemExit(f"{side.point.model} died: {side.result().get('error')}")
     return msg["tok_s"]
@@ -56,8 +57,8 @@ def measure(backend: str, model: str, settles: list[float], cycles: int, quiet_s
                 raise SystemExit(f"{p.model} on {backend}: {side.result().get('error')}")
             side.call(p.timeout_s, cmd="warm")
             cal = side.call(p.timeout_s, cmd="calibrate")
-            side.reps = {"prefill": max(1, round(unit_s / (cal["prefill_ns"] / 1e9))),
-                         "decode": max(1, round(unit_s / (cal["decode_ns"] / 1e9)))}
+            side.reps = {"prefill": max(1, round(unit_s / (cal["prefill_ns"] / 1e9))), "decode": 1,
+                         "decode_steps": min(p.new_tokens, max(1, round(unit_s / (cal["step_ns"] / 1e9))))}
             side.unit_timeout = 120.0
             sides.append(side)
         x, partners = sides[0], sides[1:]
@@ -79,7 +80,8 @@ def measure(backend: str, model: str, settles: list[float], cycles: int, quiet_s
                     lo, hi = iv["ci95"]
                     print(f"{backend:20s} {phase:8s} settle {settle * 1e3:5.1f} ms: after a partner / alone "
                           f"{iv['value']:.4f} [{lo:.4f}-{hi:.4f}] over {cycles} cycles "
-                          f"(unit: {x.reps[phase]} {phase}{'s' if x.reps[phase] > 1 else ''})", flush=True)
+                          f"(unit: {x.reps['prefill']} prefills or {x.reps['decode_steps']} decode steps)",
+                          flush=True)
         finally:
             for s in sides:
                 s.close()
