@@ -51,7 +51,7 @@ from .runner import Point, child_result, kill_group
 UNIT_S = 0.05  # a unit's noise hardly shrinks with its length here, so units are short (docs/concepts.md)
 MIN_CYCLES = 8
 MAX_CYCLES = 16
-SETTLE_S = 0.005
+SETTLE_S = 0.02  # spin tails after a partner's unit: torch and llama.cpp prefill paid 4-5 % at 5 ms, none at 20 ms
 PHASES = (("prefill", "prefill_tok_s"), ("decode", "decode_tok_s"))
 
 

@@ -4,10 +4,13 @@ alone and beside its idle partners must agree within 1 %.)
 
 One lockstep worker X (the measured side) and its partners (the comparison's other sides,
 loaded, each in its own process) are driven by hand. Every cycle times X's unit twice, in a
-shuffled order: once *alone* (nothing else has run for `--quiet-s`), once *after a partner*
-(a partner's unit, then the lockstep's settle pause, then X's unit: exactly what lockstep
-does). The ratio after/alone is formed within each cycle, so drift cancels; printed with a
-Student-t 95 % interval, per settle pause and phase. With `--passive` the workers run with
+shuffled order: once *alone* (right after an untimed unit of X itself: X's threads are as
+warm as in a lockstep cycle and no other engine ran in between, as if X had the machine to
+itself), once *after a partner* (a partner's unit, then the settle pause, then X's unit:
+exactly what lockstep does). Both are preceded by the same settle pause. The ratio
+after/alone is formed within each cycle, so drift cancels; printed with a Student-t 95 %
+interval, per settle pause and phase. (An "alone" after a long quiet pause measures
+something else: cold threads; `--quiet-s` adds such a pause before both conditions.) With `--passive` the workers run with
 OMP_WAIT_POLICY=PASSIVE (OpenMP threads sleep at once instead of spinning after work).
 
     .venv/bin/python examples/benchmarks/bench_lockstep_idle.py                    # small-moe on torch
@@ -69,11 +72,9 @@ def measure(backend: str, model: str, settles: list[float], cycles: int, quiet_s
                     for _ in range(cycles):
                         got = {}
                         for cond in rng.sample(["alone", "after"], 2):
-                            if cond == "alone":
-                                time.sleep(quiet_s)
-                            else:
-                                _unit(rng.choice(partners), phase)
-                                time.sleep(settle)
+                            time.sleep(quiet_s)
+                            _unit(x if cond == "alone" else rng.choice(partners), phase)
+                            time.sleep(settle)
                             got[cond] = _unit(x, phase)
                         ratios.append(got["after"] / got["alone"])
                     iv = log_interval(ratios)
@@ -93,7 +94,7 @@ def main() -> None:
     ap.add_argument("-m", "--model", default="small-moe")
     ap.add_argument("--settle", action="append", type=float, help="settle pauses in s (default: 0 and 0.005)")
     ap.add_argument("--cycles", type=int, default=30)
-    ap.add_argument("--quiet-s", type=float, default=0.3, help="pause before an 'alone' unit (default 0.3)")
+    ap.add_argument("--quiet-s", type=float, default=0.0, help="pause before either condition (default 0)")
     ap.add_argument("--unit-s", type=float, default=0.05)
     ap.add_argument("--passive", action="store_true", help="OMP_WAIT_POLICY=PASSIVE in the workers")
     args = ap.parse_args()
