@@ -45,7 +45,8 @@ def _with_isomem(plugins: "MoerunPlugins", points: list[Point], notes: list[str]
     out: list[Point] = []
     for p in points:
         twin = isomem_twin(plugins, p.model, p.backend, p.precision) if p.role == "moe" else None
-        why = plugins.backends.get(p.backend)().emulated(twin[1], p.device) if twin and here else None
+        keep = os.environ.get("MOERUN_EMULATED_TWINS", "") not in ("", "0")  # twins at emulated precisions too
+        why = plugins.backends.get(p.backend)().emulated(twin[1], p.device) if twin and here and not keep else None
         if why:
             if notes is not None and f"{p.model} on {p.backend}" not in " ".join(notes):
                 notes.append(f"no iso-memory twin for {p.model} on {p.backend} at {twin[1]}: {why}")

@@ -24,6 +24,9 @@ os.environ.setdefault("MOERUN_BANDWIDTH_GBPS", "20")  # tests need a figure, not
 os.environ.setdefault("MOERUN_PEAK_GFLOPS", "150")
 os.environ.setdefault("MOERUN_BREAKDOWN_BUDGET_S", "3")  # cut timing: fewer repetitions of slow steps
 os.environ.pop("MOERUN_PLUGINS", None)
+# the same points on every machine: keep torch's bf16 iso-memory twin where the CPU emulates bf16
+# (tests/test_lockstep.py checks the rule itself with this unset)
+os.environ["MOERUN_EMULATED_TWINS"] = "1"
 os.environ.pop("MOERUN_DISABLE_PLUGINS", None)
 
 

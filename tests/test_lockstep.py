@@ -151,6 +151,7 @@ def test_sides_that_do_not_fit_together_fall_back_to_sequential_rounds(plugins, 
 def test_no_iso_memory_twin_at_a_precision_this_cpu_would_emulate(plugins, monkeypatch):
     import moerun.environment as environment
 
+    monkeypatch.delenv("MOERUN_EMULATED_TWINS")
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
     monkeypatch.setattr(environment, "cpu_flags", lambda: {"avx2", "fma", "f16c"})  # an AVX2 EPYC
     notes: list[str] = []
