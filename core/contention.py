@@ -84,30 +84,33 @@ class CpuWindow:
     def close(self) -> dict[str, Any]:
         wall = time.monotonic() - self.t0
         stat1, own1, mhz1 = _proc_stat(), self._own(), _mhz()
-        out: dict[str, Any] = {"window_s": wall, "load_avg_1m": _loadavg()}
         mhz = [m for m in (self.mhz0, mhz1) if m]
-        if mhz:
-            out["cpu_mhz"] = sum(mhz) / len(mhz)
-        if self.stat0 is None or stat1 is None or wall <= 0:
-            out["source"] = "load average only (no /proc/stat)"
-            out["contended"] = bool(out["load_avg_1m"] and out["load_avg_1m"] > _cores() + BUSY_CORES)
-            return out
-        busy = stat1[0] - self.stat0[0]
-        steal = stat1[1] - self.stat0[1]
-        cpus = stat1[2] or _cores()
-        own = own1 - self.own0
-        # /proc/stat counts in clock ticks per CPU: below that resolution, others read as 0
-        others = max(0.0, busy - own) / wall
-        resolution = cpus / _TICK / wall
-        out.update(
-            source="/proc/stat busy time minus this process's own CPU time",
-            others_cores=others,
-            own_cores=own / wall,
-            steal_share=steal / (wall * cpus),
-            resolution_cores=resolution,
-        )
-        out["contended"] = bool(others - resolution >= BUSY_CORES or out["steal_share"] >= BUSY_STEAL)
+        if self.stat0 is None or stat1 is None:
+            return _record(wall, None, mhz)
+        return _record(wall, (stat1[0] - self.stat0[0], stat1[1] - self.stat0[1], own1 - self.own0, stat1[2]), mhz,
+                       source="/proc/stat busy time minus this process's own CPU time")
+
+
+def _record(wall: float, deltas: tuple[float, float, float, int] | None, mhz: list[float],
+            source: str = "", **extra: Any) -> dict[str, Any]:
+    """A window's record from its wall time and its (busy, steal, own CPU seconds, CPUs)
+    deltas (None: no /proc/stat): other processes' cores, steal, and whether it was contended."""
+    out: dict[str, Any] = {"window_s": wall, "load_avg_1m": _loadavg(), **extra}
+    if mhz:
+        out["cpu_mhz"] = sum(mhz) / len(mhz)
+    if deltas is None or wall <= 0:
+        out["source"] = "load average only (no /proc/stat)"
+        out["contended"] = bool(out["load_avg_1m"] and out["load_avg_1m"] > _cores() + BUSY_CORES)
         return out
+    busy, steal, own, cpus = deltas
+    cpus = cpus or _cores()
+    # /proc/stat counts in clock ticks per CPU: below that resolution, others read as 0
+    others = max(0.0, busy - own) / wall
+    resolution = cpus / _TICK / wall
+    out.update(source=source, others_cores=others, own_cores=own / wall, steal_share=steal / (wall * cpus),
+               resolution_cores=resolution)
+    out["contended"] = bool(others - resolution >= BUSY_CORES or out["steal_share"] >= BUSY_STEAL)
+    return out
 
 
 class CpuTally:
@@ -119,7 +122,6 @@ class CpuTally:
         self.wall = self.busy = self.steal = self.own = 0.0
         self.cpus = 0
         self.stat_ok = True
-        self.mhz: list[float] = []
         self._t0: float | None = None
 
     def start(self) -> None:
@@ -135,28 +137,15 @@ class CpuTally:
         else:
             self.busy += stat1[0] - self._stat0[0]
             self.steal += stat1[1] - self._stat0[1]
-            self.cpus = stat1[2] or _cores()
+            self.cpus = stat1[2]
         self.own += own1 - self._own0
         self._t0 = None
 
     def close(self) -> dict[str, Any]:
-        wall = self.wall
-        out: dict[str, Any] = {"window_s": wall, "load_avg_1m": _loadavg(), "stretches": "timed units only"}
         mhz = _mhz()
-        if mhz:
-            out["cpu_mhz"] = mhz
-        if not self.stat_ok or wall <= 0:
-            out["source"] = "load average only (no /proc/stat)"
-            out["contended"] = bool(out["load_avg_1m"] and out["load_avg_1m"] > _cores() + BUSY_CORES)
-            return out
-        cpus = self.cpus or _cores()
-        others = max(0.0, self.busy - self.own) / wall
-        resolution = cpus / _TICK / wall
-        out.update(source="/proc/stat busy time minus this process's own CPU time, over its timed units",
-                   others_cores=others, own_cores=self.own / wall, steal_share=self.steal / (wall * cpus),
-                   resolution_cores=resolution)
-        out["contended"] = bool(others - resolution >= BUSY_CORES or out["steal_share"] >= BUSY_STEAL)
-        return out
+        return _record(self.wall, (self.busy, self.steal, self.own, self.cpus) if self.stat_ok else None,
+                       [mhz] if mhz else [], source="/proc/stat busy time minus this process's own CPU time, "
+                       "over its timed units", stretches="timed units only")
 
 
 def _loadavg() -> float | None:

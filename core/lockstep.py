@@ -146,16 +146,10 @@ def precise_enough(sides: Sequence[Side], target: float) -> bool:
     pairs = [(by_key[p.moe], by_key[p.other]) for p in pairs_of([s.point for s in sides])
              if p.moe in by_key and p.other in by_key]
     for _, metric in PHASES:
-        if pairs:
-            for a, b in pairs:
-                logs = [math.log(x / y) for x, y in zip(a.rates[metric], b.rates[metric]) if x and y]
-                if logs and _halfwidth(logs) > target:
-                    return False
-        else:
-            for s in by_key.values():
-                logs = [math.log(x) for x in s.rates[metric] if x]
-                if logs and _halfwidth(logs) > target:
-                    return False
+        series = ([[math.log(x / y) for x, y in zip(a.rates[metric], b.rates[metric]) if x and y] for a, b in pairs]
+                  if pairs else [[math.log(x) for x in s.rates[metric] if x] for s in by_key.values()])
+        if any(logs and _halfwidth(logs) > target for logs in series):
+            return False
     return True
 
 
@@ -252,7 +246,7 @@ def run_together(points: Sequence[Point], *, cache: Cache, env: dict[str, Any], 
             r.setdefault("contention", {})["point"] = contention
             r["lockstep"] = {"session": session, "sides": len(points), "cycles": cycles, "unit_s": unit_s,
                              "loaded": "together" if load_together else "one at a time",
-                             "unit_reps": s.reps, "settle_s": settle_s, "cycling_s": cycling, "restart_wall_s": wall,
+                             "unit_reps": s.reps, "settle_s": settle_s, "restart_wall_s": wall,
                              "stages_s": {**spent, "cycles": cycling},
                              **s.rates}
             out.append(r)

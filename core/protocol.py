@@ -396,13 +396,13 @@ def run_rounds(points: Sequence["Point"], executor: Any, protocol: Protocol, *,
     t0 = time.monotonic()
     stopped = "every verdict met the target" if protocol.target > 0 else f"{protocol.min_rounds} rounds"
     done_count = 0
-    how: dict[tuple, str] = {}
+    together: dict[tuple, bool] = {}  # per comparison: lockstep, else sequential rounds
+    how: dict[tuple, str] = {}  # and in words, for the closing lines
     for comp in comps:
         ok, why = (executor.together(list(comp.sides)) if protocol.lockstep and hasattr(executor, "together")
                    else (False, "lockstep off" if not protocol.lockstep else "this executor runs points one by one"))
-        how[comp.key] = why if ok or len(comp.sides) > 1 else "one side"
-        if not ok:
-            how[comp.key] = "sequential rounds: " + how[comp.key]
+        together[comp.key] = ok
+        how[comp.key] = "lockstep" if ok else f"sequential rounds ({why})"
 
     def stamp(result: dict[str, Any], p: "Point", wall: float) -> None:
         result["wall_s"] = wall
@@ -420,7 +420,7 @@ def run_rounds(points: Sequence["Point"], executor: Any, protocol: Protocol, *,
         rng.shuffle(plan)
         ran = False
         for comp, need in plan:
-            lockstep = not how[comp.key].startswith("sequential")
+            lockstep = together[comp.key]
             runnable = [p for p in comp.sides if not state.first_failed(p.key)
                         and state.rounds(p.key) < protocol.max_rounds]
             todo = runnable if lockstep else [p for p in comp.sides if p.key in need]

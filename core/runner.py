@@ -394,7 +394,7 @@ class PointRun:
         result["contention"] = {"timed": contention or window}
         timed = self.timed_memory.close()
         result["trackers"] = _stop_trackers(self.trackers)
-        if contention is not None:  # a lockstep worker: say what each tracker's figures cover
+        if self.shared_cpu:  # a lockstep worker: say what each tracker's figures cover
             for name, tracker in self.trackers.items():
                 if isinstance(result["trackers"].get(name), dict) and result["trackers"][name].get("available"):
                     result["trackers"][name]["covers"] = (

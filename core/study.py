@@ -42,13 +42,15 @@ def _with_isomem(plugins: "MoerunPlugins", points: list[Point], notes: list[str]
     """After each MoE point, its iso-memory dense point (parity on for both: the accuracy the
     harder quantisation costs belongs beside the speed); none where that precision would be
     emulated on this machine (`here`: the points run on this machine), said in `notes`."""
+    check = here and os.environ.get("MOERUN_EMULATED_TWINS", "") in ("", "0")  # 1: twins at emulated precisions too
     out: list[Point] = []
+    said: set[tuple[str, str]] = set()
     for p in points:
         twin = isomem_twin(plugins, p.model, p.backend, p.precision) if p.role == "moe" else None
-        keep = os.environ.get("MOERUN_EMULATED_TWINS", "") not in ("", "0")  # twins at emulated precisions too
-        why = plugins.backends.get(p.backend)().emulated(twin[1], p.device) if twin and here and not keep else None
+        why = plugins.backends.get(p.backend)().emulated(twin[1], p.device) if twin and check else None
         if why:
-            if notes is not None and f"{p.model} on {p.backend}" not in " ".join(notes):
+            if notes is not None and (p.model, p.backend) not in said:
+                said.add((p.model, p.backend))
                 notes.append(f"no iso-memory twin for {p.model} on {p.backend} at {twin[1]}: {why}")
             twin = None
         if twin is None:
@@ -238,16 +240,13 @@ class LocalExecutor:
 
     def _expected_bytes(self, point: Point) -> float:
         from .predict import expected_need
+        from .runner import point_spec
 
         path = Path(point.model)
         if path.is_file():
             return path.stat().st_size
         try:
-            spec = self.plugins.models.resolve(point.model) if not path.is_dir() else None
-            if spec is None:
-                from .checkpoint import Checkpoint
-
-                spec = Checkpoint.open(path).spec
+            spec = point_spec(point, self.plugins)
             precision = point.precision or self.plugins.backends.get(point.backend).capabilities.default_precision
             return expected_need(spec, precision, batch=point.batch_size,
                                  context=point.prompt_tokens + point.new_tokens)
