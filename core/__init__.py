@@ -23,7 +23,10 @@ from .errors import (
 from .hookimpl import hookimpl
 from .manager import get_plugin_manager
 from .precision import PRECISIONS, get_precision
-from .runner import Point, measure, run_isolated, teacher_forced_logits, token_ids
+from .isolation import run_isolated
+from .parity import teacher_forced_logits
+from .point import Point, token_ids
+from .runner import measure
 from .spec import FAMILIES, ModelSpec
 
 __all__ = [

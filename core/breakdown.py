@@ -142,3 +142,27 @@ def time_phases(session: Any, prompt: Any, follow: Any) -> tuple[float, float]:
         session.decode(tok)
     session.synchronize()
     return prefill, (time.perf_counter() - t0) / max(1, len(follow))
+
+
+def reconcile(session: Any, prompt: list[int], follow: list[int], timings: dict[str, Any]) -> dict[str, Any]:
+    """The engine's own per-category times, after (never during) the timed repetitions.
+    The category sum is reconciled with the un-instrumented step timed at the same moments
+    by the instrument's run where the backend provides it (these machines are shared and
+    drift), else with this run's timed medians; both references are kept."""
+    raw = session.breakdown(prompt, follow[: max(1, min(len(follow), 16))])
+    if raw is None:
+        return {"available": False, "reason": "this backend exposes no per-op instrument"}
+    out: dict[str, Any] = {"available": True, "instrument": raw.get("instrument", "")}
+    timed = {"prefill": timings["prefill_ms"]["median"] / 1e3}
+    if follow and raw.get("decode"):
+        timed["decode"] = timings["decode_token_ms"]["median"] / 1e3
+    for phase, timed_s in timed.items():
+        same_moment = raw.get(f"{phase}_plain_s")
+        d = summarize(raw[phase], raw[f"{phase}_wall_s"], same_moment or timed_s)
+        d["plain_reference"] = "interleaved with the instrumented steps" if same_moment else "timed repetitions"
+        d["timed_plain_s"] = timed_s
+        d["sum_over_timed"] = d["sum_s"] / timed_s if timed_s else None
+        out[phase] = d
+    if raw.get("detail"):
+        out["detail"] = raw["detail"]
+    return out

@@ -8,19 +8,17 @@ traceback); a study in which some point failed exits with code 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import os
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-from . import __version__
+from . import __version__, defaults
 from .errors import ConfigError, MoerunError
-
-DEFAULT_MODEL = "small-moe"
-DEFAULT_OUTPUT_DIR = "moerun-results"
+from .studyfile import StudySpec
 
 DESCRIPTION = """\
 Does Mixture-of-Experts actually help inference on this hardware? moerun runs identical
@@ -139,12 +137,12 @@ def _protocol_options(parser: argparse.ArgumentParser | Any, budget_default: str
     g = parser.add_argument_group("protocol: rounds, precision target, busy machine")
     g.add_argument("--min-rounds", type=_positive_int, default=d(None), metavar="N",
                    help="rounds every point runs, each in a fresh process (in lockstep: restarts of the "
-                        "comparison), unless --budget runs out first (default: 2)")
+                        f"comparison), unless --budget runs out first (default: {defaults.MIN_ROUNDS})")
     g.add_argument("--max-rounds", type=_positive_int, default=d(None), metavar="N",
-                   help="rounds a comparison may reach while chasing the target (default: 12)")
+                   help=f"rounds a comparison may reach while chasing the target (default: {defaults.MAX_ROUNDS})")
     g.add_argument("--target", type=_percent, default=d(None), metavar="PCT",
                    help="add rounds until every verdict's 95 %% interval is within +-PCT %% "
-                        "(default: 3; 0: run --min-rounds only)")
+                        f"(default: {defaults.TARGET * 100:g}; 0: run --min-rounds only)")
     g.add_argument("--budget", type=_seconds, default=d(None), metavar="S",
                    help=f"seconds the rounds after the first may take, counted from the first round "
                         f"({budget_default}; 'inf': no limit)")
@@ -154,12 +152,12 @@ def _protocol_options(parser: argparse.ArgumentParser | Any, budget_default: str
                         "together: one process after another per round)")
     g.add_argument("--unit-s", type=_seconds, default=d(None), metavar="S",
                    help="seconds one timed lockstep unit aims at: that many prefills, or decode passes, at least "
-                        "one (default: 0.05)")
+                        f"one (default: {defaults.UNIT_S:g})")
     g.add_argument("--if-busy", choices=("warn", "wait", "refuse"), default=d(None),
                    help="other processes using the CPU: warn and flag (default), wait for quiet (up to "
                         "--wait-limit, before the study and after any contended point) or refuse to measure")
-    g.add_argument("--wait-limit", type=_seconds, default=d(120.0), metavar="S",
-                   help="longest wait for a quiet machine with --if-busy wait (default: 120)")
+    g.add_argument("--wait-limit", type=_seconds, default=d(defaults.WAIT_S), metavar="S",
+                   help=f"longest wait for a quiet machine with --if-busy wait (default: {defaults.WAIT_S:g})")
     g.add_argument("--reprobe", action="store_true", default=d(False),
                    help="measure the memory bandwidth again instead of using this machine's cached probe")
 
@@ -212,7 +210,7 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
                                                     "KV cache exceed DEVICE's usable memory (a 'moerun predict' "
                                                     "profile)")
     st.add_argument("-q", "--quiet", action="store_true", help="no progress display")
-    _protocol_options(st, "default: the study file's budget_s, else 600", sub=True)
+    _protocol_options(st, f"default: the study file's budget_s, else {defaults.STUDY_BUDGET_S:g}", sub=True)
     _fleet_options(st, sub=True)
     pre = _subcommand(sub, "predict", "roofline prediction of a model on a device (published specs)",
                          description="predict decode and prefill tokens/s of a model (and its dense twins) on a "
@@ -241,31 +239,33 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
                      help="backend(s) to run, repeatable or comma-separated (default: every available one)")
     run.add_argument("-m", "--model", action="append", metavar="NAME",
                      help=f"preset, twin (NAME:dense-active, NAME:dense-total) or checkpoint folder; "
-                          f"repeatable (default: {DEFAULT_MODEL})")
+                          f"repeatable (default: {defaults.MODEL})")
     run.add_argument("-p", "--precision", action="append", metavar="NAME",
                      help="precision(s), repeatable or comma-separated (default: each backend's own)")
-    run.add_argument("--prompt-tokens", type=_positive_int, default=64, metavar="N",
-                     help="prompt length for the timed prefill (default: 64)")
-    run.add_argument("--new-tokens", type=_non_negative_int, default=32, metavar="N",
-                     help="tokens decoded one at a time after the prefill (default: 32)")
-    run.add_argument("--repetitions", type=_positive_int, default=5, metavar="N",
+    run.add_argument("--prompt-tokens", type=_positive_int, default=defaults.PROMPT_TOKENS, metavar="N",
+                     help=f"prompt length for the timed prefill (default: {defaults.PROMPT_TOKENS})")
+    run.add_argument("--new-tokens", type=_non_negative_int, default=defaults.NEW_TOKENS, metavar="N",
+                     help=f"tokens decoded one at a time after the prefill (default: {defaults.NEW_TOKENS})")
+    run.add_argument("--repetitions", type=_positive_int, default=defaults.REPETITIONS, metavar="N",
                      help="sequential rounds: timed repetitions of prefill + decode inside each round's "
-                          "process, a round's value their median (default: 5; lockstep sizes its units by "
+                          f"process, a round's value their median (default: {defaults.REPETITIONS}; lockstep sizes its units by "
                           "--unit-s instead)")
-    run.add_argument("--warmup", type=_non_negative_int, default=1, metavar="N",
-                     help="untimed warm-up runs of the whole workload (default: 1; lockstep: at least 1)")
+    run.add_argument("--warmup", type=_non_negative_int, default=defaults.WARMUP, metavar="N",
+                     help=f"untimed warm-up runs of the whole workload (default: {defaults.WARMUP}; lockstep: at least 1)")
     run.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                      help="engine threads (default: the engine's choice)")
     run.add_argument("--device", default=None, metavar="DEV",
                      help="cpu, cuda (cuda:N), mps (torch), metal/vulkan/gpu (llama.cpp), tensorrt/coreml "
                           "(onnxruntime); a device the installed engine lacks records 'unsupported' with why "
                           "(default: cpu, or the backend's only device)")
-    run.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights and token ids (default: 0)")
-    run.add_argument("--checkpoint-dtype", choices=("float32", "bfloat16"), default="float32",
+    run.add_argument("--seed", type=int, default=defaults.SEED,
+                     help=f"seed of the synthetic weights and token ids (default: {defaults.SEED})")
+    run.add_argument("--checkpoint-dtype", choices=("float32", "bfloat16"), default=defaults.CHECKPOINT_DTYPE,
                      help="dtype of synthetic checkpoints; bfloat16 halves the disk for real shapes "
-                          "(default: float32)")
-    run.add_argument("--router-skew", type=float, default=0.0, metavar="S",
-                     help="unequal expert popularity in synthetic routers, 0 = none (default: 0)")
+                          f"(default: {defaults.CHECKPOINT_DTYPE})")
+    run.add_argument("--router-skew", type=float, default=defaults.ROUTER_SKEW, metavar="S",
+                     help=f"unequal expert popularity in synthetic routers, 0 = none "
+                          f"(default: {defaults.ROUTER_SKEW:g})")
     run.add_argument("--compile", action="store_true", help="torch.compile where the backend supports it")
     run.add_argument("-O", "--option", action="append", metavar="KEY=VALUE", default=[],
                      help="backend option, repeatable; VALUE is read as JSON when it parses (e.g. -O repack=true)")
@@ -283,12 +283,13 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
                           "TensorRT: its profiler), in separate runs reconciled with the plain step")
     run.add_argument("-o", "--output", type=Path, metavar="PATH",
                      help=f"results JSONL; an existing file is resumed, finished points are not rerun "
-                          f"(default: {DEFAULT_OUTPUT_DIR}/run-DATE-TIME.jsonl)")
+                          f"(default: {defaults.OUTPUT_DIR}/run-DATE-TIME.jsonl)")
     run.add_argument("--report", default="table", metavar="NAME",
                      help="reporter for the summary: table, json, csv, markdown or a plugin's (default: table)")
     run.add_argument("--json", action="store_true", help="shorthand for --report json")
-    run.add_argument("--timeout", type=float, default=600.0, metavar="S",
-                     help="seconds before a point is killed and recorded as failed (default: 600)")
+    run.add_argument("--timeout", type=float, default=defaults.TIMEOUT_S, metavar="S",
+                     help=f"seconds before a point is killed and recorded as failed; it prepares its engine "
+                          f"files inside that time (default: {defaults.TIMEOUT_S:g})")
     run.add_argument("--memory-limit", type=_positive_int, default=None, metavar="MB",
                      help="address-space limit for each isolated point; past it the point fails with "
                           "'out of memory' instead of the machine swapping")
@@ -299,7 +300,7 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
     run.add_argument("--no-isolate", action="store_true",
                      help="run points in this process (no crash isolation or timeout)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress display")
-    _protocol_options(parser, "default: 150")
+    _protocol_options(parser, f"default: {defaults.BUDGET_S:g}")
     _fleet_options(parser)
     if plugins is not None:
         plugins.hook.moerun_add_cli_options(parser=parser)
@@ -570,35 +571,23 @@ def cmd_report(plugins: Any, args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ measuring
 def cmd_run(plugins: Any, args: argparse.Namespace) -> int:
-    from .study import build_points, select_backends
-
-    fleet = args.executor == "ray"
-    backends, skipped = select_backends(plugins, _csv_list(args.backend), here=not fleet)
-    if not backends:
-        raise ConfigError("no backend is available here; see 'moerun backends'")
-    hardware = _hardware_labels(args, [])
-    models = _csv_list(args.model) or [DEFAULT_MODEL]
-    for m in models:  # fail on a typo before anything runs
-        if not Path(m).exists() and not (fleet and os.sep in m):
-            plugins.models.resolve(m)
-    precisions: list[str | None] = _csv_list(args.precision) or [None]
-    notes: list[str] = []
-    points = build_points(
-        plugins, models=models, backends=backends, precisions=precisions, twins=not args.no_twins, notes=notes,
-        isomem=not args.no_isomem, batch_sizes=_batch_sizes(args.batch_size) or [1],
-        prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repetitions=args.repetitions,
-        warmup=args.warmup, threads=args.threads, device=args.device, seed=args.seed, router_skew=args.router_skew,
-        checkpoint_dtype=args.checkpoint_dtype, breakdown=args.breakdown, parity=args.parity,
-        compile=args.compile, timeout_s=args.timeout, options=_options(args.option),
-        memory_limit_mb=args.memory_limit, hardware=hardware, fit=_fit_device(args.fit),
-    )
-    return _execute(plugins, points, args, skipped, _protocol(args, budget_s=150.0), notes)
+    """`moerun` with flags: the flags make a StudySpec, measured like a study file's."""
+    study = StudySpec(
+        name="run", models=_csv_list(args.model) or [defaults.MODEL], twins=not args.no_twins,
+        isomem=False if args.no_isomem else None, backends=_csv_list(args.backend),
+        precisions=_csv_list(args.precision), prompt_tokens=[args.prompt_tokens], new_tokens=[args.new_tokens],
+        threads=[args.threads] if args.threads else [], batch_sizes=_batch_sizes(args.batch_size) or [defaults.BATCH_SIZE],
+        repetitions=args.repetitions, warmup=args.warmup, seed=args.seed, checkpoint_dtype=args.checkpoint_dtype,
+        router_skew=args.router_skew, device=args.device, compile=args.compile, timeout_s=args.timeout,
+        memory_limit_mb=args.memory_limit, fit=_fit_device(args.fit), breakdown=args.breakdown, parity=args.parity,
+        options=_options(args.option), hardware=_hardware_labels(args, []), budget_s=defaults.BUDGET_S)
+    return _measure(plugins, study, args)
 
 
 def cmd_study(plugins: Any, args: argparse.Namespace) -> int:
+    """A study file or preset, with the flags that override it."""
     import attrs
 
-    from .study import points_from_study, select_backends
     from .studyfile import PRESETS, load_study
 
     if args.list:
@@ -606,27 +595,15 @@ def cmd_study(plugins: Any, args: argparse.Namespace) -> int:
             print(f"{name:26s} {d['description']}")
         return 0
     study = load_study(args.file, args.preset)
-    fleet = args.executor == "ray"
-    backends, skipped = select_backends(plugins, _csv_list(args.backend) or study.backends, here=not fleet)
-    if not backends:
-        raise ConfigError("no backend is available here; see 'moerun backends'")
-    for m in (*study.models, *study.dense):
-        plugins.models.resolve(m)
-    study = attrs.evolve(study, hardware=_hardware_labels(args, study.hardware),
-                         batch_sizes=_batch_sizes(args.batch_size) or study.batch_sizes)
-    notes: list[str] = []
-    points = points_from_study(plugins, study, backends, notes)
-    if args.memory_limit:
-        points = [attrs.evolve(p, memory_limit_mb=args.memory_limit) for p in points]
-    if args.fit:
-        points = [attrs.evolve(p, fit=_fit_device(args.fit)) for p in points]
-    if not args.output:
-        args.output = Path(DEFAULT_OUTPUT_DIR) / f"{study.name}-{datetime.now():%Y%m%d-%H%M%S}.jsonl"
-    defaults = {k: getattr(study, k) for k in ("min_rounds", "max_rounds", "target", "budget_s", "lockstep", "unit_s")}
-    return _execute(plugins, points, args, skipped, _protocol(args, **defaults), notes)
+    study = attrs.evolve(study, backends=_csv_list(args.backend) or study.backends,
+                         hardware=_hardware_labels(args, study.hardware),
+                         batch_sizes=_batch_sizes(args.batch_size) or study.batch_sizes,
+                         memory_limit_mb=args.memory_limit or study.memory_limit_mb,
+                         fit=_fit_device(args.fit) or study.fit)
+    return _measure(plugins, study, args)
 
 
-def _hardware_labels(args: argparse.Namespace, defaults: Sequence[str]) -> list[str | None]:
+def _hardware_labels(args: argparse.Namespace, defaults: Sequence[str]) -> list[str]:
     """The fleet labels the grid runs on: --hardware over the study file's; 'all' is every
     label the Ray cluster offers. Labels need the ray executor, and the ray executor needs labels."""
     given = _csv_list(args.hardware) or list(defaults)
@@ -634,7 +611,7 @@ def _hardware_labels(args: argparse.Namespace, defaults: Sequence[str]) -> list[
         if given:
             raise ConfigError(f"hardware labels ({', '.join(given)}) place points on a fleet's nodes: "
                               f"add --executor ray")
-        return [None]
+        return []
     from .fleet import RayExecutor, describe_labels
 
     labels = RayExecutor(address=args.ray_address).labels()
@@ -646,66 +623,41 @@ def _hardware_labels(args: argparse.Namespace, defaults: Sequence[str]) -> list[
     return list(dict.fromkeys(given))
 
 
-def _protocol(args: argparse.Namespace, **defaults: Any) -> Any:
-    """The protocol from the command line, over `defaults` (a study file's), over Protocol's."""
+def _protocol(args: argparse.Namespace, study: StudySpec) -> Any:
+    """The protocol from the command line, over the study's (moerun.defaults' where not given)."""
     import math
 
     from .protocol import Protocol
 
     given = {"min_rounds": args.min_rounds, "max_rounds": args.max_rounds, "target": args.target,
              "budget_s": args.budget, "if_busy": args.if_busy, "lockstep": args.lockstep, "unit_s": args.unit_s}
-    fields = {k: v for k, v in {**defaults, **{k: v for k, v in given.items() if v is not None}}.items()
-              if v is not None}
-    if "budget_s" in fields and math.isinf(fields["budget_s"]):
+    given = {k: v for k, v in given.items() if v is not None}
+    fields = {**study.protocol_fields(), **given}
+    if fields["budget_s"] is not None and math.isinf(fields["budget_s"]):
         fields["budget_s"] = None
-    if "min_rounds" in fields and "max_rounds" not in fields:
-        fields["max_rounds"] = max(fields["min_rounds"], Protocol().max_rounds)
+    if "min_rounds" in given and "max_rounds" not in given:
+        fields["max_rounds"] = max(given["min_rounds"], fields["max_rounds"])
     return Protocol(wait_s=args.wait_limit, **fields)
 
 
-def _busy_guard(protocol: Any, err: Any) -> dict[str, Any]:
-    """Look at the machine before measuring: warn, wait for quiet, or refuse (exit 2); the
-    last look is returned for the results' environment record."""
-    from .contention import describe, look, wait_for_quiet
+def _measure(plugins: Any, study: StudySpec, args: argparse.Namespace) -> int:
+    """The study's grid (moerun.grid), the machine prepared (moerun.prepare; a fleet's nodes
+    prepare themselves), the points in rounds (moerun.study) into --output, then the summary."""
+    from .grid import build_grid
+    from .prepare import prepare_machine
+    from .study import LocalExecutor, run_study
 
-    sample = look()
-    if not sample.get("contended"):
-        return sample
-    what = describe(sample)
-    if protocol.if_busy == "refuse":
-        raise MoerunError(f"the machine is busy ({what}); not measuring (--if-busy refuse)")
-    if protocol.if_busy == "wait":
-        print(f"moerun: busy ({what}); waiting up to {protocol.wait_s:g} s for quiet", file=err, flush=True)
-        ok, sample = wait_for_quiet(protocol.wait_s)
-        if ok:
-            return sample
-        print(f"moerun: warning: still busy after {protocol.wait_s:g} s ({describe(sample)}); measuring anyway, "
-              f"contended points are flagged", file=err, flush=True)
-        return sample
-    print(f"moerun: warning: the machine is busy ({what}); points measured under contention are flagged "
-          f"('busy' column) and left out of verdicts while enough quiet rounds exist "
-          f"(--if-busy wait to wait for quiet)", file=err, flush=True)
-    return sample
-
-
-def _execute(plugins: Any, points: Sequence[Any], args: argparse.Namespace, skipped: Sequence[Any],
-             protocol: Any, notes: Sequence[str] = ()) -> int:
-    """Preflight, then the points in rounds (isolated unless --no-isolate) into --output, then
-    the summary."""
-    from .cache import Cache
-    from .environment import capture
-    from .study import LocalExecutor, preflight, run_study
-
-    output = args.output or Path(DEFAULT_OUTPUT_DIR) / f"run-{datetime.now():%Y%m%d-%H%M%S}.jsonl"
+    output = args.output or Path(defaults.OUTPUT_DIR) / f"{study.name}-{datetime.now():%Y%m%d-%H%M%S}.jsonl"
     if output.exists() and output.is_dir():
         raise ConfigError(f"--output {output} is a folder; give a .jsonl file path")
     reporter = plugins.reporters.get("json" if args.json else args.report)
     err = sys.stderr
-    fleet = getattr(args, "executor", "local") == "ray"
-    preflight(plugins, points, local_files=not fleet)
-    for name, reason in skipped:
+    fleet = args.executor == "ray"
+    grid = build_grid(plugins, study, here=not fleet)
+    protocol = _protocol(args, study)
+    for name, reason in grid.skipped:
         print(f"moerun: skipping backend {name}: {reason}", file=err)
-    for note in notes:
+    for note in grid.notes:
         print(f"moerun: {note}", file=err)
     if fleet:
         # each node looks at its own contention, probes its own bandwidth and writes its own checkpoints
@@ -715,14 +667,15 @@ def _execute(plugins: Any, points: Sequence[Any], args: argparse.Namespace, skip
         if not args.quiet:
             print(f"moerun: Ray cluster labels: {describe_labels(executor.labels())}", file=err)
     else:
-        before = _busy_guard(protocol, err)
-        env = {**capture(refresh_probe=args.reprobe), "contention_before": before}
+        prepared = prepare_machine(plugins, grid.points, if_busy=protocol.if_busy, wait_s=protocol.wait_s,
+                                   refresh_probe=args.reprobe, say=lambda line: print(f"moerun: {line}", file=err,
+                                                                                      flush=True),
+                                   show=None if args.quiet else _checkpoint_progress)
+        env = prepared.env
         if not args.quiet:
             print(f"moerun: read bandwidth {env.get('bandwidth_bytes_s', 0) / 1e9:.1f} GB/s "
                   f"({env.get('bandwidth_source', '')})", file=err)
-        cache = Cache()
-        _write_checkpoints(plugins, points, cache, quiet=args.quiet)
-        executor = LocalExecutor(plugins=plugins, cache=cache, env=env, isolate=not args.no_isolate)
+        executor = LocalExecutor(plugins=plugins, cache=prepared.cache, env=env, isolate=not args.no_isolate)
     last: dict[str, Any] = {}
 
     def before_round() -> None:
@@ -734,6 +687,7 @@ def _execute(plugins: Any, points: Sequence[Any], args: argparse.Namespace, skip
     def on_result(record: dict[str, Any]) -> None:
         last["contended"] = ((record.get("contention") or {}).get("timed") or {}).get("contended")
 
+    points = grid.points
     with _Progress(len(points) * protocol.min_rounds, enabled=not args.quiet) as progress:
         outcome = run_study(list(points), plugins, output=output, executor=executor, protocol=protocol,
                             on_start=progress.start, on_result=on_result, before_round=before_round)
@@ -766,42 +720,22 @@ def _summary(outcome: Any, protocol: Any, output: Path, err: Any) -> None:
     print(f"moerun: results in {output}", file=err)
 
 
-def _write_checkpoints(plugins: Any, points: Sequence[Any], cache: Any, *, quiet: bool) -> None:
-    """Write missing synthetic checkpoints here, with a progress bar, before the measured
-    points start (real shapes take minutes; a child process would show nothing)."""
-    from .checkpoint import synthetic_checkpoint
+@contextlib.contextmanager
+def _checkpoint_progress(label: str, size: int) -> Iterator[Callable[[int, int], None] | None]:
+    """A checkpoint being written (real shapes take minutes; a child process would show
+    nothing): a rich bar on a terminal, else one line; nothing for small ones."""
+    if size < (256 << 20):
+        yield None
+    elif sys.stderr.isatty():
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-    seen = set()
-    for p in points:
-        if Path(p.model).exists():
-            continue
-        key = (p.model, p.seed, p.checkpoint_dtype, p.router_skew)
-        if key in seen:
-            continue
-        spec = plugins.models.resolve(p.model)
-        if p.fit:  # a point that cannot fit the named device gets no checkpoint either
-            from .runner import point_fit_obstacle
-
-            precision = p.precision or plugins.backends.get(p.backend).capabilities.default_precision
-            if point_fit_obstacle(p, spec, precision):
-                continue
-        seen.add(key)
-        size = spec.total_params * (2 if p.checkpoint_dtype == "bfloat16" else 4)
-        if quiet or size < (256 << 20):
-            synthetic_checkpoint(spec, cache, seed=p.seed, dtype=p.checkpoint_dtype, router_skew=p.router_skew)
-            continue
-        label = f"checkpoint {p.model} ({size / 1e9:.1f} GB, {p.checkpoint_dtype})"
-        if sys.stderr.isatty():
-            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-            with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                          transient=True) as bar:
-                task = bar.add_task(label, total=size)
-                synthetic_checkpoint(spec, cache, seed=p.seed, dtype=p.checkpoint_dtype, router_skew=p.router_skew,
-                                     progress=lambda done, total: bar.update(task, completed=done))
-        else:
-            print(f"moerun: writing {label} if not cached", file=sys.stderr, flush=True)
-            synthetic_checkpoint(spec, cache, seed=p.seed, dtype=p.checkpoint_dtype, router_skew=p.router_skew)
+        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                      transient=True) as bar:
+            task = bar.add_task(label, total=size)
+            yield lambda done, total: bar.update(task, completed=done)
+    else:
+        print(f"moerun: writing {label} if not cached", file=sys.stderr, flush=True)
+        yield None
 
 
 class _Progress:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import attrs
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .runner import Point
+    from .point import Point
 
 # role of the other side -> the verdict's short name (decode_vs_active, ...)
 TWIN_KINDS = {"dense-active": "active", "dense-total": "total", "dense-isomem": "isomem"}

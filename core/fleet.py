@@ -21,12 +21,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
 import attrs
 
+from . import defaults
 from .errors import ConfigError, MoerunError
 
 RESOURCE_PREFIX = "moerun-hw:"
@@ -96,7 +96,7 @@ def describe_labels(labels: dict[str, list[dict[str, Any]]]) -> str:
 def _infrastructure_failure(point: Any, status: str, error: str, node: dict[str, Any] | None = None) -> dict[str, Any]:
     """A record for a point the fleet could not measure (no node, node lost): `retry` makes a
     resumed study measure it again."""
-    from .runner import base_result
+    from .results import base_result
 
     result = base_result(point, None)
     result.update(status=status, error=error, retry=True, node=node or {"hardware": point.hardware})
@@ -118,8 +118,8 @@ class RayExecutor:
     tells the study which points may run in parallel (different labels)."""
 
     address: str | None = None
-    if_busy: str = "warn"
-    wait_s: float = 120.0
+    if_busy: str = defaults.IF_BUSY
+    wait_s: float = defaults.WAIT_S
     _remote: Any = attrs.field(default=None, init=False, repr=False)
 
     def lane(self, point: Any) -> str | None:
@@ -164,15 +164,15 @@ class RayExecutor:
                 {"hardware": point.hardware, "candidates": labels[point.hardware]})
 
 
-def measure_on_node(point_dict: dict[str, Any], label: str, if_busy: str = "warn",
-                    wait_s: float = 120.0) -> dict[str, Any]:
-    """The Ray task body, on the node: look at contention, capture this node's environment,
-    write the checkpoint into this node's cache, then measure as on one machine."""
-    from .cache import Cache
-    from .contention import describe, look, wait_for_quiet
-    from .environment import capture
+def measure_on_node(point_dict: dict[str, Any], label: str, if_busy: str = defaults.IF_BUSY,
+                    wait_s: float = defaults.WAIT_S) -> dict[str, Any]:
+    """The Ray task body, on the node: the same preparation as on one machine
+    (moerun.prepare: a look at contention, this node's environment, the checkpoint written
+    into this node's cache), then the point measured as on one machine."""
     from .manager import get_plugin_manager
-    from .runner import Point, base_result, resolve_checkpoint
+    from .point import Point
+    from .prepare import BusyError, prepare_machine
+    from .results import base_result
     from .study import LocalExecutor
 
     point = Point.from_dict(point_dict)
@@ -184,26 +184,18 @@ def measure_on_node(point_dict: dict[str, Any], label: str, if_busy: str = "warn
         node["address"] = ray.util.get_node_ip_address()
     except Exception:  # noqa: BLE001 - called outside a Ray worker (tests of the body itself)
         pass
-    before = look()
-    if before.get("contended") and if_busy == "wait":
-        _, before = wait_for_quiet(wait_s)
-    if before.get("contended") and if_busy == "refuse":
-        return _infrastructure_failure(point, "unavailable",
-                                       f"node {node['hostname']} is busy ({describe(before)}); not measuring "
-                                       f"(--if-busy refuse)", node)
     plugins = get_plugin_manager()
-    cache = Cache()
-    env = {**capture(), "contention_before": before}
     try:
-        if not Path(point.model).is_file():  # an engine file is the node's own; the child checks it
-            started = time.perf_counter()
-            resolve_checkpoint(point, plugins, cache)  # written here, as on one machine, before the child
-            node["checkpoint_s"] = round(time.perf_counter() - started, 3)
+        prepared = prepare_machine(plugins, [point], if_busy=if_busy, wait_s=wait_s)
+    except BusyError as exc:
+        return _infrastructure_failure(point, "unavailable", f"node {node['hostname']}: {exc}", node)
     except MoerunError as exc:
-        result = base_result(point, env)
+        result = base_result(point, None)
         result["error"] = f"on node {node['hostname']}: {str(exc).splitlines()[0]}"
         result["node"] = node
         return result
-    result = LocalExecutor(plugins=plugins, cache=cache, env=env, isolate=True).run(point)
+    if not Path(point.model).exists():
+        node["checkpoint_s"] = round(prepared.checkpoint_s, 3)
+    result = LocalExecutor(plugins=plugins, cache=prepared.cache, env=prepared.env, isolate=True).run(point)
     result["node"] = node
     return result

@@ -46,7 +46,8 @@ from typing import Any, Sequence
 from .cache import Cache
 from .comparison import pairs_of
 from .contention import CpuWindow
-from .runner import Point, child_result, kill_group
+from .isolation import child_result, kill_group
+from .point import Point
 
 UNIT_S = 0.05  # a unit's noise hardly shrinks with its length here, so units are short (docs/concepts.md)
 MIN_CYCLES = 8

@@ -34,12 +34,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import attrs
 
+from . import defaults
 from .comparison import Comparison, comparisons
 from .errors import ConfigError
 from .stats import ratio_interval
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .runner import Point
+    from .point import Point
 
 BUSY_POLICIES = ("warn", "wait", "refuse")
 METRICS = ("decode_tok_s", "prefill_tok_s")
@@ -64,17 +65,17 @@ def _check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
 class Protocol:
     """How many rounds, to what precision, within what time, and what to do on a busy machine."""
 
-    min_rounds: int = attrs.field(default=2, validator=_check)
-    max_rounds: int = attrs.field(default=12, validator=_check)
-    target: float = attrs.field(default=0.03, validator=_check)  # relative 95 % half-width; 0: min_rounds only
-    budget_s: float | None = attrs.field(default=150.0, validator=_check)  # None: no limit
-    if_busy: str = attrs.field(default="warn", validator=_check)
-    wait_s: float = attrs.field(default=120.0, validator=_check)
+    min_rounds: int = attrs.field(default=defaults.MIN_ROUNDS, validator=_check)
+    max_rounds: int = attrs.field(default=defaults.MAX_ROUNDS, validator=_check)
+    target: float = attrs.field(default=defaults.TARGET, validator=_check)  # relative 95 % half-width; 0: min_rounds only
+    budget_s: float | None = attrs.field(default=defaults.BUDGET_S, validator=_check)  # None: no limit
+    if_busy: str = attrs.field(default=defaults.IF_BUSY, validator=_check)
+    wait_s: float = attrs.field(default=defaults.WAIT_S, validator=_check)
     seed: int = 0  # the shuffle of each round's order
     # lockstep (moerun.lockstep): a comparison's sides loaded together and timed in alternation;
     # a round is then one restart of every side's process
-    lockstep: bool = True
-    unit_s: float = attrs.field(default=0.05, validator=_check)  # seconds one timed unit aims at (lockstep.UNIT_S)
+    lockstep: bool = defaults.LOCKSTEP
+    unit_s: float = attrs.field(default=defaults.UNIT_S, validator=_check)  # seconds one timed unit aims at (lockstep.UNIT_S)
 
     def __attrs_post_init__(self) -> None:
         if self.max_rounds < self.min_rounds:

@@ -6,9 +6,13 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .point import Point
 
 SCHEMA_VERSION = 1
 FINISHED = ("ok", "failed", "unsupported", "unavailable")  # statuses of a round that needs no re-run
@@ -71,3 +75,25 @@ def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
             except ValueError:
                 warnings.warn(f"{path}:{lineno}: skipping an incomplete record (interrupted write)", stacklevel=2)
     return out
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def base_result(point: "Point", env: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA_VERSION,
+        "key": point.key,
+        "point": point.to_dict(),
+        "backend": point.backend,
+        "model_name": point.model,
+        "role": point.role,
+        "group": point.group,
+        "precision": point.precision,
+        "hardware": point.hardware,
+        "status": "failed",
+        "error": None,
+        "env": env or {},
+        "started_at": now(),
+    }

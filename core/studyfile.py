@@ -10,15 +10,20 @@ from typing import Any
 
 import attrs
 
+from . import defaults
 from .convert import structure
 from .errors import ConfigError
 
 
 @attrs.frozen(kw_only=True)
 class StudySpec:
+    """What to measure, however it was asked for: a study file, a preset or the flags of
+    `moerun` (which build one of these too). `moerun.grid` turns it into points; its
+    defaults are `moerun.defaults`'."""
+
     name: str = "study"
     description: str = ""
-    models: list[str]
+    models: list[str] = attrs.field(factory=lambda: [defaults.MODEL])
     dense: list[str] = attrs.field(factory=list)  # named dense baselines compared with every MoE model
     twins: bool = True
     isomem: bool | None = None  # the iso-memory dense twin (same weight bytes, harder precision); None: as twins
@@ -26,26 +31,35 @@ class StudySpec:
     precisions: list[str] = attrs.field(factory=list)  # empty: each backend's default
     # per backend, replacing `precisions` for it: { llamacpp = ["q4_k_m"], torch = ["bf16"] }
     backend_precisions: dict[str, list[str]] = attrs.field(factory=dict)
-    prompt_tokens: list[int] = attrs.field(factory=lambda: [64])
-    new_tokens: list[int] = attrs.field(factory=lambda: [32])
+    prompt_tokens: list[int] = attrs.field(factory=lambda: [defaults.PROMPT_TOKENS])
+    new_tokens: list[int] = attrs.field(factory=lambda: [defaults.NEW_TOKENS])
     threads: list[int] = attrs.field(factory=list)  # empty: the engine's choice
-    batch_sizes: list[int] = attrs.field(factory=lambda: [1])  # sequences decoded together
-    repetitions: int = 5
-    warmup: int = 1
-    seed: int = 0
-    checkpoint_dtype: str = "float32"
-    timeout_s: float = 1800.0
+    batch_sizes: list[int] = attrs.field(factory=lambda: [defaults.BATCH_SIZE])  # sequences decoded together
+    repetitions: int = defaults.REPETITIONS
+    warmup: int = defaults.WARMUP
+    seed: int = defaults.SEED
+    checkpoint_dtype: str = defaults.CHECKPOINT_DTYPE
+    router_skew: float = defaults.ROUTER_SKEW
+    device: str | None = None  # None: cpu where the backend runs there, else its first device
+    compile: bool = False
+    timeout_s: float = defaults.TIMEOUT_S
+    memory_limit_mb: int | None = None  # address-space limit of each isolated point
+    fit: str | None = None  # a `moerun predict` profile: points that cannot fit it are unsupported
     breakdown: bool = False
     parity: bool = False
     options: dict[str, Any] = attrs.field(factory=dict)
     hardware: list[str] = attrs.field(factory=list)  # fleet labels to run the grid on (--executor ray)
     # the measurement protocol (moerun.protocol; the command line overrides these)
-    min_rounds: int = 2
-    max_rounds: int = 12
-    target: float = 0.03  # relative 95 % half-width of every verdict; 0: min_rounds only
-    budget_s: float | None = 600.0  # seconds the rounds after the first may take
-    lockstep: bool = True  # the sides of a comparison loaded together, timed in alternating cycles
-    unit_s: float = 0.05  # seconds one timed lockstep unit aims at
+    min_rounds: int = defaults.MIN_ROUNDS
+    max_rounds: int = defaults.MAX_ROUNDS
+    target: float = defaults.TARGET  # relative 95 % half-width of every verdict; 0: min_rounds only
+    budget_s: float | None = defaults.STUDY_BUDGET_S  # seconds the rounds after the first may take
+    lockstep: bool = defaults.LOCKSTEP  # the sides of a comparison loaded together, timed in alternating cycles
+    unit_s: float = defaults.UNIT_S  # seconds one timed lockstep unit aims at
+
+    def protocol_fields(self) -> dict[str, Any]:
+        """The protocol this study asks for (moerun.protocol.Protocol's fields)."""
+        return {k: getattr(self, k) for k in ("min_rounds", "max_rounds", "target", "budget_s", "lockstep", "unit_s")}
 
 
 PRESETS: dict[str, dict[str, Any]] = {

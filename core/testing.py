@@ -30,7 +30,8 @@ from .checkpoint import synthetic_checkpoint
 from .errors import ConfigError, MoerunError, UnsupportedError
 from .manager import get_plugin_manager
 from .precision import PRECISIONS
-from .runner import teacher_forced_logits, token_ids
+from .parity import teacher_forced_logits
+from .point import token_ids
 
 
 class BackendConformance:

@@ -59,7 +59,8 @@ def serve(job: dict, out_path: Path, cmd_fd: int, reply_fd: int) -> int:
     from .cache import Cache
     from .contention import CpuTally
     from .manager import get_plugin_manager
-    from .runner import Point, PointRun
+    from .point import Point
+    from .runner import PointRun
 
     commands = os.fdopen(cmd_fd, "r")
     replies = os.fdopen(reply_fd, "w", buffering=1)
@@ -147,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from .cache import Cache
     from .manager import get_plugin_manager
-    from .runner import Point, measure
+    from .point import Point
+    from .runner import measure
 
     point = Point.from_dict(job["point"])
     plugins = get_plugin_manager()

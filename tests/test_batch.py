@@ -15,7 +15,8 @@ import pytest
 from conftest import onnxruntime_with_formulation, run_cli
 from moerun import LoadSettings
 from moerun.checkpoint import synthetic_checkpoint
-from moerun.runner import Point, batch_token_ids, measure, token_ids
+from moerun.point import Point, batch_token_ids, token_ids
+from moerun.runner import measure
 
 B, PROMPT, NEW = 3, 9, 4
 # max |logit difference| between a batched step and the same sequence alone: torch and
@@ -144,10 +145,11 @@ def test_the_isomem_twin_holds_the_moes_bytes_at_the_harder_precision(plugins, m
 
 
 def test_the_study_adds_an_isomem_point_at_the_harder_precision(plugins):
-    from moerun.study import build_points
+    from moerun.grid import grid_points
+    from moerun.studyfile import StudySpec
 
-    points = build_points(plugins, models=["small-moe"], backends=["llamacpp", "torch", "tensorrt"],
-                          precisions=[None], batch_sizes=[1, 4])
+    points = grid_points(plugins, StudySpec(models=["small-moe"], batch_sizes=[1, 4]),
+                         ["llamacpp", "torch", "tensorrt"])
     iso = [p for p in points if p.role == "dense-isomem"]
     got = {(p.backend, p.batch_size): (p.model, p.precision) for p in iso}
     assert got == {("llamacpp", 1): ("small-moe:dense-isomem-f16-q8_0", "q8_0"),
@@ -157,11 +159,10 @@ def test_the_study_adds_an_isomem_point_at_the_harder_precision(plugins):
     assert all(p.parity for p in points if p.role in ("moe", "dense-isomem") and p.backend != "tensorrt")
     assert not any(p.parity for p in points if p.backend == "tensorrt")  # no twin: parity stays as asked
     assert {p.batch_size for p in points} == {1, 4}
-    plain = build_points(plugins, models=["small-moe"], backends=["torch"], precisions=[None], isomem=False)
+    plain = grid_points(plugins, StudySpec(models=["small-moe"], isomem=False), ["torch"])
     assert [p.role for p in plain] == ["moe", "dense-active", "dense-total"]
     # a twin named on its own keeps its role in its MoE's group (pairs in the verdicts)
-    named = build_points(plugins, models=["small-moe", "small-moe:dense-active"], backends=["torch"],
-                         precisions=[None], twins=False)
+    named = grid_points(plugins, StudySpec(models=["small-moe", "small-moe:dense-active"], twins=False), ["torch"])
     assert [(p.role, p.group) for p in named] == [("moe", "small-moe"), ("dense-active", "small-moe")]
 
 

@@ -19,7 +19,9 @@ import pytest
 from conftest import onnxruntime_with_formulation, run_cli
 from moerun import LoadSettings
 from moerun.checkpoint import synthetic_checkpoint
-from moerun.runner import Point, measure, teacher_forced_logits, token_ids
+from moerun.parity import teacher_forced_logits
+from moerun.point import Point, token_ids
+from moerun.runner import measure
 
 
 def _ort(path, optimized=None):

@@ -14,7 +14,7 @@ import pytest
 
 from moerun import ConfigError, Point
 from moerun.results import read_results
-from moerun.runner import base_result
+from moerun.results import base_result
 from moerun.study import run_study
 
 from conftest import TEST_PLUGINS, run_cli

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moerun import ConfigError, LoadSettings
+from moerun import LoadSettings
 from moerun.checkpoint import synthetic_checkpoint
-from moerun.runner import teacher_forced_logits, token_ids
+from moerun.parity import teacher_forced_logits
+from moerun.point import token_ids
 
 pytest.importorskip("onnxruntime")
 from moerun.backends.onnxruntime import int8  # noqa: E402
@@ -135,7 +136,8 @@ def test_a_cpu_without_vnni_multiplies_weights_no_sum_can_clip(plugins, cache, t
 
 
 def test_parity_records_say_which_int8_kernel_ran(plugins, cache):
-    from moerun.runner import Point, measure
+    from moerun.point import Point
+    from moerun.runner import measure
 
     r = measure(Point(model="tiny-dense", backend="onnxruntime", precision="int8", prompt_tokens=8, new_tokens=2,
                       repetitions=1, warmup=0, parity=True), plugins, cache, {})
@@ -169,7 +171,7 @@ def test_onnxruntime_int8_under_an_emulated_avx2_cpu_matches_this_one(plugins, c
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from conftest import onnxruntime_with_formulation
         from moerun import Cache, Checkpoint, LoadSettings
-        from moerun.runner import teacher_forced_logits
+        from moerun.parity import teacher_forced_logits
         from moerun.backends.onnxruntime import int8
         assert not int8.cpu_features().get("AVX512VNNI")
         b = onnxruntime_with_formulation({formulation!r})

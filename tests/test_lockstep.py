@@ -14,8 +14,10 @@ from moerun.analysis import verdicts
 from moerun.comparison import comparisons, point_key, record_key
 from moerun.lockstep import run_together
 from moerun.protocol import Protocol, collapse, nested_interval, paired, run_rounds
-from moerun.runner import base_result
-from moerun.study import LocalExecutor, build_points
+from moerun.results import base_result
+from moerun.grid import grid_points
+from moerun.study import LocalExecutor
+from moerun.studyfile import StudySpec
 
 
 def _default(backend: str) -> str:
@@ -23,8 +25,8 @@ def _default(backend: str) -> str:
 
 
 def test_one_comparison_holds_the_moe_its_twins_the_isomem_twin_and_baselines(plugins):
-    points = build_points(plugins, models=["tiny-moe"], backends=["torch", "llamacpp"], precisions=[None],
-                          prompt_tokens=8, new_tokens=4)
+    points = grid_points(plugins, StudySpec(models=["tiny-moe"], prompt_tokens=[8], new_tokens=[4]),
+                         ["torch", "llamacpp"])
     points.append(Point(model="tiny-dense", backend="torch", role="baseline", prompt_tokens=8, new_tokens=4))
     comps = comparisons(points, _default)
     assert len(comps) == 2  # one per backend: the parity flag and the isomem twin's own precision do not split them
@@ -119,8 +121,8 @@ def test_a_side_that_cannot_open_or_crashes_midway_leaves_the_others_measured(pl
 
 
 def test_rounds_run_in_lockstep_through_the_executor_and_resume(plugins, cache, tmp_path):
-    pts = build_points(plugins, models=["tiny-moe"], backends=["torch"], precisions=[None], isomem=False,
-                       prompt_tokens=8, new_tokens=4, repetitions=1, warmup=0)
+    pts = grid_points(plugins, StudySpec(models=["tiny-moe"], isomem=False, prompt_tokens=[8], new_tokens=[4],
+                                         repetitions=1, warmup=0), ["torch"])
     ex = LocalExecutor(plugins=plugins, cache=cache, env={})
     ok, why = ex.together(pts)
     assert ok and why.startswith("lockstep: 3 sides")
@@ -140,8 +142,8 @@ def test_rounds_run_in_lockstep_through_the_executor_and_resume(plugins, cache, 
 def test_sides_that_do_not_fit_together_fall_back_to_sequential_rounds(plugins, cache, monkeypatch):
     import moerun.environment as environment
 
-    pts = build_points(plugins, models=["tiny-moe"], backends=["torch"], precisions=[None], isomem=False,
-                       prompt_tokens=8, new_tokens=4)
+    pts = grid_points(plugins, StudySpec(models=["tiny-moe"], isomem=False, prompt_tokens=[8], new_tokens=[4]),
+                      ["torch"])
     monkeypatch.setattr(environment, "meminfo_bytes", lambda field: 1000)
     ok, why = LocalExecutor(plugins=plugins, cache=cache, env={}).together(pts)
     assert not ok and "need about" in why and "available" in why
@@ -155,16 +157,16 @@ def test_no_iso_memory_twin_at_a_precision_this_cpu_would_emulate(plugins, monke
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
     monkeypatch.setattr(environment, "cpu_flags", lambda: {"avx2", "fma", "f16c"})  # an AVX2 EPYC
     notes: list[str] = []
-    pts = build_points(plugins, models=["tiny-moe"], backends=["torch", "llamacpp"], precisions=[None], notes=notes)
+    pts = grid_points(plugins, StudySpec(models=["tiny-moe"]), ["torch", "llamacpp"], notes=notes)
     assert {(p.backend, p.role) for p in pts if p.role == "dense-isomem"} == {("llamacpp", "dense-isomem")}
     (note,) = notes
     assert "no iso-memory twin for tiny-moe on torch at bf16" in note and "avx512_bf16" in note
     monkeypatch.setattr(environment, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
-    pts = build_points(plugins, models=["tiny-moe"], backends=["torch"], precisions=[None])
+    pts = grid_points(plugins, StudySpec(models=["tiny-moe"]), ["torch"])
     assert any(p.role == "dense-isomem" and p.precision == "bf16" for p in pts)
     # a fleet's nodes judge their own CPUs: the twin stays
     monkeypatch.setattr(environment, "cpu_flags", lambda: {"avx2"})
-    pts = build_points(plugins, models=["tiny-moe"], backends=["torch"], precisions=[None], hardware=["node-a"])
+    pts = grid_points(plugins, StudySpec(models=["tiny-moe"], hardware=["node-a"]), ["torch"])
     assert any(p.role == "dense-isomem" for p in pts)
 
 

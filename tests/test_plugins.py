@@ -103,7 +103,7 @@ def test_example_third_party_backend_registers_through_its_entry_point():
     assert (row.source, row.distribution) == ("entrypoint", "moerun-example-backend")
     assert "numpy" in pm.backends
     assert not pm.backends.get("numpy").capabilities.in_default_study
-    from moerun.study import select_backends
+    from moerun.grid import select_backends
 
     chosen, _ = select_backends(pm, None)
     assert "numpy" not in chosen and select_backends(pm, ["numpy"])[0] == ["numpy"]

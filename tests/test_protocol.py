@@ -13,7 +13,7 @@ import pytest
 from moerun import ConfigError, Point
 from moerun.analysis import verdicts
 from moerun.protocol import Protocol, collapse, log_interval, paired, run_rounds, t975
-from moerun.runner import base_result
+from moerun.results import base_result
 
 
 def _points(new_tokens=4):

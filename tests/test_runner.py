@@ -8,7 +8,9 @@ import pytest
 
 from moerun import Point, measure, run_isolated
 from moerun.results import append_result, read_results
-from moerun.study import LocalExecutor, build_points, run_study
+from moerun.grid import grid_points
+from moerun.study import LocalExecutor, run_study
+from moerun.studyfile import StudySpec
 
 ENV = {"bandwidth_bytes_s": 20e9}
 
@@ -97,8 +99,8 @@ def test_torn_last_line_is_skipped_and_next_record_starts_clean(tmp_path):
     assert [r["key"] for r in rows] == ["a", "c"]
 
 
-def test_build_points_adds_twins_and_rejects_unknown_precision(plugins):
-    pts = build_points(plugins, models=["tiny-moe"], backends=["torch"], precisions=[None])
+def test_the_grid_adds_twins_and_rejects_unknown_precision(plugins):
+    pts = grid_points(plugins, StudySpec(models=["tiny-moe"]), ["torch"])
     assert [(p.model, p.role) for p in pts] == [
         ("tiny-moe", "moe"), ("tiny-moe:dense-isomem-fp32-bf16", "dense-isomem"),
         ("tiny-moe:dense-active", "dense-active"), ("tiny-moe:dense-total", "dense-total")]
@@ -106,7 +108,7 @@ def test_build_points_adds_twins_and_rejects_unknown_precision(plugins):
     from moerun import ConfigError
 
     with pytest.raises(ConfigError, match="unknown precision"):
-        build_points(plugins, models=["tiny-moe"], backends=["torch"], precisions=["fp9"])
+        grid_points(plugins, StudySpec(models=["tiny-moe"], precisions=["fp9"]), ["torch"])
 
 
 def test_point_validation_and_round_trip():

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import run_cli
 from moerun import ConfigError
-from moerun.study import points_from_study
+from moerun.grid import grid_points
 from moerun.studyfile import PRESETS, load_study
 
 STUDY = """
@@ -30,7 +30,7 @@ def test_grid_has_twins_baselines_and_every_prompt_length(plugins, tmp_path):
     f = tmp_path / "s.toml"
     f.write_text(STUDY)
     study = load_study(f)
-    points = points_from_study(plugins, study, ["torch"])
+    points = grid_points(plugins, study, ["torch"])
     assert len(points) == 5 * 2  # moe, 2 twins, the iso-memory twin, 1 baseline x 2 prompt lengths
     assert {(p.role, p.prompt_tokens) for p in points} >= {("baseline", 4), ("dense-total", 8)}
     assert len({p.key for p in points}) == len(points)
@@ -41,11 +41,11 @@ def test_an_option_given_as_a_list_is_swept_and_verdicts_keep_the_values_apart(p
     f = tmp_path / "s.toml"
     f.write_text(STUDY.replace('backends = ["torch"]', 'backends = ["llamacpp"]\noptions = { n_cpu_moe = [0, 1], '
                                                        'mmap = false }').replace("dense = [\"tiny-dense\"]\n", ""))
-    points = points_from_study(plugins, load_study(f), ["llamacpp"])
+    points = grid_points(plugins, load_study(f), ["llamacpp"])
     assert len(points) == 4 * 2 * 2  # moe and 3 twins x 2 prompt lengths x 2 sweep values
     assert {(p.options["n_cpu_moe"], p.options["mmap"]) for p in points} == {(0, False), (1, False)}
     from moerun.analysis import verdicts
-    from moerun.runner import base_result
+    from moerun.results import base_result
 
     results = []
     for p in points:
@@ -56,7 +56,7 @@ def test_an_option_given_as_a_list_is_swept_and_verdicts_keep_the_values_apart(p
     assert len(rows) == 4 and {row["options"] for row in rows} == {"mmap=False n_cpu_moe=0", "mmap=False n_cpu_moe=1"}
     f.write_text(STUDY.replace('backends = ["torch"]', 'backends = ["torch"]\noptions = { mode = [] }'))
     with pytest.raises(ConfigError, match="sweeps an empty list"):
-        points_from_study(plugins, load_study(f), ["torch"])
+        grid_points(plugins, load_study(f), ["torch"])
 
 
 def test_typos_and_bad_files_name_the_problem(tmp_path):
@@ -77,7 +77,7 @@ def test_typos_and_bad_files_name_the_problem(tmp_path):
 def test_presets_are_valid_studies(plugins):
     for name in PRESETS:
         study = load_study(preset=name)
-        assert points_from_study(plugins, study, ["llamacpp"])
+        assert grid_points(plugins, study, ["llamacpp"])
     paper = load_study(preset="paper-olmoe")
     assert paper.models == ["olmoe-1b-7b"] and paper.precisions == ["q4_k_m"]
     assert set(paper.dense) == {"llama-3.2-1b", "qwen2.5-1.5b", "gemma-2-2b-shape"}

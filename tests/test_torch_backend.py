@@ -95,7 +95,7 @@ def test_decode_attention_is_sdpa_for_one_query():
 
 
 def test_router_skew_makes_expert_popularity_unequal(plugins, cache):
-    from moerun.runner import routing_stats
+    from moerun.metrics import routing_stats
 
     ids = token_ids(512, 200, seed=1)
     imbalance = {}

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import run_cli
-from moerun import Cache, ModelSpec, Point, run_isolated, write_synthetic
+from moerun import ModelSpec, Point, run_isolated, write_synthetic
 
 BACKENDS = [("torch", "fp32"), ("llamacpp", "f16"), ("onnxruntime", "fp32"), ("onnxruntime-contrib", "fp32")]
 ONE_ROUND = ["--min-rounds", "1", "--target", "0", "-q"]

@@ -39,6 +39,7 @@ from moerun import (
 )
 from moerun.memory import release_free
 
+from .binding import OPT_LEVELS, bind_step
 from .int8 import SESSION_OPTION as INT8_SESSION_OPTION, int8_kernel, weights_for_cpu
 
 BUILD_VERSION = "onnx-builder-5"  # 4: a batch dimension; 5: opset 21, quantised and streamed by the builder
@@ -84,25 +85,9 @@ def node_placement(profile_path: str) -> dict[str, Any]:
         counts[provider] = counts.get(provider, 0) + 1
     return {"measured": True, "nodes_by_provider": counts,
             "op_types_by_provider": {k: sorted(v) for k, v in ops.items()}}
-OPT_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
-              "none": "ORT_DISABLE_ALL"}  # -O opt_level -> onnxruntime.GraphOptimizationLevel
+
+
 EXTERNAL_DATA_BYTES = 1 << 30  # protobuf stops at 2 GiB: larger models keep weights beside the graph
-
-
-def bind_step(sess: Any, ids: Sequence[int], logits_from: int, past: dict[str, Any], outputs: Sequence[str],
-              device: str) -> Any:
-    """One step's IO binding for a moerun graph: the token ids, the first position whose
-    logits are wanted, the past KV as OrtValues, and `outputs` bound afresh (the cache grows
-    every step, so their shapes change)."""
-    io = sess.io_binding()
-    rows = ids if ids and isinstance(ids[0], (list, tuple)) else [ids]  # one sequence, or B of one length
-    io.bind_cpu_input("input_ids", np.asarray(rows, dtype=np.int64))
-    io.bind_cpu_input("logits_from", np.asarray([logits_from], dtype=np.int64))
-    for name, value in past.items():
-        io.bind_ortvalue_input(name, value)
-    for name in outputs:
-        io.bind_output(name, device)
-    return io
 
 
 class OnnxRuntimeBackend(Backend):

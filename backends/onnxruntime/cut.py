@@ -81,7 +81,7 @@ def run_cut_timing(path: str, provider: str, threads: int, opt_level: str, kv_sh
     from moerun.backends.onnxgraph.builder import node_category
     from moerun.breakdown import cut_points, cut_timing
 
-    from .backend import OPT_LEVELS, bind_step
+    from .binding import OPT_LEVELS, bind_step
     from .int8 import SESSION_OPTION as INT8_SESSION_OPTION
 
     _pybind_state.set_global_thread_pool_sizes(threads, 1)  # before the first session

@@ -21,10 +21,8 @@ OMP_WAIT_POLICY=PASSIVE (OpenMP threads sleep at once instead of spinning after 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
-import statistics
 import tempfile
 import time
 from pathlib import Path

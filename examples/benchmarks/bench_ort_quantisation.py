@@ -82,7 +82,7 @@ def time_it(path: Path, spec, prompt: list[int], follow: list[int]) -> tuple[flo
 def main() -> None:
     from moerun import Cache, get_plugin_manager
     from moerun.checkpoint import synthetic_checkpoint
-    from moerun.runner import token_ids
+    from moerun.point import token_ids
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="small-moe:dense-active")

@@ -1,0 +1,136 @@
+"""What a point's timings mean: the model's record, bandwidth and MBU, S-MFU, routing
+balance and the experts a decode step touches. Pure functions of the timings, the spec and
+the environment record (`expert_coverage` runs one untimed pass on the session)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .cache import Cache
+from .point import Point
+from .precision import get_precision
+from .spec import ModelSpec
+
+
+def model_record(spec: ModelSpec, precision: str) -> dict[str, Any]:
+    return {
+        "spec": spec.to_dict(),
+        "is_moe": spec.is_moe,
+        "total_params": spec.total_params,
+        "active_params": spec.active_params,
+        "weight_bytes_per_token": spec.weight_bytes_per_token(precision),
+        "flops_per_token": spec.flops_per_token(),
+    }
+
+
+
+def bandwidth_now(result: dict[str, Any], cache: Cache) -> dict[str, Any]:
+    """The environment MBU divides by: the study's probe, raised to the machine's read bandwidth
+    measured right after this point's timed phase when that is higher (a shared machine's
+    bandwidth moves over minutes; the ceiling must hold for this point). Recorded as
+    `bandwidth_after_timed`; a fixed figure (MOERUN_BANDWIDTH_GBPS) is left alone."""
+    env = result["env"]
+    if not env.get("bandwidth_bytes_s") or not env.get("bandwidth_kernel"):
+        return env
+    from .environment import quick_probe
+
+    now = quick_probe(cache.root)
+    result["bandwidth_after_timed"] = {"bytes_s": now["bandwidth_bytes_s"], "kernel": now["kernel"]}
+    return {**env, "bandwidth_bytes_s": max(env["bandwidth_bytes_s"], now["bandwidth_bytes_s"]),
+            "bandwidth_now_bytes_s": now["bandwidth_bytes_s"]}
+
+
+def derive_metrics(spec: ModelSpec, precision: str, point: Point, timings: dict[str, Any],
+                   env: dict[str, Any], session: Any, coverage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Bandwidth and MBU: bytes actually read per decode step x steps/s. A step of B
+    sequences reads the dense weights once, per layer the union of the experts the
+    sequences chose (measured where the engine exposes routing, else the uniform-routing
+    expectation) and B sequences' KV cache; per decoded token that is a B-th of it."""
+    m: dict[str, Any] = {
+        "prefill_tok_s": timings["prefill_tok_s"]["median"],
+        "weight_bytes_per_token": spec.weight_bytes_per_token(precision),
+    }
+    peak = env.get("peak_flops")
+    if peak:  # MoE-CAP's S-MFU: FLOPs of the active parameters only
+        m["s_mfu_prefill"] = m["prefill_tok_s"] * spec.flops_per_token(point.prompt_tokens // 2) / peak
+    if "decode_tok_s" not in timings:
+        return m
+    tok_s = timings["decode_tok_s"]["median"]
+    B = point.batch_size
+    mean_context = point.prompt_tokens + (point.new_tokens - 1) / 2
+    kv = spec.kv_bytes_per_token(mean_context, getattr(session, "kv_bytes_per_value", 2.0))
+    touched = coverage["experts_per_step_mean"] if coverage else None
+    step_weights = spec.weight_bytes_per_step(precision, B, touched)
+    bytes_per_token = step_weights / B + kv
+    m.update(
+        decode_tok_s=tok_s,
+        kv_bytes_per_token=kv,
+        bytes_per_token=bytes_per_token,
+        achieved_bandwidth_bytes_s=bytes_per_token * tok_s,
+        decode_flops_s=spec.flops_per_token(int(mean_context)) * tok_s,
+    )
+    if B > 1:
+        m.update(batch_size=B, decode_seq_tok_s=timings["decode_seq_tok_s"]["median"],
+                 weight_bytes_per_step=step_weights,
+                 experts_touched_per_step=touched if touched is not None else spec.experts_touched(B),
+                 experts_touched_source="measured" if touched is not None else "uniform-routing expectation")
+    bw = env.get("bandwidth_bytes_s")
+    if bw:
+        # S-MBU (MoE-CAP): bytes the token actually reads (active experts, their union over a
+        # batch); 'mbu_dense' counts every weight as a dense model would, which overstates an
+        # MoE's bandwidth use
+        m["mbu"] = bytes_per_token * tok_s / bw
+        m["mbu_reference_bytes_s"] = bw
+        if m["mbu"] > 1.0:  # the probe is no ceiling for this engine: say so, never print MBU > 100 %
+            m["mbu_exceeds_probe"] = True
+        dense_bytes = spec.total_params * get_precision(precision).bits_per_weight / 8 / B + kv
+        m["mbu_dense"] = dense_bytes * tok_s / bw
+    if env.get("bandwidth_now_bytes_s"):
+        # against the bandwidth of the same minutes alone: the ceiling above is the highest
+        # figure the machine showed within the probe's lifetime, and a shared machine's moves
+        # 2x within the hour (measured here: 42-48 GB/s, 86, then 39-43)
+        m["mbu_now"] = bytes_per_token * tok_s / env["bandwidth_now_bytes_s"]
+    if peak:
+        m["s_mfu"] = m["decode_flops_s"] / peak
+    return m
+
+
+def routing_stats(counts: np.ndarray) -> dict[str, Any]:
+    """Load imbalance over experts: max/mean tokens per expert, averaged over layers."""
+    if counts.ndim != 2 or counts.sum() == 0:
+        return {}
+    per_layer = counts.max(axis=1) / np.maximum(counts.mean(axis=1), 1e-12)
+    share = counts.sum(axis=0) / counts.sum()
+    return {"load_imbalance": float(per_layer.mean()), "expert_share": share.tolist()}
+
+
+
+def expert_coverage(session: Any, spec: ModelSpec, prompts: list[list[int]],
+                    follows: list[list[int]]) -> dict[str, Any] | None:
+    """Distinct experts each decode step touches per layer (the union over the batch's
+    sequences), from the engine's own routing counters in an untimed pass after the timed
+    repetitions; beside it the uniform-routing expectation E·(1 − (1 − k/E)^B). None for
+    dense models and backends that do not expose routing."""
+    if not spec.is_moe or not follows[0] or session.expert_counts() is None:
+        return None
+    B = len(prompts)
+    session.reset()
+    session.prefill_batch(prompts)  # at B = 1 the base Session runs prefill / decode
+    before = np.asarray(session.expert_counts())
+    per_step = []
+    for step in zip(*follows):
+        session.decode_batch(list(step))
+        now = np.asarray(session.expert_counts())
+        per_step.append(((now - before) > 0).sum(axis=1))  # [layers]
+        before = now
+    session.reset()
+    touched = np.stack(per_step).astype(float)  # [steps, layers]
+    return {"batch_size": B, "experts_per_step_mean": float(touched.mean()),
+            "experts_per_step_min": int(touched.min()), "experts_per_step_max": int(touched.max()),
+            "per_layer_mean": touched.mean(axis=0).tolist(), "steps": len(per_step),
+            "uniform_expectation": spec.experts_touched(B), "num_experts": spec.num_experts,
+            "top_k": spec.top_k, "source": "the engine's routing counters (untimed pass)"}
+
+
