@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import attrs
 
-from .errors import UnsupportedError
+from .errors import ConfigError, UnsupportedError
 from .precision import get_precision
 from .spec import ModelSpec
 
@@ -57,6 +57,50 @@ class Capabilities:
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
+
+
+@attrs.frozen(kw_only=True)
+class Option:
+    """One backend option (`-O NAME=VALUE`, a study file's `options`), declared as data on the
+    backend (`Backend.options`): what it means, the kinds of value it takes (values are read
+    as JSON, so `-O repack=true` is a bool) and, where it is a choice, the choices. The core
+    checks every point's options against these before anything is prepared."""
+
+    help: str
+    kinds: tuple[type, ...] = (object,)
+    choices: tuple[Any, ...] = ()
+
+    def check(self, backend: str, name: str, value: Any) -> None:
+        if self.choices and not any(value == c and type(value) is type(c) for c in self.choices):
+            raise ConfigError(f"backend {backend}: option {name} must be one of "
+                              f"{', '.join(map(_show, self.choices))}, got {_show(value)}")
+        if not isinstance(value, self.kinds) or (isinstance(value, bool) and bool not in self.kinds
+                                                 and object not in self.kinds):
+            kinds = " or ".join(k.__name__ for k in self.kinds)
+            raise ConfigError(f"backend {backend}: option {name} takes {kinds}, got {_show(value)}")
+
+
+def _show(value: Any) -> str:
+    return "true" if value is True else "false" if value is False else repr(value)
+
+
+def check_step(rows: Sequence[Sequence[int]], *, vocab: int, cached: int, max_context: int,
+               max_batch: int | None = None) -> int:
+    """The input check of one prefill or decode step, the same for every backend: `rows` are
+    the step's B sequences (one for prefill and decode), each at least one id, all of one
+    length, B within what the session was loaded for, every id a token of the vocabulary,
+    and the context not overrun. Returns the step's length; a bad step is a ConfigError."""
+    n = len(rows[0]) if rows else 0
+    if not n or any(len(r) != n for r in rows):
+        raise ConfigError("a step needs at least one token id per sequence (the same count for every sequence)")
+    if max_batch is not None and len(rows) > max_batch:
+        raise ConfigError(f"{len(rows)} sequences: the session was loaded for batch size {max_batch}")
+    lo, hi = min(map(min, rows)), max(map(max, rows))
+    if lo < 0 or hi >= vocab:
+        raise ConfigError(f"token ids must be in [0, {vocab}), got {lo}..{hi}")
+    if cached + n > max_context:
+        raise ConfigError(f"context full: {cached} cached + {n} new tokens > {max_context}")
+    return n
 
 
 @attrs.frozen(kw_only=True)
@@ -166,6 +210,20 @@ class Backend(abc.ABC):
     description: ClassVar[str] = ""
     capabilities: ClassVar[Capabilities]
     install_hint: ClassVar[str] = ""
+    # the options `load` understands, as data; the core checks a point's options against
+    # them (`check_options`) before anything is prepared
+    options: ClassVar[dict[str, Option]] = {}
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """A one-line ConfigError for an option this backend does not declare, or a value of
+        the wrong kind; called by the core, so `load` receives only declared options."""
+        unknown = sorted(set(options) - set(cls.options))
+        if unknown:
+            known = ", ".join(sorted(cls.options)) or "none"
+            raise ConfigError(f"backend {cls.name}: unknown option(s) {', '.join(unknown)}; known: {known}")
+        for name, value in options.items():
+            cls.options[name].check(cls.name, name, value)
 
     @abc.abstractmethod
     def availability(self) -> Availability:

@@ -176,7 +176,7 @@ def _fleet_options(parser: argparse.ArgumentParser | Any, sub: bool = False) -> 
                         "comma-separated; 'all': every label on the cluster (overrides a study file's hardware)")
 
 
-def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="moerun", description=DESCRIPTION, epilog=EPILOG,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"moerun {__version__}")
@@ -302,8 +302,6 @@ def build_parser(plugins: Any = None) -> argparse.ArgumentParser:
     run.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     _protocol_options(parser, f"default: {defaults.BUDGET_S:g}")
     _fleet_options(parser)
-    if plugins is not None:
-        plugins.hook.moerun_add_cli_options(parser=parser)
     return parser
 
 
@@ -314,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .manager import get_plugin_manager
 
         plugins = get_plugin_manager()
-        args = build_parser(plugins).parse_args(argv)
+        args = build_parser().parse_args(argv)
         commands = {"backends": cmd_backends, "models": cmd_models, "plugins": cmd_plugins, "report": cmd_report,
                     "compare": cmd_compare, "predict": cmd_predict, "study": cmd_study}
         return commands.get(args.command, cmd_run)(plugins, args)

@@ -54,7 +54,7 @@ def connect(address: str | None) -> str:
     address = address or os.environ.get("RAY_ADDRESS") or "auto"
     if ray.is_initialized():
         return address
-    hint = (f"start one with 'ray start --head --resources='{{\"moerun-hw:LABEL\": 1}}'' or give --ray-address")
+    hint = "start one with 'ray start --head --resources='{\"moerun-hw:LABEL\": 1}'' or give --ray-address"
     host, sep, port = address.rpartition(":")
     if sep and port.isdigit() and "://" not in address:  # Ray retries a dead GCS for minutes: look first
         try:

@@ -206,6 +206,7 @@ def preflight(plugins: "MoerunPlugins", points: Iterable[Point], local_files: bo
 
     seen: set[tuple[str, str]] = set()
     for p in points:
+        plugins.backends.get(p.backend).check_options(p.options)  # declared options only (Backend.options)
         path = Path(p.model)
         if not local_files and (path.exists() or os.sep in p.model):
             continue

@@ -2,7 +2,7 @@
 
 Hooks are for discovery and coarse lifecycle only. Loading, prefill and decode are plain
 method calls on :class:`moerun.Backend` / :class:`moerun.Session`, never hook calls.
-Every hook is documented in docs/hooks.md; tests/test_docs.py checks the two agree.
+Every hook is documented in docs/plugins.md; tests/test_docs.py checks the two agree.
 Call hooks with keyword arguments only.
 """
 
@@ -13,8 +13,6 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
-    import argparse
-
     from .registry import BackendRegistry, ModelRegistry, ReporterRegistry, TrackerRegistry
 
 hookspec = pluggy.HookspecMarker("moerun")
@@ -73,20 +71,6 @@ def moerun_register_reporters(registry: "ReporterRegistry") -> None:
     with a third keyword argument, ``assets_dir``, the folder for its figures.
 
     :param registry: the :class:`moerun.registry.ReporterRegistry` to add reporters to.
-    :return: nothing; return values are ignored.
-    """
-
-
-@hookspec
-def moerun_add_cli_options(parser: "argparse.ArgumentParser") -> None:
-    """Add command-line options to the measuring commands.
-
-    Called once while the ``moerun`` CLI builds its argument parser, before parsing.
-    Use ``parser.add_argument_group("my plugin")`` and prefix option names with the
-    plugin's name to avoid clashes. Parsed values reach measurements through
-    ``settings`` in :func:`moerun_measurement_start`.
-
-    :param parser: the :class:`argparse.ArgumentParser` of the measuring commands.
     :return: nothing; return values are ignored.
     """
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 from importlib import metadata
-from typing import Any, Iterable
+from typing import Iterable
 
 import attrs
 import pluggy
@@ -69,7 +69,8 @@ class MoerunPlugins:
         self.load_errors: list[PluginLoadRecord] = []
 
     @property
-    def hook(self) -> Any:
+    def hook(self) -> pluggy.HookRelay:
+        """The hooks of moerun.hookspecs, called with keyword arguments."""
         return self.pm.hook
 
     def _register(self, plugin: object, name: str, source: str, dist: str = "", version: str = "") -> None:

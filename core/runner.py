@@ -122,6 +122,7 @@ class PointRun:
         """Backend, checkpoint, engine artifact and session: everything before the clock."""
         point, plugins, cache, result = self.point, self.plugins, self.cache, self.result
         backend_cls = plugins.backends.get(point.backend)
+        backend_cls.check_options(point.options)
         backend = backend_cls()
         av = backend.availability()
         result["backend"] = backend.name

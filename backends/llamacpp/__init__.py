@@ -1,6 +1,6 @@
 """llama.cpp backend plugin (llama-cpp-python's low-level API, GGUF via the gguf package)."""
 
-from moerun import hookimpl
+from moerun.toolkit import hookimpl
 
 
 @hookimpl

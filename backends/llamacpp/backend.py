@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from moerun import (
+from moerun.toolkit import (
     Artifact,
     Availability,
     Backend,
@@ -33,7 +33,9 @@ from moerun import (
     CheckpointError,
     ConfigError,
     LoadSettings,
+    Option,
     Session,
+    check_step,
     UnsupportedError,
 )
 
@@ -51,9 +53,20 @@ QUANT_TYPES = {
     "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
     "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K",
 }
-OPTIONS = {"repack", "flash_attn", "type_k", "type_v", "mmap", "n_batch", "n_gpu_layers", "n_cpu_moe"}
 EXPORT_VERSION = "gguf-export-1"
 KEEP_BASE_BYTES = 2 << 30  # float GGUFs built only to quantize from are deleted above this size
+_KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2, "bf16": 30}
+OPTIONS = {  # -O NAME=VALUE (docs/backends.md, llama.cpp)
+    "repack": Option(help="let llama.cpp repack weights for its CPU kernels (off: the AMX repack crash)",
+                     kinds=(bool,)),
+    "flash_attn": Option(help="flash attention: auto, true or false", choices=("auto", True, False)),
+    "type_k": Option(help="KV cache type of the keys", choices=tuple(_KV_TYPES)),
+    "type_v": Option(help="KV cache type of the values", choices=tuple(_KV_TYPES)),
+    "mmap": Option(help="map the GGUF file instead of reading it into memory", kinds=(bool,)),
+    "n_batch": Option(help="tokens per llama_decode call (and micro-batch)", kinds=(int,)),
+    "n_gpu_layers": Option(help="layers offloaded to a GPU device (-1: all)", kinds=(int,)),
+    "n_cpu_moe": Option(help="keep the expert tensors of the first N layers on the CPU", kinds=(int,)),
+}
 
 
 def _lib():
@@ -232,6 +245,7 @@ class LlamaCppBackend(Backend):
         max_batch=None,
     )
     install_hint = "pip install 'moerun[llamacpp]'"
+    options = OPTIONS
 
     def availability(self) -> Availability:
         try:
@@ -319,15 +333,10 @@ class LlamaCppBackend(Backend):
 
     # ------------------------------------------------------------------ loading
     def load(self, artifact: Artifact, settings: LoadSettings) -> Session:
-        unknown = set(settings.options) - OPTIONS
-        if unknown:
-            raise ConfigError(f"llamacpp backend: unknown option(s) {', '.join(sorted(unknown))}; "
-                              f"known: {', '.join(sorted(OPTIONS))}")
         check_gguf_file(artifact.path)
         return LlamaCppSession(artifact, settings)
 
 
-_KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2, "bf16": 30}
 
 
 class LlamaCppSession(Session):
@@ -368,9 +377,6 @@ class LlamaCppSession(Session):
             cparams.flash_attn_type = {"auto": lib.LLAMA_FLASH_ATTN_TYPE_AUTO, True: lib.LLAMA_FLASH_ATTN_TYPE_ENABLED,
                                        False: lib.LLAMA_FLASH_ATTN_TYPE_DISABLED}[fa]
             self.kv_types = (opts.get("type_k", "f16"), opts.get("type_v", "f16"))
-            for t in self.kv_types:
-                if t not in _KV_TYPES:
-                    raise ConfigError(f"llamacpp: KV cache type must be one of {', '.join(_KV_TYPES)}, got {t!r}")
             cparams.type_k, cparams.type_v = (_KV_TYPES[t] for t in self.kv_types)
             cparams.no_perf = False
             self.flash_attn = fa
@@ -431,13 +437,7 @@ class LlamaCppSession(Session):
 
     # ------------------------------------------------------------------ running
     def _decode(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
-        n = len(ids)
-        if n == 0:
-            raise ConfigError("prefill needs at least one token id")
-        if self.pos + n > self.n_ctx:
-            raise ConfigError(f"context full: {self.pos} cached + {n} new tokens > n_ctx {self.n_ctx}")
-        if min(ids) < 0 or max(ids) >= self.vocab:
-            raise ConfigError(f"token ids must be in [0, {self.vocab}), got {min(ids)}..{max(ids)}")
+        n = check_step([ids], vocab=self.vocab, cached=self.pos, max_context=self.n_ctx)
         lib, b = self.lib, self.batch
         out = []
         for start in range(0, n, self.n_batch):
@@ -475,16 +475,8 @@ class LlamaCppSession(Session):
         """B sequences of n tokens each in one llama_batch (sequence i is seq_id i, all at
         positions pos..pos+n-1; chunked by whole positions where B*n exceeds n_batch);
         returns each sequence's last-position logits [B, vocab]."""
-        B, n = len(rows), len(rows[0]) if rows else 0
-        if not B or not n or any(len(r) != n for r in rows):
-            raise ConfigError(f"a batch needs 1..{self.n_seq} sequences of one length (>= 1 token each)")
-        if B > self.n_seq:
-            raise ConfigError(f"{B} sequences: the context was made for batch size {self.n_seq}")
-        if self.pos + n > self.n_ctx:
-            raise ConfigError(f"context full: {self.pos} cached + {n} new tokens > n_ctx {self.n_ctx}")
-        flat = [t for r in rows for t in r]
-        if min(flat) < 0 or max(flat) >= self.vocab:
-            raise ConfigError(f"token ids must be in [0, {self.vocab}), got {min(flat)}..{max(flat)}")
+        n = check_step(rows, vocab=self.vocab, cached=self.pos, max_context=self.n_ctx, max_batch=self.n_seq)
+        B = len(rows)
         lib, b = self.lib, self.batch
         per = max(1, self.n_batch // B)  # positions per chunk
         seq = b.seq_id
@@ -523,10 +515,7 @@ class LlamaCppSession(Session):
         tok = int(token_id)
         if self._seqs_dirty:
             self._single_sequence()
-        if not 0 <= tok < self.vocab:
-            raise ConfigError(f"token ids must be in [0, {self.vocab}), got {tok}")
-        if self.pos >= self.n_ctx:
-            raise ConfigError(f"context full: {self.pos} cached + 1 new token > n_ctx {self.n_ctx}")
+        check_step([[tok]], vocab=self.vocab, cached=self.pos, max_context=self.n_ctx)
         b = self.batch
         b.n_tokens = 1
         self._tok[0] = tok
@@ -562,8 +551,8 @@ class LlamaCppSession(Session):
         (llama.cpp rebuilds its graph when the batch shape changes)."""
         import time
 
-        from moerun import Cache
-        from moerun.breakdown import cut_points, cut_timing
+        from moerun.toolkit import Cache
+        from moerun.toolkit import cut_points, cut_timing
 
         from .cut import CutCallback
 

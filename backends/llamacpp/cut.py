@@ -13,7 +13,7 @@ import ctypes
 from pathlib import Path
 from typing import Any
 
-from moerun.native import compile_library
+from moerun.toolkit import compile_library
 
 SOURCE = r"""
 #include <stdbool.h>

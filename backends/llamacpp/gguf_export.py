@@ -20,8 +20,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from moerun import Checkpoint, ModelSpec
-from moerun.checkpoint import to_bf16_bits
+from moerun.toolkit import Checkpoint, ModelSpec
+from moerun.toolkit import to_bf16_bits
 
 # family -> (GGUF arch, llama.cpp renormalises the top-k weights, needs q/k permutation)
 ARCH = {

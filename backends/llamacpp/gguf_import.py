@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moerun import CheckpointError, ModelSpec, UnsupportedError
+from moerun.toolkit import CheckpointError, ModelSpec, UnsupportedError
 
 from .gguf_export import ARCH
 

@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from moerun import Checkpoint
-from moerun.breakdown import CATEGORIES
+from moerun.toolkit import Checkpoint
+from moerun.toolkit import CATEGORIES
 
 
 def node_category(name: str) -> str:

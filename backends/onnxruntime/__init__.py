@@ -1,6 +1,6 @@
 """ONNX Runtime backend plugin: two backends, one per MoE formulation, on the shared builder."""
 
-from moerun import hookimpl
+from moerun.toolkit import hookimpl
 
 
 @hookimpl

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from moerun import (
+from moerun.toolkit import (
     Artifact,
     Availability,
     Backend,
@@ -34,17 +34,18 @@ from moerun import (
     CheckpointError,
     ConfigError,
     LoadSettings,
+    Option,
     Session,
+    check_step,
     UnsupportedError,
 )
-from moerun.memory import release_free
+from moerun.toolkit import release_free
 
 from .binding import OPT_LEVELS, bind_step
 from .int8 import SESSION_OPTION as INT8_SESSION_OPTION, int8_kernel, weights_for_cpu
 
 BUILD_VERSION = "onnx-builder-5"  # 4: a batch dimension; 5: opset 21, quantised and streamed by the builder
 DISPATCH_BYTES = 64 << 10  # what one If dispatch costs, in bytes copied (~2 us at ~30 GB/s)
-OPTIONS = {"provider", "profile", "opt_level", "spinning", "breakdown", "placement"}
 # moerun device -> execution provider, and why a missing one is missing
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider", "coreml": "CoreMLExecutionProvider"}
@@ -90,6 +91,16 @@ def node_placement(profile_path: str) -> dict[str, Any]:
 EXTERNAL_DATA_BYTES = 1 << 30  # protobuf stops at 2 GiB: larger models keep weights beside the graph
 
 
+OPTIONS = {  # -O NAME=VALUE (docs/backends.md, ONNX Runtime)
+    "provider": Option(help="the execution provider, overriding the one --device maps to", kinds=(str,)),
+    "placement": Option(help="one profiled step at load records which provider ran each node", kinds=(bool,)),
+    "profile": Option(help="ONNX Runtime's profiler on for the whole session", kinds=(bool,)),
+    "opt_level": Option(help="graph optimisation level", choices=tuple(OPT_LEVELS)),
+    "spinning": Option(help="intra-op threads spin between runs", kinds=(bool,)),
+    "breakdown": Option(help="the --breakdown instrument: cut timing or the profiler", choices=("cut", "profile")),
+}
+
+
 class OnnxRuntimeBackend(Backend):
     """MoE as standard ONNX ops (what any runtime, TensorRT included, accepts)."""
 
@@ -102,6 +113,7 @@ class OnnxRuntimeBackend(Backend):
     capabilities = Capabilities(precisions=("fp32", "int8", "int4"), default_precision="fp32", supports_moe=True,
                                 devices=tuple(PROVIDERS), max_batch=None)
     install_hint = "pip install 'moerun[onnxruntime]'"
+    options = OPTIONS
 
     def availability(self) -> Availability:
         try:
@@ -175,10 +187,6 @@ class OnnxRuntimeBackend(Backend):
 
     # ------------------------------------------------------------------ loading
     def load(self, artifact: Artifact, settings: LoadSettings) -> Session:
-        unknown = set(settings.options) - OPTIONS
-        if unknown:
-            raise ConfigError(f"onnxruntime backend: unknown option(s) {', '.join(sorted(unknown))}; "
-                              f"known: {', '.join(sorted(OPTIONS))}")
         return OnnxRuntimeSession(artifact, settings)
 
 
@@ -205,8 +213,6 @@ class OnnxRuntimeSession(Session):
         self.profile = bool(opts.get("profile", False))
         # int8 graphs: which integer GEMM runs them on this CPU, and whether it is exact (int8.py)
         self.int8 = int8_kernel(artifact.meta.get("int8_weights")) if artifact.precision == "int8" else None
-        if opts.get("breakdown", "cut") not in ("cut", "profile"):
-            raise ConfigError(f"onnxruntime: breakdown must be cut or profile, got {opts.get('breakdown')!r}")
         device = settings.device
         provider = opts.get("provider") or PROVIDERS.get(device.split(":")[0], "CPUExecutionProvider")
         if provider not in ort.get_available_providers():
@@ -217,7 +223,7 @@ class OnnxRuntimeSession(Session):
         # where nodes ran: ONNX Runtime falls back to the CPU node by node, so on any other
         # provider (or with -O placement=true) one profiled step at load says which ran what
         self.placement_wanted = not self.profile and (provider != "CPUExecutionProvider"
-                                                      or str(opts.get("placement", "")).lower() in ("1", "true"))
+                                                      or bool(opts.get("placement", False)))
         placement_dir = tempfile.mkdtemp(prefix="moerun-ort-placement-") if self.placement_wanted else None
         prefix = (str(artifact.path.with_name("profile")) if self.profile else
                   os.path.join(placement_dir, "placement") if placement_dir else None)
@@ -266,8 +272,6 @@ class OnnxRuntimeSession(Session):
         ort, opts = self.ort, self.settings.options
         so = ort.SessionOptions()
         level = opts.get("opt_level", "all")
-        if level not in OPT_LEVELS:
-            raise ConfigError(f"onnxruntime: opt_level must be one of {', '.join(OPT_LEVELS)}, got {level!r}")
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[level])
         so.log_severity_level = 3  # errors only: unused-initializer notes are not news
         so.intra_op_num_threads = self.threads
@@ -296,20 +300,12 @@ class OnnxRuntimeSession(Session):
         """One step of one sequence (`ids`), or of B sequences of one length (`rows`):
         logits [B, L, vocab] for rows, [L, vocab] otherwise."""
         batch = rows if rows is not None else [[int(t) for t in ids]]
-        n = len(batch[0])
-        if not n or any(len(r) != n for r in batch):
-            raise ConfigError("prefill needs at least one token id (the same count for every sequence)")
+        n = check_step(batch, vocab=self.spec.vocab_size, cached=self.pos, max_context=self.max_context,
+                       max_batch=self.batch_size)
         if len(batch) != self.rows:
             if self.pos:
                 raise ConfigError(f"{len(batch)} sequences: {self.rows} are cached (reset first)")
-            if len(batch) > self.batch_size:
-                raise ConfigError(f"{len(batch)} sequences: the session was loaded for batch size {self.batch_size}")
             self.reset(len(batch))
-        lo, hi = min(map(min, batch)), max(map(max, batch))
-        if lo < 0 or hi >= self.spec.vocab_size:
-            raise ConfigError(f"token ids must be in [0, {self.spec.vocab_size}), got {lo}..{hi}")
-        if self.pos + n > self.max_context:
-            raise ConfigError(f"context full: {self.pos} cached + {n} new tokens > {self.max_context}")
         io = bind_step(self.sess, batch, 0 if all_logits else n - 1, self.past, self.output_names, self.device)
         try:
             self.sess.run_with_iobinding(io)
@@ -392,7 +388,7 @@ class OnnxRuntimeSession(Session):
         import attrs
 
         from moerun.backends.onnxgraph.builder import node_category
-        from moerun.breakdown import empty, time_phases
+        from moerun.toolkit import empty_breakdown as empty, time_phases
 
         profiled = OnnxRuntimeSession(self.artifact, attrs.evolve(
             self.settings, options={**self.settings.options, "profile": True}))

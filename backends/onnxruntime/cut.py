@@ -79,7 +79,7 @@ def run_cut_timing(path: str, provider: str, threads: int, opt_level: str, kv_sh
     from onnxruntime.capi import _pybind_state
 
     from moerun.backends.onnxgraph.builder import node_category
-    from moerun.breakdown import cut_points, cut_timing
+    from moerun.toolkit import cut_points, cut_timing
 
     from .binding import OPT_LEVELS, bind_step
     from .int8 import SESSION_OPTION as INT8_SESSION_OPTION

@@ -1,6 +1,6 @@
 """TensorRT backend plugin (UNVERIFIED: no TensorRT on the machines this project runs on)."""
 
-from moerun import hookimpl
+from moerun.toolkit import hookimpl
 
 
 @hookimpl

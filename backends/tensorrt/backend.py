@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from moerun import (
+from moerun.toolkit import (
     Artifact,
     Availability,
     Backend,
@@ -34,6 +34,7 @@ from moerun import (
     ConfigError,
     LoadSettings,
     Session,
+    check_step,
     UnsupportedError,
 )
 
@@ -119,8 +120,6 @@ class TensorRTBackend(Backend):
                               "max_context": min(MAX_CONTEXT, spec.max_position_embeddings)})
 
     def load(self, artifact: Artifact, settings: LoadSettings) -> Session:
-        if settings.options:
-            raise ConfigError(f"tensorrt backend takes no options, got {', '.join(sorted(settings.options))}")
         if not settings.device.startswith("cuda"):
             raise UnsupportedError("TensorRT runs on CUDA devices only")
         return TensorRTSession(artifact, settings)
@@ -204,17 +203,12 @@ class TensorRTSession(Session):
         """One sequence (`ids`: [n, vocab] or [1, vocab]) or B of one length (`rows`: [B, vocab],
         each one's last position). UNVERIFIED: no TensorRT here."""
         batch = rows if rows is not None else [[int(t) for t in ids]]
-        B, T = len(batch), len(batch[0])
-        if T == 0 or any(len(r) != T for r in batch):
-            raise ConfigError("prefill needs at least one token id (the same count for every sequence)")
-        if B > self.batch_size:
-            raise ConfigError(f"{B} sequences: the session was loaded for batch size {self.batch_size}")
-        if B * T > self.max_prompt or self.pos + T > self.max_context:
-            raise ConfigError(f"{B} x {T} tokens after {self.pos} exceed the engine's profiles "
-                              f"(batch x prompt <= {self.max_prompt}, context <= {self.max_context})")
-        flat = [t for r in batch for t in r]
-        if min(flat) < 0 or max(flat) >= self.spec.vocab_size:
-            raise ConfigError(f"token ids must be in [0, {self.spec.vocab_size})")
+        T = check_step(batch, vocab=self.spec.vocab_size, cached=self.pos, max_context=self.max_context,
+                       max_batch=self.batch_size)
+        B = len(batch)
+        if B * T > self.max_prompt:
+            raise ConfigError(f"{B} x {T} tokens exceed the engine's prefill profile (batch x prompt <= "
+                              f"{self.max_prompt})")
         if rows is not None:
             all_logits = False
         ctx = self.contexts[1 if T == 1 else 0]
@@ -265,7 +259,7 @@ class TensorRTSession(Session):
         the ONNX nodes they came from, whose names carry the category ("router:l3_..."); a
         fused layer ("a + b") takes its first node's category."""
         from moerun.backends.onnxgraph.builder import node_category
-        from moerun.breakdown import empty, time_phases
+        from moerun.toolkit import empty_breakdown as empty, time_phases
 
         trt = self.trt
 

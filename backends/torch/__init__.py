@@ -1,6 +1,6 @@
 """PyTorch backend plugin: the numerical reference (fp32) and an eager/compiled engine."""
 
-from moerun import hookimpl
+from moerun.toolkit import hookimpl
 
 
 @hookimpl

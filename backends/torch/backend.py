@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from moerun import (
+from moerun.toolkit import (
     Artifact,
     Availability,
     Backend,
@@ -15,12 +15,13 @@ from moerun import (
     Cache,
     Capabilities,
     Checkpoint,
-    ConfigError,
     LoadSettings,
+    Option,
     Session,
+    check_step,
     UnsupportedError,
 )
-from moerun.memory import release_free
+from moerun.toolkit import release_free
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -58,6 +59,10 @@ class TorchBackend(Backend):
         max_batch=None,
     )
     install_hint = "pip install 'moerun[torch]'"
+    options = {  # -O NAME=VALUE (docs/backends.md, PyTorch)
+        "compile_mode": Option(help="torch.compile's mode with --compile", kinds=(str,)),
+        "breakdown": Option(help="the --breakdown instrument: cut timing or torch.profiler", choices=("cut", "profiler")),
+    }
 
     def availability(self) -> Availability:
         try:
@@ -74,7 +79,7 @@ class TorchBackend(Backend):
             return None
         import platform
 
-        from moerun.environment import cpu_flags
+        from moerun.toolkit import cpu_flags
 
         flags = cpu_flags()
         if platform.machine().lower() in ("x86_64", "amd64"):
@@ -109,9 +114,6 @@ class TorchBackend(Backend):
             raise UnsupportedError(notes.get(device.split(":")[0], f"torch here has no {device} device"))
         if settings.threads:
             torch.set_num_threads(int(settings.threads))
-        unknown = set(settings.options) - {"compile_mode", "breakdown"}
-        if unknown:
-            raise ConfigError(f"torch backend: unknown option(s) {', '.join(sorted(unknown))}")
         dtype = getattr(torch, _DTYPES[artifact.precision])
         ckpt = Checkpoint.open(artifact.path, name=artifact.spec.name)
         try:
@@ -126,8 +128,6 @@ class TorchBackend(Backend):
         # held OLMoE-1B-7B bf16 at 1.28x its weights. Handing them back costs nothing later.
         release_free()
         instrument = settings.options.get("breakdown", "cut")
-        if instrument not in ("cut", "profiler"):
-            raise ConfigError(f"torch backend: option breakdown must be cut or profiler, got {instrument!r}")
         return TorchSession(model, compile=settings.compile, compile_mode=settings.options.get("compile_mode"),
                             breakdown=instrument)
 
@@ -150,21 +150,8 @@ class TorchSession(Session):
 
     def _run(self, rows: list[list[int]], all_logits: bool) -> np.ndarray:
         """One step of B sequences of n tokens each (B = 1 for prefill and decode)."""
-        B, n = len(rows), len(rows[0]) if rows else 0
-        if not n:
-            raise ConfigError("prefill needs at least one token id")
-        if any(len(r) != n for r in rows):
-            raise ConfigError("a batch needs sequences of one length")
-        if B > self.model.batch:
-            raise ConfigError(f"{B} sequences: the session was loaded for batch size {self.model.batch}")
-        if self.pos + n > self.model.max_context:
-            raise ConfigError(
-                f"context full: {self.pos} cached + {n} new tokens > max_context {self.model.max_context}"
-            )
-        vocab = self.model.spec.vocab_size
-        lo, hi = min(map(min, rows)), max(map(max, rows))
-        if lo < 0 or hi >= vocab:
-            raise ConfigError(f"token ids must be in [0, {vocab}), got {lo}..{hi}")
+        n = check_step(rows, vocab=self.model.spec.vocab_size, cached=self.pos,
+                       max_context=self.model.max_context, max_batch=self.model.batch)
         t = self.torch.tensor(rows, dtype=self.torch.long, device=self.model.device)
         logits = self._forward(t, self.pos, all_logits=all_logits)
         self.pos += n
@@ -213,7 +200,7 @@ class TorchSession(Session):
             return self._profiler_breakdown(prompt, follow)
         import time
 
-        from moerun.breakdown import cut_timing
+        from moerun.toolkit import cut_timing
 
         from .model import Cuts, StepCut
 
@@ -281,7 +268,7 @@ class TorchSession(Session):
         outside every region (residual adds, Python glue) is left unattributed."""
         import time
 
-        from moerun.breakdown import empty
+        from moerun.toolkit import empty_breakdown as empty
 
         torch = self.torch
         activities = [torch.profiler.ProfilerActivity.CPU]

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moerun import Checkpoint, ModelSpec
-from moerun.memory import release_free
+from moerun.toolkit import Checkpoint, ModelSpec
+from moerun.toolkit import release_free
 
 
 # ---------------------------------------------------------------- building blocks

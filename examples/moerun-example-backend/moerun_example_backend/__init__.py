@@ -1,6 +1,6 @@
 """moerun plugin: registers the NumPy example backend (imports nothing heavy)."""
 
-from moerun import hookimpl
+from moerun.toolkit import hookimpl
 
 
 @hookimpl

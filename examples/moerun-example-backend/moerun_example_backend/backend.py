@@ -1,4 +1,5 @@
-"""The reference decoder in NumPy: a backend written only against moerun's public API."""
+"""The reference decoder in NumPy: a backend written only against moerun.toolkit, the surface
+moerun publishes for engine plugins."""
 
 from __future__ import annotations
 
@@ -6,17 +7,17 @@ from typing import Sequence
 
 import numpy as np
 
-from moerun import (
+from moerun.toolkit import (
     Artifact,
     Availability,
     Backend,
     Capabilities,
     Checkpoint,
-    ConfigError,
     LoadSettings,
     ModelSpec,
     Session,
     UnsupportedError,
+    check_step,
 )
 
 
@@ -127,12 +128,7 @@ class NumpySession(Session):
     def _forward(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
         s, w = self.spec, self.w
         ids = [int(t) for t in ids]
-        if not ids:
-            raise ConfigError("prefill needs at least one token id")
-        if min(ids) < 0 or max(ids) >= s.vocab_size:
-            raise ConfigError(f"token ids must be in [0, {s.vocab_size})")
-        if self.pos + len(ids) > self.max_context:
-            raise ConfigError("context full")
+        check_step([ids], vocab=s.vocab_size, cached=self.pos, max_context=self.max_context)
         x = w["model.embed_tokens.weight"][ids]
         for i in range(s.num_layers):
             p = f"model.layers.{i}."
