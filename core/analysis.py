@@ -1,28 +1,30 @@
-"""From results to the verdict: MoE tokens/s over its dense twins, per backend and precision."""
+"""From results to the verdict: MoE tokens/s over its dense twins, per backend and precision,
+and the framework maturity matrix. Both read folded points (moerun.records.PointResult)."""
 
 from __future__ import annotations
 
 from typing import Any, Iterable
 
+from .records import PointResult
 
-def verdicts(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+
+def verdicts(results: Iterable[PointResult]) -> list[dict[str, Any]]:
     """One row per (group, workload) holding an MoE result and at least one twin or named
     baseline: MoE/twin ratios of decode and prefill tokens/s (> 1: the MoE is faster) paired
     by round (`moerun.protocol.paired`), each with its 95 % interval (`_ci95`), relative
     half-width (`_hw`), rounds used (`_n`) and contention flags, and, against the
     total-matched twin, the share of the ideal (weight bytes read per token) speed-up realised.
-    Per-round records are collapsed first; older one-record files still work (one round)."""
+    `results` are folded points (moerun.records.point_results / load_results)."""
     from .comparison import SHARED_FIELDS, record_key
-    from .protocol import collapse, paired
+    from .protocol import paired
 
-    results = collapse(results)
-    by_key: dict[tuple, dict[str, dict[str, Any]]] = {}
-    baselines: dict[tuple, list[dict[str, Any]]] = {}
+    by_key: dict[tuple, dict[str, PointResult]] = {}
+    baselines: dict[tuple, list[PointResult]] = {}
     for r in results:
-        if r.get("role") in ("moe", "dense-active", "dense-total", "dense-isomem"):
-            by_key.setdefault((r.get("group"), *record_key(r)), {})[r["role"]] = r
-        elif r.get("role") == "baseline" and r.get("status") == "ok":
-            baselines.setdefault(record_key(r), []).append(r)
+        if r.role in ("moe", "dense-active", "dense-total", "dense-isomem"):
+            by_key.setdefault((r.group, *record_key(r.record)), {})[r.role] = r
+        elif r.role == "baseline" and r.ok:
+            baselines.setdefault(record_key(r.record), []).append(r)
     rows = []
     for (group, *key), roles in by_key.items():
         label, backend, precision, *shared, options = key
@@ -31,8 +33,7 @@ def verdicts(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         named = baselines.get(tuple(key), [])
         if moe is None or (len(roles) < 2 and not named):
             continue
-        protocol = moe.get("protocol") or {}
-        target, min_rounds = protocol.get("target"), protocol.get("min_rounds", 3)
+        target, min_rounds = moe.protocol.get("target"), moe.protocol.get("min_rounds", 3)
         row: dict[str, Any] = {"group": group, "hardware": label, "options": options, "backend": backend,
                                "precision": precision,
                                "prompt_tokens": fields["prompt_tokens"], "new_tokens": fields["new_tokens"],
@@ -40,10 +41,10 @@ def verdicts(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                                "target": target}
         stats: list[dict[str, Any]] = []
 
-        def compare(other: dict[str, Any], metric: str) -> dict[str, Any] | None:
-            if moe.get("status") != "ok" or other.get("status") != "ok":
+        def compare(other: PointResult, metric: str) -> dict[str, Any] | None:
+            if not (moe.ok and other.ok):
                 return None
-            st = paired(moe, other, metric, min_rounds)
+            st = paired(moe.record, other.record, metric, min_rounds)
             if st["value"] is not None:
                 stats.append(st)
             return st
@@ -57,7 +58,7 @@ def verdicts(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                 entry[short] = st["value"] if st else None
                 entry[f"{short}_ci95"] = st["ci95"] if st else None
                 entry[f"{short}_hw"] = st["halfwidth"] if st else None
-            row["baselines"][b["model_name"]] = entry
+            row["baselines"][b.model_name] = entry
         for twin in ("dense-active", "dense-total", "dense-isomem"):
             if twin not in roles:
                 continue
@@ -83,7 +84,7 @@ def verdicts(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         # decode step: with a batch the MoE reads the union of the experts its sequences chose)
         total = roles.get("dense-total")
         ideal = None
-        if total and moe.get("model") and total.get("model"):
+        if total and moe.model and total.model:
             ideal = step_bytes(total) / step_bytes(moe)
         row["ideal_decode_vs_total"] = ideal
         got = row.get("decode_vs_total")
@@ -92,63 +93,54 @@ def verdicts(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def paired_precision(r: dict[str, Any]) -> str | None:
+def paired_precision(r: PointResult) -> str | None:
     """The precision a result is compared at: its own, except for an iso-memory twin
     (``NAME:dense-isomem-P-Q``), which runs at Q and pairs with the MoE at P."""
     from .comparison import record_key
 
-    return record_key(r)[2]
+    return record_key(r.record)[2]
 
 
-def step_bytes(r: dict[str, Any]) -> float:
+def step_bytes(r: PointResult) -> float:
     """Weight bytes one decode step reads (the union of experts over a batch where measured)."""
-    m = r.get("metrics") or {}
-    return m.get("weight_bytes_per_step") or r["model"]["weight_bytes_per_token"]
+    return r.metrics.get("weight_bytes_per_step") or r.model["weight_bytes_per_token"]
 
 
-def isomem_facts(moe: dict[str, Any], twin: dict[str, Any]) -> dict[str, Any]:
+def isomem_facts(moe: PointResult, twin: PointResult) -> dict[str, Any]:
     """What the iso-memory comparison rests on: the dense point's shape, precision and bytes
     against the MoE's (the engine files as built: nominal bits only approximate k-quant
     mixes), and both sides' parity with the fp32 reference."""
-    def size(r: dict[str, Any]) -> int | None:
-        return (r.get("artifact") or {}).get("size_bytes")
-
-    def parity(r: dict[str, Any]) -> dict[str, Any] | None:
-        p = r.get("parity") or {}
+    def parity(r: PointResult) -> dict[str, Any] | None:
+        p = r.parity
         if not p.get("available"):
-            return {"available": False, "reason": p.get("reason", "not measured")} if r.get("status") == "ok" else None
+            return {"available": False, "reason": p.get("reason", "not measured")} if r.ok else None
         return {"available": True, "max_abs_diff": p["max_abs_diff"], "top1_agreement": p["top1_agreement"],
                 "kernel_path": p.get("kernel_path")}
 
-    model = twin.get("model") or {}
-    out = {"model": (twin.get("point") or {}).get("model") or twin.get("model_name"),
-           "precision": twin.get("precision"),
-           "status": twin.get("status"), "error": twin.get("error"),
-           "total_params": model.get("total_params"), "moe_total_params": (moe.get("model") or {}).get("total_params"),
-           "bytes": size(twin), "moe_bytes": size(moe), "parity": parity(twin), "moe_parity": parity(moe)}
+    out = {"model": twin.point.get("model") or twin.model_name, "precision": twin.precision,
+           "status": twin.status, "error": twin.error,
+           "total_params": twin.model.get("total_params"), "moe_total_params": moe.model.get("total_params"),
+           "bytes": twin.artifact.get("size_bytes"), "moe_bytes": moe.artifact.get("size_bytes"),
+           "parity": parity(twin), "moe_parity": parity(moe)}
     if out["bytes"] and out["moe_bytes"]:
         out["bytes_ratio"] = out["bytes"] / out["moe_bytes"]
     return out
 
 
-def maturity(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+def maturity(results: Iterable[PointResult]) -> list[dict[str, Any]]:
     """The framework maturity matrix: per backend x (dense, MoE) x precision, whether the
     points ran, were unsupported or failed, the worst parity seen and the median decode
     tokens/s of the points that ran."""
     import statistics
 
-    from .protocol import collapse
-
-    cells: dict[tuple, list[dict[str, Any]]] = {}
-    for r in collapse(results):
-        kind = "MoE" if (r.get("model") or {}).get("is_moe") or r.get("role") == "moe" else "dense"
-        cells.setdefault((hardware(r), r.get("backend"), kind, r.get("precision")), []).append(r)
+    cells: dict[tuple, list[PointResult]] = {}
+    for r in results:
+        cells.setdefault((r.hardware, r.backend, "MoE" if r.is_moe else "dense", r.precision), []).append(r)
     rows = []
     for (label, backend, kind, precision), rs in sorted(cells.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
-        statuses = [r.get("status") for r in rs]
-        parity = [r["parity"] for r in rs if (r.get("parity") or {}).get("available")]
-        decode = [r["metrics"]["decode_tok_s"] for r in rs if r.get("status") == "ok"
-                  and (r.get("metrics") or {}).get("decode_tok_s")]
+        statuses = [r.status for r in rs]
+        parity = [r.parity for r in rs if r.parity.get("available")]
+        decode = [r.metrics["decode_tok_s"] for r in rs if r.ok and r.metrics.get("decode_tok_s")]
         rows.append({
             "hardware": label, "backend": backend, "kind": kind, "precision": precision, "points": len(rs),
             "ok": statuses.count("ok"), "unsupported": statuses.count("unsupported"),
@@ -159,20 +151,9 @@ def maturity(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             "max_abs_diff": max((p["max_abs_diff"] for p in parity), default=None),
             "min_top1": min((p["top1_agreement"] for p in parity), default=None),
             "decode_tok_s": statistics.median(decode) if decode else None,
-            "reasons": sorted({r.get("error") for r in rs if r.get("status") != "ok" and r.get("error")})[:3],
+            "reasons": sorted({r.error for r in rs if not r.ok and r.error})[:3],
         })
     return rows
-
-
-def options_text(r: dict[str, Any]) -> str:
-    """A result's backend options as 'k=v k=v' (sorted), '' when none."""
-    options = (r.get("point") or {}).get("options") or {}
-    return " ".join(f"{k}={options[k]}" for k in sorted(options))
-
-
-def hardware(r: dict[str, Any]) -> str | None:
-    """A result's fleet label (`--hardware`), None for a point measured without one."""
-    return r.get("hardware") or (r.get("point") or {}).get("hardware")
 
 
 def machine_label(env: dict[str, Any]) -> str:

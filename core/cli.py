@@ -433,11 +433,9 @@ def cmd_predict(plugins: Any, args: argparse.Namespace) -> int:
         hw = get_hardware(args.hardware)
     efficiency = None
     if args.calibrate:
-        from .results import read_results
+        from .records import load_results
 
-        from .protocol import collapse
-
-        efficiency = efficiency_from_results(collapse(read_results(args.calibrate)), args.precision)
+        efficiency = efficiency_from_results(load_results([args.calibrate]), args.precision)
     spec = plugins.models.resolve(args.model)
     specs = [spec] + ([spec.dense_twin("active"), spec.dense_twin("total")] if spec.is_moe else [])
     batches = _batch_sizes(args.batch_size) or [1]
@@ -490,28 +488,22 @@ def cmd_predict(plugins: Any, args: argparse.Namespace) -> int:
 def cmd_compare(plugins: Any, args: argparse.Namespace) -> int:
     import csv
 
-    from .analysis import hardware, machine_label, verdicts
-    from .protocol import collapse
-    from .results import read_results
+    from .analysis import machine_label, verdicts
+    from .records import load_results
 
     rows, verdict_rows = [], []
     for path in args.results:
-        if not path.is_file():
-            raise ConfigError(f"no results file {path}")
-        results = collapse(read_results(path))
         by_machine: dict[str, list] = {}
-        for r in results:  # a fleet's merged file: keyed by hardware label, the node's machine beside it
-            label = hardware(r)
-            machine = machine_label(r.get("env") or {})
-            by_machine.setdefault(f"{label}: {machine}" if label else machine, []).append(r)
+        for r in load_results([path]):  # a fleet's merged file: keyed by hardware label, the node's machine beside it
+            machine = machine_label(r.env)
+            by_machine.setdefault(f"{r.hardware}: {machine}" if r.hardware else machine, []).append(r)
         for machine, rs in by_machine.items():
             for r in rs:
-                m = r.get("metrics") or {}
-                rows.append({"machine": machine, "hardware": hardware(r), "node": (r.get("node") or {}).get("hostname"),
-                             "file": str(path), "model": r.get("model_name"),
-                             "role": r.get("role"), "backend": r.get("backend"), "precision": r.get("precision"),
-                             "status": r.get("status"), "decode_tok_s": m.get("decode_tok_s"),
-                             "prefill_tok_s": m.get("prefill_tok_s"), "mbu": m.get("mbu")})
+                rows.append({"machine": machine, "hardware": r.hardware, "node": r.node.get("hostname"),
+                             "file": str(path), "model": r.model_name, "role": r.role, "backend": r.backend,
+                             "precision": r.precision, "status": r.status,
+                             "decode_tok_s": r.metrics.get("decode_tok_s"),
+                             "prefill_tok_s": r.metrics.get("prefill_tok_s"), "mbu": r.metrics.get("mbu")})
             verdict_rows += [{"machine": machine, **v} for v in verdicts(rs)]
     if args.csv:
         with open(args.csv, "w", newline="") as f:
@@ -550,19 +542,14 @@ def cmd_compare(plugins: Any, args: argparse.Namespace) -> int:
 
 
 def cmd_report(plugins: Any, args: argparse.Namespace) -> int:
-    from .results import read_results
+    from .analysis import verdicts
+    from .records import load_results
 
-    results = []
-    for path in args.results:
-        if not path.is_file():
-            raise ConfigError(f"no results file {path}")
-        results.extend(read_results(path))
-    if not results:
-        raise ConfigError("the results files hold no complete record")
+    results = load_results(args.results)
     out = args.out or Path("moerun-report")
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "report.md", "w") as stream:
-        plugins.reporters.get("markdown")(results, stream, assets_dir=out)
+        plugins.reporters.get("markdown")(results, verdicts(results), stream, assets_dir=out)
     print(f"moerun: report in {out / 'report.md'}", file=sys.stderr)
     return 0
 
@@ -689,14 +676,15 @@ def _measure(plugins: Any, study: StudySpec, args: argparse.Namespace) -> int:
     with _Progress(len(points) * protocol.min_rounds, enabled=not args.quiet) as progress:
         outcome = run_study(list(points), plugins, output=output, executor=executor, protocol=protocol,
                             on_start=progress.start, on_result=on_result, before_round=before_round)
-    reporter(outcome.results, sys.stdout)
-    _summary(outcome, protocol, output, err)
-    return 1 if any(r.get("status") == "failed" or r.get("round_errors") for r in outcome.results) else 0
-
-
-def _summary(outcome: Any, protocol: Any, output: Path, err: Any) -> None:
     from .analysis import verdicts
 
+    rows = verdicts(outcome.results)
+    reporter(outcome.results, rows, sys.stdout)
+    _summary(outcome, rows, protocol, output, err)
+    return 1 if any(r.status == "failed" or r.record.get("round_errors") for r in outcome.results) else 0
+
+
+def _summary(outcome: Any, rows: list[dict[str, Any]], protocol: Any, output: Path, err: Any) -> None:
     rounds = len({r.get("round") for r in outcome.records})
     print(f"moerun: {len(outcome.results)} points, {len(outcome.records)} measurements in {rounds} rounds "
           f"({outcome.elapsed_s:.0f} s); rounds stopped: {outcome.stopped}", file=err)
@@ -705,13 +693,12 @@ def _summary(outcome: Any, protocol: Any, output: Path, err: Any) -> None:
         ways[way] = ways.get(way, 0) + 1
     if ways:
         print("moerun: comparisons measured: " + "; ".join(f"{n} {way}" for way, n in ways.items()), file=err)
-    rows = verdicts(outcome.results)
     missed = [r for r in rows if r.get("missed_target")]
     if missed and protocol.target:
         print(f"moerun: {len(missed)} of {len(rows)} verdicts missed the ±{protocol.target:.0%} target "
               f"({', '.join(r['group'] + ' on ' + r['backend'] for r in missed)}); more rounds "
               f"(--budget, --max-rounds) or a quieter machine narrow them", file=err)
-    busy = [r for r in outcome.results if r.get("contended")]
+    busy = [r for r in outcome.results if r.contended]
     if busy:
         print(f"moerun: warning: {len(busy)} points had rounds measured under contention ('busy' column)",
               file=err)

@@ -66,9 +66,11 @@ def moerun_register_reporters(registry: "ReporterRegistry") -> None:
     """Register result reporters (table, JSON, CSV, Markdown, ...).
 
     Called once when the plugin manager is built. Each implementation calls
-    ``registry.add(name, func)`` where ``func(results, stream)`` writes a report of a list
-    of result dicts to a text stream. ``moerun report`` calls the ``markdown`` reporter
-    with a third keyword argument, ``assets_dir``, the folder for its figures.
+    ``registry.add(name, func)`` where ``func(results, verdicts, stream)`` writes a report to
+    a text stream: ``results`` is a list of :class:`moerun.records.PointResult` (one per
+    point, its rounds folded), ``verdicts`` the rows of :func:`moerun.analysis.verdicts`.
+    ``moerun report`` calls the ``markdown`` reporter with a keyword argument more,
+    ``assets_dir``, the folder for its figures.
 
     :param registry: the :class:`moerun.registry.ReporterRegistry` to add reporters to.
     :return: nothing; return values are ignored.

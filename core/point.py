@@ -1,6 +1,6 @@
 """A `Point`: one self-contained, serialisable measurement (a model on a backend at a
 precision with a workload shape), the token ids every backend runs for it, and what a point
-resolves to before anything is measured (its spec, its checkpoint, whether it fits a device).
+resolves to before anything is measured (its spec, its checkpoint).
 
 Everything above it (studies, protocols, executors, the runner) passes points; this module
 imports nothing of theirs."""
@@ -22,7 +22,6 @@ from .cache import Cache
 from .checkpoint import Checkpoint, synthetic_checkpoint
 from .convert import structure, unstructure
 from .errors import ConfigError
-from .predict import fit_obstacle
 from .spec import ModelSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -99,13 +98,6 @@ class Point:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def nominal(precision: str) -> str:
-    """The precision whose nominal bits predict bytes per token (an unknown file type: f16)."""
-    from .precision import PRECISIONS
-
-    return precision if precision in PRECISIONS else "f16"
-
-
 def token_ids(vocab_size: int, count: int, seed: int) -> list[int]:
     """The workload's token ids: the same for every backend given (vocab, count, seed)."""
     rng = np.random.default_rng([seed, 0x6D6F65])
@@ -128,15 +120,6 @@ def point_spec(point: Point, plugins: "MoerunPlugins") -> ModelSpec:
     if path.is_dir():
         return Checkpoint.open(path).spec
     return plugins.models.resolve(point.model)
-
-
-def point_fit_obstacle(point: Point, spec: ModelSpec, precision: str) -> str | None:
-    """Why `point` (at `precision`) cannot fit its `--fit` device, or None (no device named,
-    or it fits): its weights at nominal bits and every sequence's KV cache."""
-    if not point.fit:
-        return None
-    return fit_obstacle(spec, nominal(precision), point.fit, batch=point.batch_size,
-                        context=point.prompt_tokens + point.new_tokens)
 
 
 def resolve_checkpoint(point: Point, plugins: "MoerunPlugins", cache: Cache) -> Checkpoint:

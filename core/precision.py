@@ -66,3 +66,9 @@ def harder_precision(offered: "list[str] | tuple[str, ...]", precision: str, sha
         if b <= share * bits and (best is None or b > get_precision(best).bits_per_weight):
             best = name
     return best
+
+
+def nominal(precision: str) -> str:
+    """The precision whose nominal bits predict bytes per token (an engine file's own type
+    that moerun does not know: f16)."""
+    return precision if precision in PRECISIONS else "f16"

@@ -12,13 +12,17 @@ predicted.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import attrs
 
 from .errors import ConfigError
-from .precision import get_precision
+from .precision import get_precision, nominal
 from .spec import ModelSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .point import Point
+    from .records import PointResult
 
 
 @attrs.frozen(kw_only=True)
@@ -90,6 +94,15 @@ def fit_obstacle(spec: ModelSpec, precision: str, device: str, *, batch: int = 1
             f"{hw.usable_bytes / GB:.1f} of its {hw.memory_bytes / GB:.0f} GB are usable (--fit)")
 
 
+def point_fit_obstacle(point: "Point", spec: ModelSpec, precision: str) -> str | None:
+    """Why `point` (at `precision`) cannot fit its `--fit` device, or None (no device named,
+    or it fits): its weights at nominal bits and every sequence's KV cache."""
+    if not point.fit:
+        return None
+    return fit_obstacle(spec, nominal(precision), point.fit, batch=point.batch_size,
+                        context=point.prompt_tokens + point.new_tokens)
+
+
 def get_hardware(name: str) -> Hardware:
     if name not in HARDWARE:
         raise ConfigError(f"unknown hardware {name!r}; known: {', '.join(HARDWARE)}")
@@ -105,16 +118,16 @@ def this_machine(env: dict[str, Any]) -> Hardware:
                     memory_bytes=float(env.get("memory_bytes") or 0), source="measured in this run")
 
 
-def efficiency_from_results(results: Iterable[dict[str, Any]], precision: str | None = None) -> dict[str, float]:
+def efficiency_from_results(results: Iterable["PointResult"], precision: str | None = None) -> dict[str, float]:
     """Median decode MBU and prefill FLOP utilisation of ok results (optionally one precision):
     how much of the roofline this machine's engines actually reached."""
     import statistics
 
     mbu, mfu = [], []
     for r in results:
-        if r.get("status") != "ok" or (precision and r.get("precision") != precision):
+        if not r.ok or (precision and r.precision != precision):
             continue
-        m = r.get("metrics", {})
+        m = r.metrics
         if m.get("mbu"):
             mbu.append(m["mbu"])
         if m.get("s_mfu_prefill"):

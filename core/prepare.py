@@ -17,7 +17,8 @@ import attrs
 from .cache import Cache
 from .checkpoint import synthetic_checkpoint
 from .errors import MoerunError
-from .point import Point, point_fit_obstacle
+from .point import Point
+from .predict import point_fit_obstacle
 
 if TYPE_CHECKING:  # pragma: no cover
     from .manager import MoerunPlugins

@@ -25,9 +25,9 @@ from .contention import CpuWindow
 from .errors import BackendUnavailableError, ConfigError, MoerunError, UnsupportedError
 from .metrics import bandwidth_now, derive_metrics, expert_coverage, model_record, routing_stats
 from .parity import PARITY_TOKENS, parity
-from .point import Point, batch_token_ids, nominal, point_fit_obstacle, point_spec, resolve_checkpoint
-from .precision import get_precision
-from .predict import fits
+from .point import Point, batch_token_ids, point_spec, resolve_checkpoint
+from .precision import get_precision, nominal
+from .predict import fits, point_fit_obstacle
 from .results import base_result, now
 from .stats import summarize
 

@@ -18,6 +18,7 @@ from .isolation import run_isolated
 from .point import Point, point_spec
 from .protocol import Protocol as MeasurementProtocol
 from .protocol import collapse, run_rounds
+from .records import PointResult
 from .results import FINISHED, append_result, base_result, read_results
 from .runner import measure
 
@@ -98,10 +99,11 @@ class LocalExecutor:
 
 @attrs.frozen
 class StudyOutcome:
-    """What a study run returns: one collapsed record per point (input order), every
-    per-round record, why rounds stopped and the seconds they took."""
+    """What a study run returns: one folded point per point (input order; a point that never
+    ran is `failed` with no error), every per-round record as written, why rounds stopped and
+    the seconds they took."""
 
-    results: list[dict[str, Any]]
+    results: list[PointResult]
     records: list[dict[str, Any]]
     stopped: str
     elapsed_s: float
@@ -171,7 +173,7 @@ def run_study(
     stopped = reasons.pop() if len(reasons) == 1 else "; ".join(f"{lane}: {run['stopped']}"
                                                                  for lane, run in runs.items())
     folded = {r["key"]: r for r in collapse(records)}
-    results = [folded[p.key] if p.key in folded else base_result(p, None) for p in points]
+    results = [PointResult.of(folded[p.key] if p.key in folded else base_result(p, None)) for p in points]
     scheduling = {k: v for run in runs.values() for k, v in run.get("lockstep", {}).items()}
     return StudyOutcome(results=results, records=records, stopped=stopped, scheduling=scheduling,
                         elapsed_s=max(run["elapsed_s"] for run in runs.values()))

@@ -68,7 +68,9 @@ def test_measurement_reconciles_breakdown_with_plain_timings(plugins, cache):
         d = b[phase]
         assert d["plain_s"] > 0 and d["sum_over_plain"] == pytest.approx(d["sum_s"] / d["plain_s"])
         assert abs(sum(d["shares"].values()) - 1) < 1e-9
-        assert 0 < d["router_share_of_moe_block"] < 1
+        # the MoE block took time; the router's part of it is a share (a tiny router can time as
+        # zero under cut timing's monotone correction on a noisy machine)
+        assert d["shares"]["experts"] > 0 and 0 <= d["router_share_of_moe_block"] < 1
     r = measure(Point(model="tiny-moe", backend="torch", prompt_tokens=4, new_tokens=2, repetitions=1),
                 plugins, cache, {})
     assert "breakdown" not in r  # instrumented runs only when asked for

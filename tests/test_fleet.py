@@ -57,7 +57,7 @@ def test_lanes_run_in_parallel_and_one_point_at_a_time_within_a_lane(plugins, tm
               for h in ("a", "b") for m, role in (("tiny-moe", "moe"), ("tiny-moe:dense-active", "dense-active"))]
     ex = TwoLanes()
     out = run_study(points, plugins, output=tmp_path / "r.jsonl", executor=ex)
-    assert [r["status"] for r in out.results] == ["ok"] * 4
+    assert [r.status for r in out.results] == ["ok"] * 4
     assert ex.max_active == {"a": 1, "b": 1}
     assert len(read_results(tmp_path / "r.jsonl")) == 4
 

@@ -18,6 +18,7 @@ from moerun.results import base_result
 from moerun.grid import grid_points
 from moerun.study import LocalExecutor
 from moerun.studyfile import StudySpec
+from moerun.records import point_results
 
 
 def _default(backend: str) -> str:
@@ -98,7 +99,7 @@ def test_two_sides_in_lockstep_alternate_units_and_say_so(plugins, cache):
     # the records fold and pair like any round's
     for r, p in zip(rs, pts):
         r.update(key=p.key, point=p.to_dict(), round=0, protocol=Protocol().to_dict())
-    (v,) = verdicts(rs)
+    (v,) = verdicts(point_results(rs))
     assert v["method"].startswith("lockstep, one restart") and v["decode_vs_active"] > 0
 
 
@@ -133,7 +134,7 @@ def test_rounds_run_in_lockstep_through_the_executor_and_resume(plugins, cache, 
         "one at a time", "together"]
     folded = collapse(run["records"])
     assert all(len(f["rounds"]) == 2 and f["rounds"][0]["lockstep"]["decode_tok_s"] for f in folded)
-    (v,) = verdicts(folded)
+    (v,) = verdicts(point_results(folded))
     assert v["method"] == "lockstep: a ratio per cycle, restarts as a random effect" and v["rounds"] == 2
     again = run_rounds(pts, ex, protocol, previous=run["records"], default_precision=_default)
     assert again["records"] == [] or all(r.get("resumed") for r in again["records"])
@@ -151,7 +152,7 @@ def test_sides_that_do_not_fit_together_fall_back_to_sequential_rounds(plugins, 
 
 
 def test_no_iso_memory_twin_at_a_precision_this_cpu_would_emulate(plugins, monkeypatch):
-    import moerun.environment as environment
+    import moerun.toolkit as environment  # what backends read the CPU through
 
     monkeypatch.delenv("MOERUN_EMULATED_TWINS")
     monkeypatch.setattr("platform.machine", lambda: "x86_64")

@@ -10,6 +10,7 @@ from conftest import run_cli
 from moerun import ConfigError
 from moerun.predict import HARDWARE, efficiency_from_results, predict
 from moerun.presets import REAL
+from moerun.records import point_results
 
 OLMOE = next(r[0] for r in REAL if r[0].name == "olmoe-1b-7b")
 LLAMA = next(r[0] for r in REAL if r[0].name == "llama-3.2-1b")
@@ -29,11 +30,12 @@ def test_models_that_do_not_fit_are_flagged_not_predicted():
 
 
 def test_calibration_uses_measured_efficiency():
-    rows = [{"status": "ok", "precision": "q4_k_m", "metrics": {"mbu": x, "s_mfu_prefill": 0.2}} for x in (0.6, 0.7, 0.9)]
-    eff = efficiency_from_results(rows + [{"status": "failed"}], "q4_k_m")
+    rows = [{"key": f"p{i}", "status": "ok", "precision": "q4_k_m", "metrics": {"mbu": x, "s_mfu_prefill": 0.2}}
+            for i, x in enumerate((0.6, 0.7, 0.9))]
+    eff = efficiency_from_results(point_results(rows + [{"key": "p3", "status": "failed"}]), "q4_k_m")
     assert eff == {"decode": 0.7, "prefill": 0.2, "n": 3, "prefill_measured": True}
     with pytest.raises(ConfigError, match="no ok measurement"):
-        efficiency_from_results(rows, "f16")
+        efficiency_from_results(point_results(rows), "f16")
 
 
 def test_cli_predicts_moe_and_twins_on_the_papers_edge_device():

@@ -13,6 +13,7 @@ import pytest
 from moerun import ConfigError, Point
 from moerun.analysis import verdicts
 from moerun.protocol import Protocol, collapse, log_interval, paired, run_rounds, t975
+from moerun.records import point_results
 from moerun.results import base_result
 
 
@@ -71,7 +72,7 @@ def test_rounds_until_the_target_then_stop():
     ex = Scripted(noise=0.01)
     run = run_rounds(_points(), ex, Protocol(min_rounds=3, max_rounds=20, target=0.03, budget_s=None))
     results = collapse(run["records"])
-    (v,) = verdicts(results)
+    (v,) = verdicts(point_results(results))
     assert run["stopped"] == "every verdict met the target"
     assert v["halfwidth"] <= 0.03 and not v["missed_target"] and v["rounds"] >= 3
     # the shared drift cancels in the pairing: the verdict is the true ratio
@@ -87,7 +88,7 @@ def test_rounds_until_the_target_then_stop():
 def test_noisy_comparison_stops_at_max_rounds_and_is_marked():
     run = run_rounds(_points(), Scripted(noise=0.3), Protocol(min_rounds=3, max_rounds=5, target=0.03, budget_s=None))
     assert run["stopped"] == "max-rounds (5) reached"
-    (v,) = verdicts(collapse(run["records"]))
+    (v,) = verdicts(point_results(collapse(run["records"])))
     assert v["rounds"] == 5 and v["missed_target"] and v["halfwidth"] > 0.03
 
 
@@ -95,7 +96,7 @@ def test_budget_limits_every_round_after_the_first():
     ex = Scripted(noise=0.3)
     run = run_rounds(_points(), ex, Protocol(min_rounds=2, max_rounds=10, target=0.01, budget_s=0))
     assert len(ex.calls) == 3 and "budget" in run["stopped"]
-    (v,) = verdicts(collapse(run["records"]))
+    (v,) = verdicts(point_results(collapse(run["records"])))
     assert v["rounds"] == 1 and v["missed_target"]  # fewer rounds than the minimum: marked
     ex = Scripted(noise=0.3)
     run = run_rounds(_points(), ex, Protocol(min_rounds=2, max_rounds=2, target=0.01, budget_s=60))
@@ -109,7 +110,7 @@ def test_contended_rounds_are_left_out_while_enough_quiet_ones_remain():
     # round 1 (calls 3-5): every side at half speed under contention, the MoE first
     ex = Scripted(noise=0.0, drift=0.0, busy={3})
     run = run_rounds(_points(), ex, Protocol(min_rounds=3, max_rounds=4, target=0.5, budget_s=None))
-    (v,) = verdicts(collapse(run["records"]))
+    (v,) = verdicts(point_results(collapse(run["records"])))
     busy_role = ex.calls[3].role
     assert busy_role  # whichever side ran first in round 1 was slowed
     assert v["decode_vs_active"] == pytest.approx(0.8) and v["decode_vs_total"] == pytest.approx(2.5)
@@ -117,7 +118,7 @@ def test_contended_rounds_are_left_out_while_enough_quiet_ones_remain():
     # when every round is contended they are kept, and the row says so
     ex = Scripted(noise=0.0, drift=0.0, busy=set(range(9)))
     run = run_rounds(_points(), ex, Protocol(min_rounds=3, max_rounds=3, target=0.5, budget_s=None))
-    (v,) = verdicts(collapse(run["records"]))
+    (v,) = verdicts(point_results(collapse(run["records"])))
     assert v["contended"]
     assert all(r["contended"] for r in collapse(run["records"])[0]["rounds"])
 
@@ -128,7 +129,7 @@ def test_a_point_failing_in_its_first_round_gets_no_more_rounds():
     assert [p.model for p in ex.calls].count("m:dense-total") == 1
     results = {r["model_name"]: r for r in collapse(run["records"])}
     assert results["m:dense-total"]["status"] == "failed" and results["m"]["status"] == "ok"
-    (v,) = verdicts(list(results.values()))
+    (v,) = verdicts(point_results(list(results.values())))
     assert v["decode_vs_total"] is None and v["decode_vs_active"] is not None
 
 
@@ -191,11 +192,12 @@ def test_a_machine_whose_bandwidth_moved_is_flagged():
     from moerun.plugins.reporters import table
 
     steady = run_rounds(_points(), Scripted(), Protocol(min_rounds=3, target=0.0))
-    (v,) = verdicts(collapse(steady["records"]))
+    (v,) = verdicts(point_results(collapse(steady["records"])))
     assert v["bandwidth_range"] == pytest.approx(1.0)
     moved = run_rounds(_points(), Scripted(fast={4}), Protocol(min_rounds=3, target=0.0))
-    (v,) = verdicts(collapse(moved["records"]))
+    (v,) = verdicts(point_results(collapse(moved["records"])))
     assert v["bandwidth_range"] == pytest.approx(2.0)
     out = io.StringIO()
-    table(moved["records"], out)
+    folded = point_results(moved["records"])
+    table(folded, verdicts(folded), out)
     assert "bandwidth moved x2.00" in out.getvalue()

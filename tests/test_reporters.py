@@ -10,6 +10,7 @@ import json
 import pytest
 
 from moerun import Point, measure
+from moerun.records import point_results
 
 ENV = {"bandwidth_bytes_s": 20e9, "cpu_model": "test", "cores": 2}
 
@@ -30,32 +31,42 @@ def results(cache):
     return out
 
 
-def test_every_reporter_renders(plugins, results):
-    for name in plugins.reporters:
-        buf = io.StringIO()
-        plugins.reporters.get(name)(results, buf)
-        assert buf.getvalue().strip(), name
+def report(plugins, name: str, records: list[dict], **kw) -> str:
+    """What reporter `name` writes for `records`, given as moerun gives them: folded points
+    and their verdict rows."""
+    from moerun.analysis import verdicts
+
+    results = point_results(records)
+    buf = io.StringIO()
+    plugins.reporters.get(name)(results, verdicts(results), buf, **kw)
+    return buf.getvalue()
+
+
+def test_every_reporter_shows_every_point_and_the_verdict(plugins, results):
+    """Each built-in reporter names every point, its status and the MoE / active-twin ratio."""
+    ratio = results[0]["metrics"]["decode_tok_s"] / results[1]["metrics"]["decode_tok_s"]
+    for name in ("table", "markdown", "json", "csv"):
+        text = report(plugins, name, results)
+        for model in ("tiny-moe", "tiny-moe:dense-active", "tiny-moe:dense-total"):
+            assert model in text, (name, model)
+        assert "unsupported" in text, name
+        if name != "csv":  # the CSV holds the points only
+            assert f"{ratio:.2f}" in text, name
 
 
 def test_csv_rows_carry_the_measured_figures(plugins, results):
-    buf = io.StringIO()
-    plugins.reporters.get("csv")(results, buf)
-    rows = list(csv.DictReader(io.StringIO(buf.getvalue())))
+    rows = list(csv.DictReader(io.StringIO(report(plugins, "csv", results))))
     assert [r["role"] for r in rows] == ["moe", "dense-active", "dense-total", "moe"]
     assert float(rows[0]["decode_tok_s"]) == pytest.approx(results[0]["metrics"]["decode_tok_s"])
     assert rows[3]["status"] == "unsupported" and "q4_0" in rows[3]["error"]
 
 
 def test_markdown_and_json_hold_the_verdict(plugins, results):
-    md = io.StringIO()
-    plugins.reporters.get("markdown")(results, md)
-    text = md.getvalue()
+    text = report(plugins, "markdown", results)
     ratio = results[0]["metrics"]["decode_tok_s"] / results[1]["metrics"]["decode_tok_s"]
     assert f"{ratio:.2f}x" in text and "| tiny-moe | torch | fp32 |" in text
     assert "**unsupported**" in text
-    js = io.StringIO()
-    plugins.reporters.get("json")(results, js)
-    doc = json.loads(js.getvalue())
+    doc = json.loads(report(plugins, "json", results))
     assert doc["verdicts"][0]["decode_vs_active"] == pytest.approx(ratio)
 
 
@@ -66,7 +77,7 @@ def test_breakdown_figure_holds_the_measured_stacks(plugins, cache, tmp_path):
     for model, role in (("tiny-moe", "moe"), ("tiny-moe:dense-active", "dense-active")):
         rows.append(measure(Point(model=model, backend="torch", prompt_tokens=8, new_tokens=4, repetitions=1,
                                   role=role, group="tiny-moe", breakdown=True), plugins, cache, ENV))
-    fig = breakdown_figure(rows, "decode")
+    fig = breakdown_figure(point_results(rows), "decode")
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["tiny-moe | torch", "tiny-moe:dense-active | torch"]
     assert "decode time per token (ms)" in ax.get_xlabel()
@@ -112,7 +123,7 @@ def test_verdict_rows_carry_intervals_from_repetitions(plugins, cache):
     rows = [measure(Point(model=m, backend="torch", prompt_tokens=8, new_tokens=4, repetitions=3, role=role,
                           group="tiny-moe"), plugins, cache, ENV)
             for m, role in (("tiny-moe", "moe"), ("tiny-moe:dense-active", "dense-active"))]
-    (v,) = verdicts(rows)
+    (v,) = verdicts(point_results(rows))
     lo, hi = v["decode_vs_active_ci95"]
     assert lo <= hi and len(rows[0]["timings"]["decode_tok_s_reps"]) == 3
 
@@ -145,18 +156,18 @@ def test_throughput_and_speedup_figures_hold_the_results(results):
     from moerun.plugins.reporters import speedup_figure, throughput_figure
 
     ok = [r for r in results if r["status"] == "ok"]
-    fig = throughput_figure(results, "decode_tok_s")
+    fig = throughput_figure(point_results(results), "decode_tok_s")
     ax = fig.axes[0]
     heights = sorted(round(p.get_height(), 6) for p in ax.patches)
     assert heights == sorted(round(r["metrics"]["decode_tok_s"], 6) for r in ok)
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["tiny-moe", "tiny-moe:dense-active",
                                                                    "tiny-moe:dense-total"]
     assert "decode tokens/s" in ax.get_ylabel()
-    fig = speedup_figure(results)
-    ax = fig.axes[0]
     from moerun.analysis import verdicts
 
-    (v,) = verdicts(results)
+    (v,) = verdicts(point_results(results))
+    fig = speedup_figure([v])
+    ax = fig.axes[0]
     measured = [p.get_height() for c in ax.containers if c.get_label() == "measured" for p in c]
     ideal = [p.get_height() for c in ax.containers if c.get_label() == "ideal (bytes ratio)" for p in c]
     assert measured == pytest.approx([v["decode_vs_total"]]) and ideal == pytest.approx([v["ideal_decode_vs_total"]])
@@ -167,7 +178,7 @@ def test_roofline_figure_places_each_point_under_the_measured_line(results):
     from moerun.plugins.reporters import roofline_figure
 
     ok = [r for r in results if r["status"] == "ok"]
-    ax = roofline_figure(results).axes[0]
+    ax = roofline_figure(point_results(results)).axes[0]
     (line,) = ax.get_lines()
     x, y = line.get_xdata(), line.get_ydata()
     assert y[0] == pytest.approx(20e9 / (x[0] * 1e6))  # ENV's 20 GB/s over bytes per token

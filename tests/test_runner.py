@@ -11,6 +11,7 @@ from moerun.results import append_result, read_results
 from moerun.grid import grid_points
 from moerun.study import LocalExecutor, run_study
 from moerun.studyfile import StudySpec
+from moerun.records import point_results
 
 ENV = {"bandwidth_bytes_s": 20e9}
 
@@ -77,14 +78,14 @@ def test_study_goes_on_after_crash_and_hang_and_resumes(test_plugin_env, tmp_pat
     ]
     ex = LocalExecutor(plugins=pm, cache=cache, env=ENV, isolate=True)
     results = run_study(points, pm, output=out, executor=ex).results
-    assert [r["status"] for r in results] == ["failed", "failed", "ok", "ok"]
-    assert "SIGSEGV" in results[0]["error"] and "timed out" in results[1]["error"]
+    assert [r.status for r in results] == ["failed", "failed", "ok", "ok"]
+    assert "SIGSEGV" in results[0].error and "timed out" in results[1].error
     lines = out.read_text().splitlines()
     assert len(lines) == 4 and all(json.loads(line)["key"] for line in lines)
     # resume: nothing reruns, nothing is appended twice
     started = []
     again = run_study(points, pm, output=out, executor=ex, on_start=lambda i, r, p: started.append(i)).results
-    assert started == [] and all(r.get("resumed") for r in again)
+    assert started == [] and all(r.record.get("resumed") for r in again)
     assert len(out.read_text().splitlines()) == 4
 
 
@@ -138,7 +139,7 @@ def test_maturity_matrix_summarises_runs_unsupported_and_parity(plugins, cache):
 
     rs = [measure(_point(model=m, backend="torch", precision=p, parity=True), plugins, cache, ENV)
           for m in ("tiny-moe", "tiny-dense") for p in ("fp32", "q4_k_m")]
-    cells = {(c["kind"], c["precision"]): c for c in maturity(rs)}
+    cells = {(c["kind"], c["precision"]): c for c in maturity(point_results(rs))}
     assert cells[("MoE", "fp32")]["verdict"] == "runs" and cells[("MoE", "fp32")]["max_abs_diff"] < 1e-5
     assert cells[("dense", "q4_k_m")]["verdict"] == "unsupported"
     assert "q4_k_m" in cells[("dense", "q4_k_m")]["reasons"][0]

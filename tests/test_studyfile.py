@@ -10,6 +10,7 @@ from conftest import run_cli
 from moerun import ConfigError
 from moerun.grid import grid_points
 from moerun.studyfile import PRESETS, load_study
+from moerun.records import point_results
 
 STUDY = """
 [study]
@@ -52,7 +53,7 @@ def test_an_option_given_as_a_list_is_swept_and_verdicts_keep_the_values_apart(p
         r = base_result(p, {})
         r.update(status="ok", metrics={"decode_tok_s": 2.0 if p.role == "moe" else 1.0, "prefill_tok_s": 1.0})
         results.append(r)
-    rows = verdicts(results)
+    rows = verdicts(point_results(results))
     assert len(rows) == 4 and {row["options"] for row in rows} == {"mmap=False n_cpu_moe=0", "mmap=False n_cpu_moe=1"}
     f.write_text(STUDY.replace('backends = ["torch"]', 'backends = ["torch"]\noptions = { mode = [] }'))
     with pytest.raises(ConfigError, match="sweeps an empty list"):

@@ -15,6 +15,7 @@ import pytest
 
 from conftest import run_cli
 from moerun import ModelSpec, Point, run_isolated, write_synthetic
+from moerun.records import point_results
 
 BACKENDS = [("torch", "fp32"), ("llamacpp", "f16"), ("onnxruntime", "fp32"), ("onnxruntime-contrib", "fp32")]
 ONE_ROUND = ["--min-rounds", "1", "--target", "0", "-q"]
@@ -110,7 +111,7 @@ def test_mbu_above_the_probe_is_flagged_not_printed(plugins, cache):
                 {"bandwidth_bytes_s": 1e6})  # a probe far below what any engine reads
     assert r["metrics"]["mbu"] > 1 and r["metrics"]["mbu_exceeds_probe"]
     out = io.StringIO()
-    table([r], out)
+    table(point_results([r]), [], out)
     assert "exceeds probe" in out.getvalue()
     assert "%" not in out.getvalue().split("exceeds probe")[0].rsplit("\n", 1)[-1].split("│")[-2]
 
@@ -249,7 +250,7 @@ def test_mbu_now_divides_by_the_probe_of_the_same_minutes(plugins, cache):
     assert m["mbu_reference_bytes_s"] == 1e15 and m["mbu"] < 1e-3
     assert m["mbu_now"] == pytest.approx(m["achieved_bandwidth_bytes_s"] / now) and m["mbu_now"] > 100 * m["mbu"]
     out, rows = io.StringIO(), io.StringIO()
-    table([r], out)
-    csv_report([r], rows)
+    table(point_results([r]), [], out)
+    csv_report(point_results([r]), [], rows)
     assert "MBU now" in out.getvalue() and f"{m['mbu_now']:.0%}" in out.getvalue()
     assert "mbu_now" in rows.getvalue().splitlines()[0]

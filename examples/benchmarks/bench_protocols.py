@@ -24,6 +24,7 @@ from pathlib import Path
 
 from moerun.analysis import verdicts
 from moerun.results import read_results
+from moerun.records import point_results
 
 KEYS = ("decode_vs_active", "prefill_vs_active", "decode_vs_total", "prefill_vs_total", "decode_vs_isomem",
         "prefill_vs_isomem")
@@ -37,7 +38,7 @@ def _run(out: Path, extra: list[str], lockstep: bool) -> dict:
     wall = time.perf_counter() - t0
     if done.returncode not in (0, 1):
         raise SystemExit(done.stderr[-2000:])
-    rows = verdicts(read_results(out))
+    rows = verdicts(point_results(read_results(out)))
     hws = [v[k + "_hw"] for v in rows for k in KEYS if v.get(k + "_hw") is not None]
     rounds = [v["rounds"] for v in rows]
     rate = statistics.median(1 / hw ** 2 for hw in hws) / (wall / 60) if hws else 0.0

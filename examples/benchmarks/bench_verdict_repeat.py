@@ -26,6 +26,7 @@ from pathlib import Path
 
 from moerun.analysis import verdicts
 from moerun.results import read_results
+from moerun.records import point_results
 
 KEYS = ("decode_vs_active", "prefill_vs_active", "decode_vs_total", "prefill_vs_total", "decode_vs_isomem",
         "prefill_vs_isomem")
@@ -54,7 +55,7 @@ def _study(out: Path, extra: list[str], burn: bool) -> tuple[float, str]:
 
 def _rows(path: Path) -> dict[tuple, dict]:
     out = {}
-    for v in verdicts(read_results(path)):
+    for v in verdicts(point_results(read_results(path))):
         for key in KEYS:
             if v.get(key) is not None:
                 out[(v["group"], v["backend"], v["precision"], key)] = {

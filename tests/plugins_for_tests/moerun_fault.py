@@ -9,14 +9,24 @@ from __future__ import annotations
 import ctypes
 import time
 
-from moerun import hookimpl
 from moerun.backends.torch.backend import TorchBackend
+from moerun.toolkit import Option, hookimpl
 
 
 class FaultBackend(TorchBackend):
     name = "fault"
     aliases = ()
     description = "test backend that crashes, hangs or raises on request"
+    options = {
+        **TorchBackend.options,
+        "mode": Option(help="how to misbehave at load", choices=("ok", "segfault", "hang", "raise", "exit", "sigkill",
+                                                                  "oom")),
+        "hang_while": Option(help="hang at load while this file exists", kinds=(str,)),
+        "hang_model": Option(help="the model whose load hangs", kinds=(str,)),
+        "hang_if_env": Option(help="hang only where this environment variable is set", kinds=(str,)),
+        "crash_model": Option(help="the model whose decode segfaults", kinds=(str,)),
+        "crash_after": Option(help="decode calls before it does", kinds=(int,)),
+    }
 
     def load(self, artifact, settings):
         mode = settings.options.get("mode", "ok")
@@ -49,11 +59,7 @@ class FaultBackend(TorchBackend):
             hoard = []
             while True:
                 hoard.append(bytearray(64 << 20))
-        options = {k: v for k, v in settings.options.items()
-                   if k not in ("mode", "hang_while", "hang_model", "hang_if_env", "crash_model", "crash_after")}
-        import attrs
-
-        session = super().load(artifact, attrs.evolve(settings, options=options))
+        session = super().load(artifact, settings)  # torch reads only its own options
         if settings.options.get("crash_model") == artifact.spec.name:  # segfault after N decode calls
             left = [int(settings.options.get("crash_after", 0))]
             decode = session.decode
