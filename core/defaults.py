@@ -26,7 +26,9 @@ STUDY_BUDGET_S = 600.0  # the same for a study file or preset, whose grids are l
 IF_BUSY = "warn"
 WAIT_S = 120.0  # longest wait for a quiet machine with --if-busy wait
 LOCKSTEP = True
-UNIT_S = 0.05  # seconds one timed lockstep unit aims at (moerun.lockstep)
+# seconds one timed lockstep unit aims at (moerun.lockstep): a unit's noise hardly shrinks
+# with its length on these machines, so units are short (docs/concepts.md)
+UNIT_S = 0.05
 
 # ---- where results go
 OUTPUT_DIR = "moerun-results"

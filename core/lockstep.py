@@ -43,13 +43,13 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import defaults
 from .cache import Cache
 from .comparison import pairs_of
 from .contention import CpuWindow
 from .isolation import child_result, kill_group
 from .point import Point
 
-UNIT_S = 0.05  # a unit's noise hardly shrinks with its length here, so units are short (docs/concepts.md)
 MIN_CYCLES = 8
 MAX_CYCLES = 16
 SETTLE_S = 0.02  # spin tails after a partner's unit: torch and llama.cpp prefill paid 4-5 % at 5 ms, none at 20 ms
@@ -160,8 +160,8 @@ def _ready(side: Side) -> None:
         side.alive = False  # unsupported, unavailable or failed: its result says which
 
 
-def run_together(points: Sequence[Point], *, cache: Cache, env: dict[str, Any], unit_s: float = UNIT_S,
-                 target: float = 0.03, seed: int = 0, min_cycles: int = MIN_CYCLES, max_cycles: int = MAX_CYCLES,
+def run_together(points: Sequence[Point], *, cache: Cache, env: dict[str, Any], unit_s: float = defaults.UNIT_S,
+                 target: float = defaults.TARGET, seed: int = 0, min_cycles: int = MIN_CYCLES, max_cycles: int = MAX_CYCLES,
                  settle_s: float = SETTLE_S, load_together: bool = False,
                  python: str | None = None) -> list[dict[str, Any]]:
     """One restart of a comparison in lockstep; one result record per point, in order.

@@ -29,6 +29,7 @@ from .point import Point, batch_token_ids, point_spec, resolve_checkpoint
 from .precision import get_precision, nominal
 from .predict import fits, point_fit_obstacle
 from .results import base_result, now
+from .spec import ModelSpec
 from .stats import summarize
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -119,9 +120,31 @@ class PointRun:
         return False
 
     def open(self) -> None:
-        """Backend, checkpoint, engine artifact and session: everything before the clock."""
-        point, plugins, cache, result = self.point, self.plugins, self.cache, self.result
-        backend_cls = plugins.backends.get(point.backend)
+        """Everything before the clock, in phases: the backend and device, the engine artifact
+        (an engine file, or the checkpoint prepared), the session loaded, the workload ready."""
+        backend, device = self._backend()
+        t0 = time.perf_counter()
+        artifact, spec, precision, ckpt, t1 = self._artifact(backend)
+        t2 = time.perf_counter()
+        self.session = session = self._load(backend, artifact, spec, device, ckpt)
+        t3 = time.perf_counter()
+        point, result = self.point, self.result
+        result["artifact"] = {"path": str(artifact.path), "size_bytes": artifact.size_bytes, **artifact.meta}
+        result["phases_s"] = {"checkpoint": t1 - t0, "prepare": t2 - t1, "load": t3 - t2}
+        result["session"] = session.describe()
+        self.spec, self.precision, self.ckpt = spec, precision, ckpt
+        self.plugins.hook.moerun_measurement_start(point=point.to_dict())
+        seqs = batch_token_ids(spec.vocab_size, point.prompt_tokens + point.new_tokens, point.seed, point.batch_size)
+        self.workload = Workload(session, [q[: point.prompt_tokens] for q in seqs],
+                                 [q[point.prompt_tokens:] for q in seqs])
+        # the timed phase starts here: trackers, the memory high-water mark, other processes' CPU
+        self.trackers = _start_trackers(self.plugins)
+        self.timed_memory, self.window = memory.Phase(), CpuWindow()
+
+    def _backend(self) -> tuple[Any, str]:
+        """The point's backend, available here, and the device it runs on."""
+        point, result = self.point, self.result
+        backend_cls = self.plugins.backends.get(point.backend)
         backend_cls.check_options(point.options)
         backend = backend_cls()
         av = backend.availability()
@@ -138,11 +161,15 @@ class PointRun:
             note = av.device_notes.get(device.split(":")[0])
             raise UnsupportedError(f"no {device} device here for backend {backend.name} "
                                    f"(present: {', '.join(av.devices)})" + (f": {note}" if note else ""))
+        return backend, device
+
+    def _artifact(self, backend: Any) -> tuple[Any, ModelSpec, str, Checkpoint | None, float]:
+        """What the engine loads: an engine file as it is (its own spec and precision), or the
+        point's checkpoint prepared at its precision. Returns (artifact, spec, precision, the
+        checkpoint or None for an engine file, the clock when preparation began)."""
+        point, plugins, result = self.point, self.plugins, self.result
         model_path = Path(point.model)
-        ckpt: Checkpoint | None = None  # None when the model is an engine file
-        t0 = time.perf_counter()
         if model_path.is_file() and model_path.suffix in backend.capabilities.artifact_suffixes:
-            # an engine file (e.g. a GGUF): its own spec and precision
             artifact = backend.prepare_file(model_path)
             spec, precision = artifact.spec, artifact.precision
             if point.precision and point.precision != precision:
@@ -150,7 +177,7 @@ class PointRun:
             result["precision"] = precision
             result["model"] = model_record(spec, nominal(precision))
             result["model_name"] = spec.name
-            t1 = t2 = time.perf_counter()
+            started, ckpt = time.perf_counter(), None
         else:
             precision = point.precision or backend.capabilities.default_precision
             get_precision(precision)
@@ -158,15 +185,20 @@ class PointRun:
             obstacle = point_fit_obstacle(point, point_spec(point, plugins), precision)
             if obstacle:
                 raise UnsupportedError(obstacle)
-            ckpt = resolve_checkpoint(point, plugins, cache)
+            ckpt = resolve_checkpoint(point, plugins, self.cache)
             spec = ckpt.spec
             result["model"] = model_record(spec, precision)
             result["model_name"] = spec.name
             backend.check(spec, precision)
-            t1 = time.perf_counter()
-            artifact = backend.prepare(ckpt, precision, cache)
-            t2 = time.perf_counter()
+            started = time.perf_counter()
+            artifact = backend.prepare(ckpt, precision, self.cache)
         result["memory"] = {"prepare_peak_bytes": memory.status()["hwm_bytes"]}
+        return artifact, spec, precision, ckpt, started
+
+    def _load(self, backend: Any, artifact: Any, spec: ModelSpec, device: str, ckpt: Checkpoint | None) -> Any:
+        """The session, loaded with room for the workload (and the parity workload on the same
+        session); the memory the load took is recorded."""
+        point, result = self.point, self.result
         context = point.prompt_tokens + point.new_tokens
         if context > spec.max_position_embeddings:
             raise ConfigError(
@@ -178,7 +210,7 @@ class PointRun:
         if limit is not None and B > limit:
             raise UnsupportedError(f"backend {backend.name} decodes at most {limit} sequence"
                                    f"{'s' if limit > 1 else ''} together (batch size {B} asked)")
-        settings = LoadSettings(  # the parity workload runs on the same session: room for it too
+        settings = LoadSettings(
             threads=point.threads, device=device, compile=point.compile,
             max_context=max(context, sum(PARITY_TOKENS)) if point.parity else context,
             batch_size=B, options=dict(point.options), shared_cpu=self.shared_cpu,
@@ -187,22 +219,10 @@ class PointRun:
             ckpt.release()
         memory.release_free()  # what preparation left behind is not the engine's
         load_phase = memory.Phase()
-        self.session = session = backend.load(artifact, settings)
-        t3 = time.perf_counter()
+        session = backend.load(artifact, settings)
         loaded = load_phase.close()
-        after_load = memory.status()
-        result["memory"].update(_memory_after_load(load_phase.start, loaded, after_load))
-        result["artifact"] = {"path": str(artifact.path), "size_bytes": artifact.size_bytes, **artifact.meta}
-        result["phases_s"] = {"checkpoint": t1 - t0, "prepare": t2 - t1, "load": t3 - t2}
-        result["session"] = session.describe()
-        self.spec, self.precision, self.ckpt = spec, precision, ckpt
-        plugins.hook.moerun_measurement_start(point=point.to_dict())
-        seqs = batch_token_ids(spec.vocab_size, context, point.seed, B)
-        self.workload = Workload(session, [q[: point.prompt_tokens] for q in seqs],
-                                 [q[point.prompt_tokens:] for q in seqs])
-        # the timed phase starts here: trackers, the memory high-water mark, other processes' CPU
-        self.trackers = _start_trackers(plugins)
-        self.timed_memory, self.window = memory.Phase(), CpuWindow()
+        result["memory"].update(_memory_after_load(load_phase.start, loaded, memory.status()))
+        return session
 
     def pause_trackers(self) -> None:
         """Between a lockstep worker's units: trackers with `pause()` stop counting."""

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import attrs
 
+from . import defaults
 from .cache import Cache
 from .errors import ConfigError
 from .isolation import run_isolated
@@ -94,7 +95,7 @@ class LocalExecutor:
         from .lockstep import run_together
 
         return run_together(points, cache=self.cache, env=self.env, unit_s=protocol.unit_s,
-                            target=protocol.target or 0.03, seed=seed, load_together=not first)
+                            target=protocol.target or defaults.TARGET, seed=seed, load_together=not first)
 
 
 @attrs.frozen

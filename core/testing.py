@@ -46,24 +46,28 @@ class BackendConformance:
 
     # ------------------------------------------------------------------ fixtures
     @pytest.fixture(scope="class")
-    def plugins(self):
+    @classmethod
+    def plugins(cls):
         return get_plugin_manager()
 
     @pytest.fixture(scope="class")
-    def backend(self, plugins) -> Backend:
-        if not self.backend_name:
+    @classmethod
+    def backend(cls, plugins) -> Backend:
+        if not cls.backend_name:
             pytest.fail("set backend_name on the conformance test class")
-        return plugins.backends.get(self.backend_name)()
+        return plugins.backends.get(cls.backend_name)()
 
     @pytest.fixture(scope="class")
-    def available(self, backend) -> Backend:
+    @classmethod
+    def available(cls, backend) -> Backend:
         av = backend.availability()
         if not av.available:
             pytest.skip(f"backend {backend.name} unavailable here: {av.reason}")
         return backend
 
     @pytest.fixture(scope="class")
-    def conformance_cache(self, tmp_path_factory) -> Cache:
+    @classmethod
+    def conformance_cache(cls, tmp_path_factory) -> Cache:
         return Cache(tmp_path_factory.mktemp("moerun-conformance"))
 
     def _precision(self, backend: Backend) -> str:
@@ -197,6 +201,16 @@ class BackendConformance:
             s.close()
 
     def test_close_is_idempotent(self, plugins, available, conformance_cache):
+        """Closing twice (an explicit close, then the context manager's) must not raise:
+        the runner closes sessions in `finally` blocks after a failure may have closed them."""
         _, _, s = self._session(plugins, available, conformance_cache, "tiny-dense")
-        s.close()
+        for attempt in ("first close", "second close", "the context manager's exit"):
+            try:
+                if attempt == "the context manager's exit":
+                    with s:
+                        pass
+                else:
+                    s.close()
+            except Exception as exc:  # noqa: BLE001 - any error is the failure under test
+                pytest.fail(f"{type(s).__name__}: {attempt} raised {type(exc).__name__}: {exc}")
         s.close()

@@ -77,7 +77,7 @@ def test_measurement_reconciles_breakdown_with_plain_timings(plugins, cache):
 
 
 def test_llamacpp_node_names_map_to_categories():
-    from moerun.backends.llamacpp.backend import categorize_node
+    from moerun.backends.llamacpp.cut import categorize_node
 
     assert categorize_node("ffn_moe_topk-3") == "router"
     assert categorize_node("ffn_moe_logits-0") == "router"

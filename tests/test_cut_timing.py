@@ -69,7 +69,7 @@ def test_cut_timing_shrinks_repetitions_to_its_budget_and_checks_labels():
 
 
 def test_llamacpp_unnamed_nodes_take_their_neighbours_category():
-    from moerun.backends.llamacpp.backend import categorize_nodes
+    from moerun.backends.llamacpp.cut import categorize_nodes
 
     names = ["embd", "Qcur-0", "node_5", "kqv_out-0", "attn_out-0", "node_7", "ffn_inp-0", "ffn_moe_logits-0",
              "ffn_moe_weights_sum_clamped-0", "ffn_norm-0 (reshaped)", "ffn_moe_down-0"]

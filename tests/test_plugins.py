@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from moerun import PluginLoadError, UnknownBackendError, get_plugin_manager
+from moerun import ConfigError, PluginLoadError, UnknownBackendError, get_plugin_manager
 from moerun.registry import BackendRegistry
 
 
@@ -86,7 +86,7 @@ def test_entry_point_plugin_is_discovered(tmp_path, monkeypatch):
 
 def test_registry_rejects_non_backends():
     reg = BackendRegistry()
-    with pytest.raises(Exception, match="takes a Backend subclass"):
+    with pytest.raises(ConfigError, match="takes a Backend subclass"):
         reg.add(object)
 
 

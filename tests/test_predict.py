@@ -16,11 +16,21 @@ OLMOE = next(r[0] for r in REAL if r[0].name == "olmoe-1b-7b")
 LLAMA = next(r[0] for r in REAL if r[0].name == "llama-3.2-1b")
 
 
-def test_decode_is_bandwidth_over_bytes_per_token():
+def test_decode_is_bound_by_bandwidth_and_scales_with_its_terms():
+    """What a roofline prediction must do, checked through its behaviour: the rate scales with
+    the efficiency, falls in inverse proportion to the bytes a token reads, and never asks for
+    more bandwidth than the device has."""
     hw = HARDWARE["jetson-orin-nano-8gb"]
-    p = predict(LLAMA, hw, precision="q4_k_m", context=512, efficiency={"decode": 0.5, "prefill": 0.5})
-    expected = 0.5 * 68e9 / (LLAMA.weight_bytes_per_token("q4_k_m") + LLAMA.kv_bytes_per_token(512, 2.0))
-    assert p["fits"] and p["decode_tok_s"] == pytest.approx(expected)
+
+    def rate(precision: str, efficiency: float, context: int = 512) -> float:
+        return predict(LLAMA, hw, precision=precision, context=context,
+                       efficiency={"decode": efficiency, "prefill": 0.5})["decode_tok_s"]
+
+    assert rate("q4_k_m", 0.8) == pytest.approx(2 * rate("q4_k_m", 0.4))
+    read = {p: LLAMA.weight_bytes_per_token(p) + LLAMA.kv_bytes_per_token(512, 2.0) for p in ("q4_k_m", "q8_0")}
+    assert rate("q4_k_m", 0.5) / rate("q8_0", 0.5) == pytest.approx(read["q8_0"] / read["q4_k_m"])
+    assert rate("q4_k_m", 1.0) * read["q4_k_m"] <= hw.bandwidth_bytes_s * (1 + 1e-9)
+    assert rate("q4_k_m", 0.5, context=4096) < rate("q4_k_m", 0.5, context=512)  # a longer context reads more KV
 
 
 def test_models_that_do_not_fit_are_flagged_not_predicted():

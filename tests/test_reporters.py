@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import statistics
 
 import pytest
 
@@ -50,8 +51,10 @@ def test_every_reporter_shows_every_point_and_the_verdict(plugins, results):
         for model in ("tiny-moe", "tiny-moe:dense-active", "tiny-moe:dense-total"):
             assert model in text, (name, model)
         assert "unsupported" in text, name
-        if name != "csv":  # the CSV holds the points only
-            assert f"{ratio:.2f}" in text, name
+        if name == "json":
+            assert json.loads(text)["verdicts"][0]["decode_vs_active"] == pytest.approx(ratio), name
+        elif name != "csv":  # the CSV holds the points only
+            assert f"{ratio:.2f}x" in text, name
 
 
 def test_csv_rows_carry_the_measured_figures(plugins, results):
@@ -124,8 +127,15 @@ def test_verdict_rows_carry_intervals_from_repetitions(plugins, cache):
                           group="tiny-moe"), plugins, cache, ENV)
             for m, role in (("tiny-moe", "moe"), ("tiny-moe:dense-active", "dense-active"))]
     (v,) = verdicts(point_results(rows))
+    moe, active = (r["timings"]["decode_tok_s_reps"] for r in rows)
+    assert len(moe) == len(active) == 3
+    # one round of each: the ratio of the medians, inside its bootstrap interval over the repetitions
+    from moerun.stats import ratio_interval
+
+    assert v["decode_vs_active"] == pytest.approx(statistics.median(moe) / statistics.median(active))
+    assert v["decode_vs_active_ci95"] == pytest.approx(list(ratio_interval(moe, active)))
     lo, hi = v["decode_vs_active_ci95"]
-    assert lo <= hi and len(rows[0]["timings"]["decode_tok_s_reps"]) == 3
+    assert lo < v["decode_vs_active"] < hi and v["method"].startswith("one round")
 
 
 def test_compare_merges_machines(results, tmp_path):

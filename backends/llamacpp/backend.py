@@ -16,7 +16,6 @@ import ctypes
 import os
 import shutil
 import struct
-import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -40,6 +39,7 @@ from moerun.toolkit import (
 )
 
 from . import devices as dv
+from .log import capture_log, init_llama, library, log_tail
 from .gguf_export import unsupported_reason, write_gguf
 
 # moerun precision -> (GGUF file type written by moerun, or llama.cpp quantize ftype name)
@@ -67,144 +67,6 @@ OPTIONS = {  # -O NAME=VALUE (docs/backends.md, llama.cpp)
     "n_gpu_layers": Option(help="layers offloaded to a GPU device (-1: all)", kinds=(int,)),
     "n_cpu_moe": Option(help="keep the expert tensors of the first N layers on the CPU", kinds=(int,)),
 }
-
-
-def _lib():
-    import llama_cpp
-
-    return llama_cpp
-
-
-_LOG_LOCK = threading.Lock()
-_LOG_TAIL: list[str] = []
-_LOG_CB = None  # keep the ctypes callback alive
-_INIT = False
-
-
-def _init_llama() -> None:
-    """Backend init once per process; llama.cpp's log goes to a small ring buffer (its last
-    errors explain a failed load) instead of flooding stderr."""
-    global _INIT, _LOG_CB
-    if _INIT:
-        return
-    lib = _lib()
-
-    @lib.llama_log_callback
-    def _log(level: int, text: bytes, _user: Any) -> None:
-        if text:
-            line = text.decode(errors="replace").rstrip()
-            with _LOG_LOCK:
-                _LOG_TAIL.append(line)
-                del _LOG_TAIL[:-40]
-                for capture in _LOG_CAPTURE:
-                    capture.append(line)
-
-    _LOG_CB = _log
-    if not os.environ.get("MOERUN_LLAMA_LOG"):
-        lib.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
-    lib.llama_backend_init()
-    _INIT = True
-
-
-_LOG_CAPTURE: list[list[str]] = []  # open captures: every log line goes to each, too
-
-
-class _capture_log:
-    """Collect llama.cpp's whole log while a call runs (the ring buffer keeps only the tail)."""
-
-    def __enter__(self) -> list[str]:
-        self.lines: list[str] = []
-        with _LOG_LOCK:
-            _LOG_CAPTURE.append(self.lines)
-        return self.lines
-
-    def __exit__(self, *exc: object) -> None:
-        with _LOG_LOCK:
-            _LOG_CAPTURE.remove(self.lines)
-
-
-def _log_tail(n: int = 3) -> str:
-    with _LOG_LOCK:
-        lines = [ln for ln in _LOG_TAIL if ln.strip()]
-    return " | ".join(lines[-n:])
-
-
-_ROUTER_NODES = {"ffn_moe_logits", "ffn_moe_probs", "ffn_moe_probs_biased", "ffn_moe_argsort", "ffn_moe_topk",
-                 "ffn_moe_weights", "ffn_moe_weights_sum", "ffn_moe_weights_norm", "ffn_moe_weights_scaled",
-                 "ffn_moe_weights_softmax", "ffn_moe_group_topk", "ffn_moe_logits_biased",
-                 "ffn_moe_weights_sum_clamped"}
-_DENSE_FFN_NODES = {"ffn_gate", "ffn_up", "ffn_down", "ffn_swiglu", "ffn_silu", "ffn_gate_par", "ffn_act"}
-
-
-def categorize_node(name: str, moe: bool = True) -> str:
-    """A llama.cpp graph node name (``ffn_moe_topk-3``, ``Qcur-0 (reshaped)``) -> category.
-
-    ``ffn_out`` is the FFN's last node renamed by the model builder: the down projection of
-    a dense FFN, the experts' weighted sum (plus the shared expert) of an MoE one."""
-    base = name.split(" (", 1)[0]
-    base = base.rsplit("-", 1)[0] if base.rsplit("-", 1)[-1].isdigit() else base
-    if base == "ffn_out":
-        return "experts" if moe else "dense_ffn"
-    if base in _ROUTER_NODES:
-        return "router"
-    if base.startswith("ffn_moe"):
-        return "experts"
-    if base.startswith("ffn_shexp"):
-        return "shared_expert"
-    if base in _DENSE_FFN_NODES:
-        return "dense_ffn"
-    if base in ("attn_norm", "ffn_norm", "result_norm", "norm", "attn_post_norm", "ffn_post_norm"):
-        return "norm"
-    if base in ("inp_embd", "inp_scaled", "embd"):
-        return "embedding"
-    if base == "result_output":
-        return "head"
-    if base.startswith(("Qcur", "Kcur", "Vcur", "kq", "kqv", "attn_", "cache_", "k_cache", "v_cache", "fattn",
-                        "__fattn__", "q", "k", "v")) and base not in ("ffn_inp",):
-        return "attention"
-    return "other"
-
-
-def categorize_nodes(names: Sequence[str], moe: bool = True) -> list[str]:
-    """Categories of one graph's nodes in order. An unnamed node (``node_21``: llama.cpp
-    leaves the attention kernel itself unnamed) takes its neighbours' category when the
-    nodes either side of it agree, else ``other``; a view (``ffn_norm-0 (reshaped)``, the
-    experts' input) takes the category of the next named node, which reads it."""
-    cats = [categorize_node(n, moe) for n in names]
-    # unnamed nodes and views cost next to nothing: they join their neighbours rather than
-    # split a stretch into two cut points
-    named = [not (n.startswith("node_") or n.endswith(_VIEW_SUFFIXES)) for n in names]
-    for j, name in enumerate(names):
-        if named[j]:
-            continue
-        before = next((cats[i] for i in range(j - 1, -1, -1) if named[i]), None)
-        after = next((cats[i] for i in range(j + 1, len(names)) if named[i]), None)
-        if names[j].endswith(_VIEW_SUFFIXES):
-            cats[j] = after or cats[j]  # a view belongs to what reads it
-        elif before is not None and before == after:
-            cats[j] = before
-        else:
-            cats[j] = "other"
-    return cats
-
-
-_VIEW_SUFFIXES = (" (view)", " (reshaped)", " (permuted)", " (transposed)")
-_GGML_GET_NAME = None
-
-
-def _ggml_get_name():
-    """ggml_get_name from the ggml library llama-cpp-python ships (node names for the callback)."""
-    global _GGML_GET_NAME
-    if _GGML_GET_NAME is None:
-        import llama_cpp
-
-        libdir = Path(llama_cpp.__file__).parent / "lib"
-        lib = ctypes.CDLL(str(next(libdir.glob("libggml-base.*"))))
-        fn = lib.ggml_get_name
-        fn.restype = ctypes.c_char_p
-        fn.argtypes = [ctypes.c_void_p]
-        _GGML_GET_NAME = fn
-    return _GGML_GET_NAME
 
 
 def check_gguf_file(path: Path) -> None:
@@ -254,7 +116,7 @@ class LlamaCppBackend(Backend):
         except Exception as exc:  # noqa: BLE001
             return Availability(available=False, reason=f"llama-cpp-python or gguf not importable ({exc})",
                                 install_hint=self.install_hint)
-        _init_llama()
+        init_llama()
         found = dv.registered_devices()
         present = dv.moerun_devices(found)
         return Availability(available=True, version=getattr(llama_cpp, "__version__", "?"), devices=present,
@@ -311,14 +173,14 @@ class LlamaCppBackend(Backend):
                                                **meta})
 
     def _quantize(self, src: Path, dst: Path, precision: str) -> None:
-        lib = _lib()
-        _init_llama()
+        lib = library()
+        init_llama()
         params = lib.llama_model_quantize_default_params()
         params.ftype = getattr(lib, QUANT_TYPES[precision])
         params.nthread = os.cpu_count() or 1
         rc = lib.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
         if rc != 0 or not dst.exists():
-            raise BackendRuntimeError(f"llama.cpp failed to quantize to {precision} (code {rc}): {_log_tail()}")
+            raise BackendRuntimeError(f"llama.cpp failed to quantize to {precision} (code {rc}): {log_tail()}")
 
     def prepare_file(self, path: Path) -> Artifact:
         """An existing GGUF file as an artifact (its spec read from the metadata)."""
@@ -341,8 +203,8 @@ class LlamaCppBackend(Backend):
 
 class LlamaCppSession(Session):
     def __init__(self, artifact: Artifact, settings: LoadSettings) -> None:
-        lib = self.lib = _lib()
-        _init_llama()
+        lib = self.lib = library()
+        init_llama()
         opts = settings.options
         self.spec = artifact.spec
         self.repack = bool(opts.get("repack", False))
@@ -353,10 +215,10 @@ class LlamaCppSession(Session):
         mparams.load_mode = lib.LLAMA_LOAD_MODE_MMAP if opts.get("mmap", True) else lib.LLAMA_LOAD_MODE_NONE
         self.ctx = None
         self.batch = None
-        with _capture_log() as load_log:
+        with capture_log() as load_log:
             self.model = lib.llama_model_load_from_file(str(artifact.path).encode(), mparams)
         if not self.model:
-            raise BackendRuntimeError(f"llama.cpp could not load {artifact.path}: {_log_tail()}")
+            raise BackendRuntimeError(f"llama.cpp could not load {artifact.path}: {log_tail()}")
         try:
             n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
             if n_vocab != self.spec.vocab_size:
@@ -381,11 +243,11 @@ class LlamaCppSession(Session):
             cparams.no_perf = False
             self.flash_attn = fa
             self.cparams = cparams
-            with _capture_log() as context_log:
+            with capture_log() as context_log:
                 self.ctx = lib.llama_init_from_model(self.model, cparams)
             self.offload = None if os.environ.get("MOERUN_LLAMA_LOG") else dv.read_back(load_log + context_log)
             if not self.ctx:
-                raise BackendRuntimeError(f"llama.cpp could not create a context: {_log_tail()}")
+                raise BackendRuntimeError(f"llama.cpp could not create a context: {log_tail()}")
             self.batch = lib.llama_batch_init(self.n_batch, 0, 1)
             # numpy views of the batch arrays: a prefill fills them with three vector writes;
             # every token belongs to sequence 0, set once
@@ -452,7 +314,7 @@ class LlamaCppSession(Session):
                 self._out[m - 1] = 1
             rc = lib.llama_decode(self.ctx, b)
             if rc != 0:
-                raise BackendRuntimeError(f"llama_decode returned {rc}: {_log_tail()}")
+                raise BackendRuntimeError(f"llama_decode returned {rc}: {log_tail()}")
             self.pos += len(chunk)
             rows = range(len(chunk)) if all_logits else ([len(chunk) - 1] if last_chunk else [])
             for i in rows:
@@ -497,7 +359,7 @@ class LlamaCppSession(Session):
                 seq[i][0] = i // c
             rc = lib.llama_decode(self.ctx, b)
             if rc != 0:
-                raise BackendRuntimeError(f"llama_decode returned {rc}: {_log_tail()}")
+                raise BackendRuntimeError(f"llama_decode returned {rc}: {log_tail()}")
         for s_ in range(B):
             ctypes.memmove(out[s_].ctypes.data, lib.llama_get_logits_ith(self.ctx, s_ * c + c - 1), self._logit_bytes)
         self.pos += n
@@ -523,7 +385,7 @@ class LlamaCppSession(Session):
         self._out[0] = 1
         rc = self.lib.llama_decode(self.ctx, b)
         if rc != 0:
-            raise BackendRuntimeError(f"llama_decode returned {rc}: {_log_tail()}")
+            raise BackendRuntimeError(f"llama_decode returned {rc}: {log_tail()}")
         self.pos += 1
         out = np.empty(self.vocab, dtype=np.float32)
         ctypes.memmove(out.ctypes.data, self.lib.llama_get_logits_ith(self.ctx, 0), self._logit_bytes)
@@ -549,128 +411,9 @@ class LlamaCppSession(Session):
         positions as the timed decode, then drop those positions from the KV cache; like the
         timed steps, each measured prefill follows a decode step and each decode run a prefill
         (llama.cpp rebuilds its graph when the batch shape changes)."""
-        import time
+        from .cut import cut_time
 
-        from moerun.toolkit import Cache
-        from moerun.toolkit import cut_points, cut_timing
-
-        from .cut import CutCallback
-
-        lib = self.lib
-        get_name = _ggml_get_name()
-        moe = self.spec.is_moe
-        cut = CutCallback(lib.ggml_backend_sched_eval_callback, Cache().root)
-        names: list[str] = []
-
-        @lib.ggml_backend_sched_eval_callback
-        def record(tensor: Any, ask: bool, _user: Any) -> bool:
-            if ask:
-                names.append(get_name(tensor).decode(errors="replace"))
-            return False
-
-        def graph_nodes(run: Any) -> list[str]:
-            """Node names of one step, from a context whose callback records them."""
-            names.clear()
-            ctx = self._context(record)
-            main_ctx, self.ctx = self.ctx, ctx
-            try:
-                run()
-            finally:
-                self.ctx = main_ctx
-                lib.llama_free(ctx)
-                self.reset()
-            return list(names)
-
-        if len(prompt) > self.n_batch:
-            raise ConfigError(f"breakdown: the prompt ({len(prompt)} tokens) must fit one batch (n_batch {self.n_batch})")
-        follow = list(follow) or [prompt[-1]]
-
-        def decode_steps() -> None:
-            self.prefill(prompt)
-            for tok in follow:
-                self.decode(tok)
-
-        prefill_nodes = graph_nodes(lambda: self.prefill(prompt))
-        decode_nodes = graph_nodes(decode_steps)[len(prefill_nodes):]
-        if not prefill_nodes or len(decode_nodes) % len(follow):
-            raise BackendRuntimeError("llama.cpp's graph changed between decode steps; cannot cut-time it")
-        decode_nodes = decode_nodes[: len(decode_nodes) // len(follow)]
-
-        cut_ctx = self._context(cut.callback)
-        main_ctx = self.ctx
-        pos = {main_ctx: 0, cut_ctx: 0}  # each context's own KV position
-
-        def use(ctx: Any) -> Any:
-            pos[self.ctx] = self.pos
-            self.ctx, self.pos = ctx, pos[ctx]
-            return lib.llama_get_memory(ctx)
-
-        def checked(node: int | None) -> None:
-            if node is not None and cut.asked() != node + 1:
-                raise BackendRuntimeError(
-                    f"llama.cpp kept computing after the cut at node {node} ({cut.asked()} nodes asked): "
-                    "the graph has several scheduler splits; cut timing needs one")
-
-        def prefill_step(k: int | None, ctx: Any = cut_ctx) -> float:
-            node = None if k is None else prefill_points[k]
-            use(ctx)
-            self.reset()
-            cut.arm(-1)
-            self.decode(prompt[0])  # as in the timed runs: the last graph was a decode step's
-            self.reset()
-            cut.arm(-1 if node is None else node)
-            t0 = time.perf_counter()
-            self.prefill(prompt)
-            dt = time.perf_counter() - t0
-            checked(node)
-            return dt
-
-        def decode_step(k: int | None, ctx: Any = cut_ctx) -> float:
-            node = None if k is None else decode_points[k]
-            mem = use(ctx)
-            start = self.pos
-            cut.arm(-1)
-            self.prefill(prompt[:2])  # as in the timed runs: the last graph was a prefill's
-            lib.llama_memory_seq_rm(mem, 0, start, -1)
-            self.pos = start
-            t0 = time.perf_counter()
-            for tok in follow:
-                cut.arm(-1 if node is None else node)
-                self.decode(tok)
-            dt = (time.perf_counter() - t0) / len(follow)
-            checked(node)
-            lib.llama_memory_seq_rm(mem, 0, start, -1)
-            self.pos = start
-            return dt
-
-        try:
-            prefill_points, prefill_labels = cut_points(categorize_nodes(prefill_nodes, moe))
-            decode_points, decode_labels = cut_points(categorize_nodes(decode_nodes, moe))
-            for ctx in (main_ctx, cut_ctx):
-                use(ctx)
-                self.reset()
-                cut.arm(-1)
-                self.prefill(prompt[:2])  # untimed: first-run allocations
-            prefill, p_info = cut_timing(prefill_step, prefill_labels,
-                                         plain=lambda: prefill_step(None, main_ctx))
-            for ctx in (main_ctx, cut_ctx):
-                use(ctx)
-                self.reset()
-                cut.arm(-1)
-                self.prefill(prompt)
-                decode_step(None, ctx)  # untimed warm-up
-            decode, d_info = cut_timing(decode_step, decode_labels, plain=lambda: decode_step(None, main_ctx))
-        finally:
-            self.ctx = main_ctx
-            lib.llama_free(cut_ctx)
-            self.reset()
-        how = "a C callback" if cut.native else "a Python callback (no C compiler found: ~0.2 us per node)"
-        return {"instrument": f"llama.cpp scheduler eval callback, cut timing ({how})",
-                "prefill": prefill, "prefill_wall_s": p_info["armed_step_s"],
-                "prefill_plain_s": p_info["plain_step_s"],
-                "decode": decode, "decode_wall_s": d_info["armed_step_s"], "decode_plain_s": d_info["plain_step_s"],
-                "detail": {"prefill": {**p_info, "nodes": len(prefill_nodes)},
-                           "decode": {**d_info, "nodes": len(decode_nodes)}}}
+        return cut_time(self, prompt, follow)
 
     def _context(self, callback: Any) -> Any:
         """A second context over the same weights, with `callback` as its eval callback."""
@@ -681,7 +424,7 @@ class LlamaCppSession(Session):
         cparams.cb_eval_user_data = None
         ctx = lib.llama_init_from_model(self.model, cparams)
         if not ctx:
-            raise BackendRuntimeError(f"llama.cpp could not create a profiling context: {_log_tail()}")
+            raise BackendRuntimeError(f"llama.cpp could not create a profiling context: {log_tail()}")
         return ctx
 
     def describe(self) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Cut timing for llama.cpp: a scheduler eval callback that lets the graph run unobserved up
+"""Cut timing for llama.cpp (`LlamaCppSession.breakdown`): node names to categories, and a
+scheduler eval callback that lets the graph run unobserved up
 to node k, observes node k, and ends the graph there (returning false from an observation
 stops ``ggml_backend_sched_compute_splits``).
 
@@ -10,10 +11,12 @@ compiler is found the same logic runs as a ctypes (Python) callback, which costs
 from __future__ import annotations
 
 import ctypes
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from moerun.toolkit import compile_library
+from moerun.toolkit import BackendRuntimeError, Cache, ConfigError, compile_library, cut_points, cut_timing
+
 
 SOURCE = r"""
 #include <stdbool.h>
@@ -61,3 +64,201 @@ class CutCallback:
     @staticmethod
     def _compile(cache_root: Path) -> Any | None:
         return compile_library(SOURCE, "moerun_cut", cache_root)
+
+
+_ROUTER_NODES = {"ffn_moe_logits", "ffn_moe_probs", "ffn_moe_probs_biased", "ffn_moe_argsort", "ffn_moe_topk",
+                 "ffn_moe_weights", "ffn_moe_weights_sum", "ffn_moe_weights_norm", "ffn_moe_weights_scaled",
+                 "ffn_moe_weights_softmax", "ffn_moe_group_topk", "ffn_moe_logits_biased",
+                 "ffn_moe_weights_sum_clamped"}
+_DENSE_FFN_NODES = {"ffn_gate", "ffn_up", "ffn_down", "ffn_swiglu", "ffn_silu", "ffn_gate_par", "ffn_act"}
+
+
+def categorize_node(name: str, moe: bool = True) -> str:
+    """A llama.cpp graph node name (``ffn_moe_topk-3``, ``Qcur-0 (reshaped)``) -> category.
+
+    ``ffn_out`` is the FFN's last node renamed by the model builder: the down projection of
+    a dense FFN, the experts' weighted sum (plus the shared expert) of an MoE one."""
+    base = name.split(" (", 1)[0]
+    base = base.rsplit("-", 1)[0] if base.rsplit("-", 1)[-1].isdigit() else base
+    if base == "ffn_out":
+        return "experts" if moe else "dense_ffn"
+    if base in _ROUTER_NODES:
+        return "router"
+    if base.startswith("ffn_moe"):
+        return "experts"
+    if base.startswith("ffn_shexp"):
+        return "shared_expert"
+    if base in _DENSE_FFN_NODES:
+        return "dense_ffn"
+    if base in ("attn_norm", "ffn_norm", "result_norm", "norm", "attn_post_norm", "ffn_post_norm"):
+        return "norm"
+    if base in ("inp_embd", "inp_scaled", "embd"):
+        return "embedding"
+    if base == "result_output":
+        return "head"
+    if base.startswith(("Qcur", "Kcur", "Vcur", "kq", "kqv", "attn_", "cache_", "k_cache", "v_cache", "fattn",
+                        "__fattn__", "q", "k", "v")) and base not in ("ffn_inp",):
+        return "attention"
+    return "other"
+
+
+def categorize_nodes(names: Sequence[str], moe: bool = True) -> list[str]:
+    """Categories of one graph's nodes in order. An unnamed node (``node_21``: llama.cpp
+    leaves the attention kernel itself unnamed) takes its neighbours' category when the
+    nodes either side of it agree, else ``other``; a view (``ffn_norm-0 (reshaped)``, the
+    experts' input) takes the category of the next named node, which reads it."""
+    cats = [categorize_node(n, moe) for n in names]
+    # unnamed nodes and views cost next to nothing: they join their neighbours rather than
+    # split a stretch into two cut points
+    named = [not (n.startswith("node_") or n.endswith(_VIEW_SUFFIXES)) for n in names]
+    for j, name in enumerate(names):
+        if named[j]:
+            continue
+        before = next((cats[i] for i in range(j - 1, -1, -1) if named[i]), None)
+        after = next((cats[i] for i in range(j + 1, len(names)) if named[i]), None)
+        if names[j].endswith(_VIEW_SUFFIXES):
+            cats[j] = after or cats[j]  # a view belongs to what reads it
+        elif before is not None and before == after:
+            cats[j] = before
+        else:
+            cats[j] = "other"
+    return cats
+
+
+_VIEW_SUFFIXES = (" (view)", " (reshaped)", " (permuted)", " (transposed)")
+_GGML_GET_NAME = None
+
+
+def _ggml_get_name():
+    """ggml_get_name from the ggml library llama-cpp-python ships (node names for the callback)."""
+    global _GGML_GET_NAME
+    if _GGML_GET_NAME is None:
+        import llama_cpp
+
+        libdir = Path(llama_cpp.__file__).parent / "lib"
+        lib = ctypes.CDLL(str(next(libdir.glob("libggml-base.*"))))
+        fn = lib.ggml_get_name
+        fn.restype = ctypes.c_char_p
+        fn.argtypes = [ctypes.c_void_p]
+        _GGML_GET_NAME = fn
+    return _GGML_GET_NAME
+
+
+def cut_time(session: Any, prompt: Sequence[int], follow: Sequence[int]) -> dict[str, Any]:
+    """`LlamaCppSession.breakdown`: cut timing through the scheduler's eval callback on a
+    second context over the session's weights (the method's docstring says how)."""
+    lib = session.lib
+    get_name = _ggml_get_name()
+    moe = session.spec.is_moe
+    cut = CutCallback(lib.ggml_backend_sched_eval_callback, Cache().root)
+    names: list[str] = []
+
+    @lib.ggml_backend_sched_eval_callback
+    def record(tensor: Any, ask: bool, _user: Any) -> bool:
+        if ask:
+            names.append(get_name(tensor).decode(errors="replace"))
+        return False
+
+    def graph_nodes(run: Any) -> list[str]:
+        """Node names of one step, from a context whose callback records them."""
+        names.clear()
+        ctx = session._context(record)
+        main_ctx, session.ctx = session.ctx, ctx
+        try:
+            run()
+        finally:
+            session.ctx = main_ctx
+            lib.llama_free(ctx)
+            session.reset()
+        return list(names)
+
+    if len(prompt) > session.n_batch:
+        raise ConfigError(f"breakdown: the prompt ({len(prompt)} tokens) must fit one batch (n_batch {session.n_batch})")
+    follow = list(follow) or [prompt[-1]]
+
+    def decode_steps() -> None:
+        session.prefill(prompt)
+        for tok in follow:
+            session.decode(tok)
+
+    prefill_nodes = graph_nodes(lambda: session.prefill(prompt))
+    decode_nodes = graph_nodes(decode_steps)[len(prefill_nodes):]
+    if not prefill_nodes or len(decode_nodes) % len(follow):
+        raise BackendRuntimeError("llama.cpp's graph changed between decode steps; cannot cut-time it")
+    decode_nodes = decode_nodes[: len(decode_nodes) // len(follow)]
+
+    cut_ctx = session._context(cut.callback)
+    main_ctx = session.ctx
+    pos = {main_ctx: 0, cut_ctx: 0}  # each context's own KV position
+
+    def use(ctx: Any) -> Any:
+        pos[session.ctx] = session.pos
+        session.ctx, session.pos = ctx, pos[ctx]
+        return lib.llama_get_memory(ctx)
+
+    def checked(node: int | None) -> None:
+        if node is not None and cut.asked() != node + 1:
+            raise BackendRuntimeError(
+                f"llama.cpp kept computing after the cut at node {node} ({cut.asked()} nodes asked): "
+                "the graph has several scheduler splits; cut timing needs one")
+
+    def prefill_step(k: int | None, ctx: Any = cut_ctx) -> float:
+        node = None if k is None else prefill_points[k]
+        use(ctx)
+        session.reset()
+        cut.arm(-1)
+        session.decode(prompt[0])  # as in the timed runs: the last graph was a decode step's
+        session.reset()
+        cut.arm(-1 if node is None else node)
+        t0 = time.perf_counter()
+        session.prefill(prompt)
+        dt = time.perf_counter() - t0
+        checked(node)
+        return dt
+
+    def decode_step(k: int | None, ctx: Any = cut_ctx) -> float:
+        node = None if k is None else decode_points[k]
+        mem = use(ctx)
+        start = session.pos
+        cut.arm(-1)
+        session.prefill(prompt[:2])  # as in the timed runs: the last graph was a prefill's
+        lib.llama_memory_seq_rm(mem, 0, start, -1)
+        session.pos = start
+        t0 = time.perf_counter()
+        for tok in follow:
+            cut.arm(-1 if node is None else node)
+            session.decode(tok)
+        dt = (time.perf_counter() - t0) / len(follow)
+        checked(node)
+        lib.llama_memory_seq_rm(mem, 0, start, -1)
+        session.pos = start
+        return dt
+
+    try:
+        prefill_points, prefill_labels = cut_points(categorize_nodes(prefill_nodes, moe))
+        decode_points, decode_labels = cut_points(categorize_nodes(decode_nodes, moe))
+        for ctx in (main_ctx, cut_ctx):
+            use(ctx)
+            session.reset()
+            cut.arm(-1)
+            session.prefill(prompt[:2])  # untimed: first-run allocations
+        prefill, p_info = cut_timing(prefill_step, prefill_labels,
+                                     plain=lambda: prefill_step(None, main_ctx))
+        for ctx in (main_ctx, cut_ctx):
+            use(ctx)
+            session.reset()
+            cut.arm(-1)
+            session.prefill(prompt)
+            decode_step(None, ctx)  # untimed warm-up
+        decode, d_info = cut_timing(decode_step, decode_labels, plain=lambda: decode_step(None, main_ctx))
+    finally:
+        session.ctx = main_ctx
+        lib.llama_free(cut_ctx)
+        session.reset()
+    how = "a C callback" if cut.native else "a Python callback (no C compiler found: ~0.2 us per node)"
+    return {"instrument": f"llama.cpp scheduler eval callback, cut timing ({how})",
+            "prefill": prefill, "prefill_wall_s": p_info["armed_step_s"],
+            "prefill_plain_s": p_info["plain_step_s"],
+            "decode": decode, "decode_wall_s": d_info["armed_step_s"], "decode_plain_s": d_info["plain_step_s"],
+            "detail": {"prefill": {**p_info, "nodes": len(prefill_nodes)},
+                       "decode": {**d_info, "nodes": len(decode_nodes)}}}

@@ -23,24 +23,19 @@ def table(results: list[PointResult], verdicts: list[dict[str, Any]], stream: Te
 
     console = Console(file=stream, width=220 if not stream.isatty() else None)
 
-    def show(title: str, headers: list[str], rows: list[list[str]], left: tuple[str, ...] = ()) -> None:
+    def show(title: str, headers: list[str], rows: list[list[str]], right: Any = cells.RIGHT,
+             wrap: bool = True) -> None:
+        """One rich table: numbers right-aligned, the rest left-aligned (unwrapped unless `wrap`)."""
         t = Table(title=title, header_style="bold")
         for h in headers:
-            t.add_column(h, justify="left" if h in left or h not in cells.RIGHT else "right",
-                         no_wrap=h in left)
+            t.add_column(h, justify="right" if h in right else "left", no_wrap=not wrap and h not in right)
         for row in rows:
             t.add_row(*[escape(x) for x in row])
         console.print(t)
 
     headers, rows = cells.results_table(results)
-    numeric = {h for h, _, _ in cells.columns(results)} - set(cells.LEFT)
-    t = Table(title="moerun results (medians over rounds; ± = 95 % half-width of decode tok/s over rounds)",
-              header_style="bold")
-    for h in headers:
-        t.add_column(h, justify="right" if h in numeric else "left", no_wrap=h not in numeric)
-    for row in rows:
-        t.add_row(*[escape(x) for x in row])
-    console.print(t)
+    show("moerun results (medians over rounds; ± = 95 % half-width of decode tok/s over rounds)", headers, rows,
+         right={h for h, _, _ in cells.columns(results)} - set(cells.LEFT), wrap=False)
     for status, what in cells.failures(results):
         console.print(f"[bold]{status}[/]: " + escape(what), highlight=False)
     for title, (headers, rows) in cells.sections(results, verdicts, maturity(results)):

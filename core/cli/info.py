@@ -1,0 +1,239 @@
+"""The commands that read: `backends`, `models`, `plugins`, `predict`, `compare` and
+`report`. Each parses nothing itself (moerun.cli.parser did) and prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from .parser import batch_sizes
+
+
+def cmd_backends(plugins: Any, args: argparse.Namespace) -> int:
+    rows = []
+    for name in plugins.backends.primary_names():
+        cls = plugins.backends.get(name)
+        av = cls().availability()
+        rows.append({"name": name, "aliases": list(cls.aliases), "plugin": plugins.backends.owner(name),
+                     "description": cls.description, "capabilities": cls.capabilities.to_dict(),
+                     "options": {k: o.help for k, o in sorted(cls.options.items())}, **av.to_dict()})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    t = Table(title="backends", header_style="bold")
+    for h in ("name", "available", "version", "precisions", "MoE", "devices", "options (-O)", "why not / install"):
+        t.add_column(h)
+    for r in rows:
+        caps = r["capabilities"]
+        why = "" if r["available"] else f"{r['reason']}; {r['install_hint']}".strip("; ")
+        t.add_row(r["name"], "yes" if r["available"] else "no", escape(r["version"] or "-"),
+                  ", ".join(caps["precisions"]), "yes" if caps["supports_moe"] else "no",
+                  ", ".join(r["devices"] or caps["devices"]), escape(", ".join(r["options"]) or "-"), escape(why))
+    console = Console(width=180)
+    console.print(t)
+    notes = [(r["name"], dev, note) for r in rows if r["available"]
+             for dev, note in (r.get("device_notes") or {}).items()]
+    if notes:
+        console.print("devices a backend knows but cannot use here:", highlight=False)
+        for name, dev, note in notes:
+            console.print(escape(f"  {name} {dev}: {note}"), highlight=False)
+    return 0
+
+
+def cmd_models(plugins: Any, args: argparse.Namespace) -> int:
+    rows = []
+    for name in plugins.models.names():
+        pre = plugins.models.preset(name)
+        s = pre.spec
+        rows.append({"name": name, "family": s.family, "moe": s.is_moe, "total_params": s.total_params,
+                     "active_params": s.active_params, "layers": s.num_layers, "hidden": s.hidden_size,
+                     "experts": s.num_experts, "top_k": s.top_k,
+                     "published_total_params": pre.published_total_params, "description": pre.description,
+                     "spec": s.to_dict()})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    from rich.markup import escape
+
+    from ..analysis import human_count
+
+    t = Table(title="model presets (twins: NAME:dense-active, NAME:dense-total)", header_style="bold")
+    for h in ("name", "family", "total", "active", "layers", "hidden", "experts", "description"):
+        t.add_column(h, justify="right" if h in ("total", "active", "layers", "hidden") else "left")
+    for r in rows:
+        t.add_row(r["name"], r["family"], human_count(r["total_params"]), human_count(r["active_params"]),
+                  str(r["layers"]), str(r["hidden"]),
+                  f"{r['experts']} top-{r['top_k']}" if r["moe"] else "-", escape(r["description"]))
+    Console(width=160).print(t)
+    return 0
+
+
+def cmd_plugins(plugins: Any, args: argparse.Namespace) -> int:
+    ok = [{"name": p.name, "source": p.source, "distribution": p.distribution, "version": p.version,
+           "hooks": list(p.hooks)} for p in plugins.plugins]
+    bad = [{"name": e.name, "source": e.source, "error": e.error} for e in plugins.load_errors]
+    if args.json:
+        print(json.dumps({"plugins": ok, "errors": bad}, indent=2))
+        return 0
+    for p in ok:
+        dist = f" ({p['distribution']} {p['version']})" if p["distribution"] else ""
+        print(f"{p['name']}{dist} [{p['source']}]: {', '.join(p['hooks'])}")
+    for e in bad:
+        print(f"FAILED {e['name']} [{e['source']}]: {e['error']}")
+    return 0
+
+
+def cmd_predict(plugins: Any, args: argparse.Namespace) -> int:
+    from ..predict import HARDWARE, crossover, efficiency_from_results, get_hardware, predict, this_machine
+
+    if args.list:
+        rows = [{"name": h.name, "description": h.description, "bandwidth_gb_s": h.bandwidth_bytes_s / 1e9,
+                 "peak_tflops": h.peak_flops / 1e12, "memory_gb": h.memory_bytes / 1e9, "source": h.source}
+                for h in HARDWARE.values()]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            for r in rows:
+                print(f"{r['name']:22s} {r['bandwidth_gb_s']:7.1f} GB/s {r['peak_tflops']:7.2f} TFLOPS "
+                      f"{r['memory_gb']:5.0f} GB  {r['source']}")
+        return 0
+    if not args.hardware or not args.model:
+        raise ConfigError("predict needs --hardware and --model (or --list)")
+    if args.hardware == "this-machine":
+        from ..environment import capture
+
+        hw = this_machine(capture())
+    else:
+        hw = get_hardware(args.hardware)
+    efficiency = None
+    if args.calibrate:
+        from ..records import load_results
+
+        efficiency = efficiency_from_results(load_results([args.calibrate]), args.precision)
+    spec = plugins.models.resolve(args.model)
+    specs = [spec] + ([spec.dense_twin("active"), spec.dense_twin("total")] if spec.is_moe else [])
+    batches = batch_sizes(args.batch_size) or [1]
+    by_batch = {b: [predict(sp, hw, precision=args.precision, context=args.context, efficiency=efficiency, batch=b)
+                    for sp in specs] for b in batches}
+    cross = crossover(spec, hw, precision=args.precision, context=args.context,
+                      efficiency=efficiency) if spec.is_moe else None
+    if args.json:
+        for b in batches:
+            if cross is not None:
+                by_batch[b][0]["crossover"] = cross  # the MoE's row
+        print(json.dumps([r for b in batches for r in by_batch[b]], indent=2))
+        return 0
+    basis = (f"efficiency from {args.calibrate}: decode {efficiency['decode']:.0%} of bandwidth, prefill "
+             f"{efficiency['prefill']:.0%} of peak FLOP/s"
+             f"{'' if efficiency['prefill_measured'] else ' (assumed: no prefill FLOP figure in the results)'}"
+             f" ({efficiency['n']} results)" if efficiency else
+             "assumed efficiency: decode 80 % of bandwidth, prefill 50 % of peak FLOP/s (--calibrate to measure)")
+    print(f"{hw.name}: {hw.bandwidth_bytes_s / 1e9:.0f} GB/s, {hw.peak_flops / 1e12:.2f} TFLOPS, "
+          f"{hw.memory_bytes / 1e9:.0f} GB ({hw.source})")
+    print(basis)
+    for b, rows in by_batch.items():
+        if len(batches) > 1 or b > 1:
+            touched = rows[0].get("experts_touched") if spec.is_moe else None
+            print(f" batch {b}" + (f" (MoE: {touched:.1f} of {spec.num_experts} experts per layer and step, "
+                                   f"uniform routing)" if touched else ""))
+        for r in rows:
+            if r["fits"] is False:
+                print(f"  {r['model']:28s} does not fit: {r['reason']}")
+            else:
+                print(f"  {r['model']:28s} decode {r['decode_tok_s']:8.1f} tok/s  "
+                      f"prefill {r['prefill_tok_s']:9.1f} tok/s  ({r['bytes_per_token'] / 1e6:.0f} MB/token, "
+                      f"{r['memory_needed_bytes'] / 1e9:.1f} GB, {r['decode_bound']}-bound)")
+        if len(rows) == 3 and all(r.get("decode_tok_s") for r in rows):
+            active, total = (rows[0]["decode_tok_s"] / rows[i]["decode_tok_s"] for i in (1, 2))
+            print(f"  predicted MoE decode vs active twin {active:.2f}x, vs total twin {total:.2f}x "
+                  f"(roofline: no dispatch cost)")
+    if cross is not None:
+        if cross["batch"]:
+            print(f"  crossover: from batch {cross['batch']} the MoE decodes less than {cross['advantage']:.1f}x its "
+                  f"total twin ({cross['ratio']:.2f}x): its sequences' experts cover most of its weights")
+        else:
+            closest = (f"; closest {cross['closest_ratio']:.2f}x at batch {cross['closest_batch']}, where the "
+                       f"total twin turns compute-bound" if cross.get("closest_ratio") else "")
+            print(f"  crossover: none below {cross['advantage']:.1f}x ({cross['why']}{closest})")
+    return 0
+
+
+
+def cmd_compare(plugins: Any, args: argparse.Namespace) -> int:
+    import csv
+
+    from ..analysis import machine_label, verdicts
+    from ..records import load_results
+
+    rows, verdict_rows = [], []
+    for path in args.results:
+        by_machine: dict[str, list] = {}
+        for r in load_results([path]):  # a fleet's merged file: keyed by hardware label, the node's machine beside it
+            machine = machine_label(r.env)
+            by_machine.setdefault(f"{r.hardware}: {machine}" if r.hardware else machine, []).append(r)
+        for machine, rs in by_machine.items():
+            for r in rs:
+                rows.append({"machine": machine, "hardware": r.hardware, "node": r.node.get("hostname"),
+                             "file": str(path), "model": r.model_name, "role": r.role, "backend": r.backend,
+                             "precision": r.precision, "status": r.status,
+                             "decode_tok_s": r.metrics.get("decode_tok_s"),
+                             "prefill_tok_s": r.metrics.get("prefill_tok_s"), "mbu": r.metrics.get("mbu")})
+            verdict_rows += [{"machine": machine, **v} for v in verdicts(rs)]
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["machine"], lineterminator="\n")
+            w.writeheader()
+            w.writerows(rows)
+    if args.json:
+        print(json.dumps({"results": rows, "verdicts": verdict_rows}, indent=2, default=str))
+        return 0
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console(width=200 if not sys.stdout.isatty() else None)
+    t = Table(title="results by machine", header_style="bold")
+    for h in ("machine", "model", "backend", "prec", "status", "decode tok/s", "prefill tok/s", "MBU"):
+        t.add_column(h, justify="right" if h in ("decode tok/s", "prefill tok/s", "MBU") else "left")
+    for r in sorted(rows, key=lambda r: (str(r["model"]), str(r["backend"]), r["machine"])):
+        t.add_row(escape(r["machine"]), escape(str(r["model"])), escape(str(r["backend"])),
+                  escape(str(r["precision"] or "")), r["status"] or "",
+                  f"{r['decode_tok_s']:,.1f}" if r["decode_tok_s"] else "-",
+                  f"{r['prefill_tok_s']:,.0f}" if r["prefill_tok_s"] else "-",
+                  f"{r['mbu']:.0%}" if r["mbu"] else "-")
+    console.print(t)
+    if verdict_rows:
+        v = Table(title="MoE / dense twin by machine (decode and prefill tokens/s ratios)", header_style="bold")
+        for h in ("machine", "model", "backend", "prec", "decode vs active", "prefill vs active", "decode vs total"):
+            v.add_column(h)
+        for row in verdict_rows:
+            v.add_row(escape(row["machine"]), escape(str(row["group"])), escape(str(row["backend"])),
+                      escape(str(row["precision"] or "")),
+                      *[f"{row[k]:.2f}x" if row.get(k) else "-" for k in
+                        ("decode_vs_active", "prefill_vs_active", "decode_vs_total")])
+        console.print(v)
+    return 0
+
+
+def cmd_report(plugins: Any, args: argparse.Namespace) -> int:
+    from ..analysis import verdicts
+    from ..records import load_results
+
+    results = load_results(args.results)
+    out = args.out or Path("moerun-report")
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "report.md", "w") as stream:
+        plugins.reporters.get("markdown")(results, verdicts(results), stream, assets_dir=out)
+    print(f"moerun: report in {out / 'report.md'}", file=sys.stderr)
+    return 0
