@@ -70,14 +70,14 @@ def test_weights_streamed_in_parts_build_the_same_graph(plugins, cache, tmp_path
     """The embedding read and written a few rows at a time, the head quantised a few columns
     (checkpoint rows) at a time and its int4 codes packed a few rows at a time: the streamed
     graph computes exactly what the graph built whole in memory does."""
-    from moerun.backends.onnxgraph import builder
+    from moerun.backends.onnxgraph import builder, graph, quantize
 
     spec = plugins.models.resolve("tiny-moe")  # untied head: embedding and lm_head both
     ck = synthetic_checkpoint(spec, cache, seed=0)
     whole = builder.build_onnx(ck, formulation="grouped", weight_bits=bits)
     monkeypatch.setattr(builder.OnnxDecoderBuilder, "STREAM_CHUNK_BYTES", 3 * spec.hidden_size * 4 + 8)  # 3 rows a part
-    monkeypatch.setattr(builder, "COLUMN_CHUNK", 40)
-    monkeypatch.setattr(builder, "INT4_PACK_ROWS", 6)
+    monkeypatch.setattr(quantize, "COLUMN_CHUNK", 40)
+    monkeypatch.setattr(graph, "INT4_PACK_ROWS", 6)
     parts = builder.build_onnx(ck, formulation="grouped", weight_bits=bits, external_data=tmp_path / "a.onnx.data")
     _assert_same_logits(spec, parts, whole, [3, 5, 7, 11], tmp_path)
 

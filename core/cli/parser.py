@@ -41,7 +41,7 @@ def csv_list(values: Sequence[str] | None) -> list[str]:
 def fit_device(name: str | None) -> str | None:
     if name is None:
         return None
-    from .predict import get_hardware
+    from ..predict import get_hardware
 
     return get_hardware(name).name  # an unknown profile is a one-line error listing the known ones
 
