@@ -37,6 +37,7 @@ import attrs
 from . import defaults
 from .comparison import Comparison, comparisons
 from .errors import ConfigError
+from .results import Measurement
 from .stats import ratio_interval
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -228,7 +229,8 @@ def _bandwidth_range(*sides: dict[int, dict[str, Any]], rounds: Iterable[int]) -
 
 
 def _reps(record: dict[str, Any], metric: str) -> list[float]:
-    return list((record.get("timings") or {}).get(f"{metric}_reps") or []) if record.get("status") == "ok" else []
+    m = Measurement.of(record)
+    return list(m.timings.get(f"{metric}_reps") or []) if m.ok else []
 
 
 # ------------------------------------------------------------------ folding rounds
@@ -247,18 +249,17 @@ def _median_tree(values: list[Any]) -> Any:
     return present[-1]
 
 
-def round_summary(record: dict[str, Any]) -> dict[str, Any]:
+def round_summary(m: Measurement) -> dict[str, Any]:
     """What a collapsed record keeps of one round."""
-    m, memory = record.get("metrics") or {}, record.get("memory") or {}
-    contention = (record.get("contention") or {}).get("timed") or {}
-    return {"round": record.get("round", 0), "status": record.get("status"), "error": record.get("error"),
-            "decode_tok_s": m.get("decode_tok_s"), "prefill_tok_s": m.get("prefill_tok_s"),
-            "rss_after_load_bytes": memory.get("rss_after_load_bytes"),
-            "bandwidth_bytes_s": (record.get("bandwidth_after_timed") or {}).get("bytes_s"),
+    contention = m.timed_contention
+    return {"round": m.round, "status": m.status, "error": m.error,
+            "decode_tok_s": m.metrics.get("decode_tok_s"), "prefill_tok_s": m.metrics.get("prefill_tok_s"),
+            "rss_after_load_bytes": m.memory.get("rss_after_load_bytes"),
+            "bandwidth_bytes_s": m.bandwidth_after_timed.get("bytes_s"),
             "contended": bool(contention.get("contended")), "others_cores": contention.get("others_cores"),
-            "steal_share": contention.get("steal_share"), "wall_s": record.get("wall_s"),
-            "started_at": record.get("started_at"), "resumed": bool(record.get("resumed")),
-            **({"lockstep": _lockstep_summary(record["lockstep"])} if record.get("lockstep") else {})}
+            "steal_share": contention.get("steal_share"), "wall_s": m.wall_s,
+            "started_at": m.started_at, "resumed": m.resumed,
+            **({"lockstep": _lockstep_summary(m.lockstep)} if m.lockstep else {})}
 
 
 def _lockstep_summary(lock: dict[str, Any]) -> dict[str, Any]:
@@ -289,25 +290,24 @@ def collapse(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         if isinstance(item, dict):
             out.append(item)
             continue
-        rs = sorted(by_key[item], key=lambda r: r.get("round", 0))
-        rs = [r for r in rs if not r.get("retry")] or rs  # the fleet's failures, once measured again
-        ok = [r for r in rs if r.get("status") == "ok"]
-        base = dict((ok or rs)[-1])
+        rs = sorted((Measurement.of(r) for r in by_key[item]), key=lambda m: m.round)
+        rs = [m for m in rs if not m.retry] or rs  # the fleet's failures, once measured again
+        ok = [m for m in rs if m.ok]
+        base = dict((ok or rs)[-1].record)
         base.pop("round", None)
-        base["rounds"] = [round_summary(r) for r in rs]
-        base["resumed"] = all(r.get("resumed") for r in rs)
-        first_ok = next((r for r in rs if r.get("status") == "ok"), None)
-        if first_ok is not None and first_ok.get("phases_s"):  # later lockstep restarts load side by side
-            base["phases_s"] = first_ok["phases_s"]
+        base["rounds"] = [round_summary(m) for m in rs]
+        base["resumed"] = all(m.resumed for m in rs)
+        if ok and ok[0].phases_s:  # later lockstep restarts load side by side
+            base["phases_s"] = ok[0].phases_s
         for extra in ONCE:  # measured in a point's first round only
-            found = next((r[extra] for r in rs if r.get(extra) is not None), None)
+            found = next((m.record[extra] for m in rs if m.record.get(extra) is not None), None)
             if found is not None:
                 base[extra] = found
         if ok:
-            base["metrics"] = _median_tree([r.get("metrics") for r in ok])
-            base["memory"] = _median_tree([r.get("memory") for r in ok])
+            base["metrics"] = _median_tree([m.record.get("metrics") for m in ok])
+            base["memory"] = _median_tree([m.record.get("memory") for m in ok])
             base["contended"] = any(r["contended"] for r in base["rounds"] if r["status"] == "ok")
-            errors = [f"round {r.get('round', 0) + 1}: {r.get('error')}" for r in rs if r.get("status") != "ok"]
+            errors = [f"round {m.round + 1}: {m.error}" for m in rs if not m.ok]
             if errors:
                 base["round_errors"] = errors
             min_rounds = (base.get("protocol") or {}).get("min_rounds", 3)

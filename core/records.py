@@ -16,12 +16,10 @@ from typing import Any, Iterable
 
 import attrs
 
+from .results import section
+
 SECTIONS = ("point", "model", "metrics", "timings", "memory", "env", "fits", "parity", "breakdown", "artifact",
             "spread", "node", "protocol", "session", "contention", "lockstep")
-
-
-def _section(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
 
 
 @attrs.frozen(kw_only=True)
@@ -62,7 +60,7 @@ class PointResult:
     @classmethod
     def of(cls, record: dict[str, Any]) -> "PointResult":
         """From one folded record (`collapse`'s), of this version or an older one."""
-        point = _section(record.get("point"))
+        point = section(record.get("point"))
         return cls(
             key=str(record.get("key") or ""), status=str(record.get("status") or "failed"),
             model_name=str(record.get("model_name") or point.get("model") or ""),
@@ -71,7 +69,7 @@ class PointResult:
             group=str(record.get("group") or ""), hardware=record.get("hardware") or point.get("hardware"),
             error=record.get("error"), contended=bool(record.get("contended")),
             rounds=list(record.get("rounds") or []), record=record,
-            **{name: _section(record.get(name)) for name in SECTIONS},
+            **{name: section(record.get(name)) for name in SECTIONS},
         )
 
     @property
@@ -84,7 +82,7 @@ class PointResult:
 
     @property
     def options(self) -> dict[str, Any]:
-        return _section(self.point.get("options"))
+        return section(self.point.get("options"))
 
     @property
     def options_text(self) -> str:

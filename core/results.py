@@ -9,6 +9,7 @@ from pathlib import Path
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -97,3 +98,52 @@ def base_result(point: "Point", env: dict[str, Any] | None) -> dict[str, Any]:
         "env": env or {},
         "started_at": now(),
     }
+
+
+def section(value: Any) -> dict[str, Any]:
+    """A record's section as a dict: an older record may lack it, or hold None."""
+    return value if isinstance(value, dict) else {}
+
+
+@attrs.frozen(kw_only=True)
+class Measurement:
+    """One line of a results file, typed for its readers: a point measured in one round (the
+    schema is in docs/architecture.md, "Result record"). Every section is a dict, empty where
+    an older line lacks it; `record` is the line as written. moerun.protocol folds a point's
+    measurements into one `moerun.records.PointResult`."""
+
+    key: str
+    status: str
+    round: int = 0
+    error: str | None = None
+    resumed: bool = False
+    retry: bool = False  # the fleet could not measure the point: a resumed study measures it again
+    wall_s: float | None = None
+    started_at: str | None = None
+    metrics: dict[str, Any] = attrs.field(factory=dict)
+    memory: dict[str, Any] = attrs.field(factory=dict)
+    timings: dict[str, Any] = attrs.field(factory=dict)
+    contention: dict[str, Any] = attrs.field(factory=dict)
+    bandwidth_after_timed: dict[str, Any] = attrs.field(factory=dict)
+    lockstep: dict[str, Any] = attrs.field(factory=dict)
+    phases_s: dict[str, Any] = attrs.field(factory=dict)
+    record: dict[str, Any] = attrs.field(factory=dict, repr=False, eq=False)
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> "Measurement":
+        return cls(key=str(record.get("key") or ""), status=str(record.get("status") or "failed"),
+                   round=int(record.get("round") or 0), error=record.get("error"),
+                   resumed=bool(record.get("resumed")), retry=bool(record.get("retry")),
+                   wall_s=record.get("wall_s"), started_at=record.get("started_at"), record=record,
+                   **{name: section(record.get(name)) for name in
+                      ("metrics", "memory", "timings", "contention", "bandwidth_after_timed", "lockstep",
+                       "phases_s")})
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def timed_contention(self) -> dict[str, Any]:
+        """What other processes did while this measurement's timed phase ran."""
+        return section(self.contention.get("timed"))

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from .. import defaults
 from ..errors import ConfigError
+from ..results import Measurement
 from ..studyfile import StudySpec
 from .parser import backend_options, batch_sizes, csv_list, fit_device
 
@@ -133,7 +134,7 @@ def _measure(plugins: Any, study: StudySpec, args: argparse.Namespace) -> int:
             wait_for_quiet(protocol.wait_s)
 
     def on_result(record: dict[str, Any]) -> None:
-        last["contended"] = ((record.get("contention") or {}).get("timed") or {}).get("contended")
+        last["contended"] = Measurement.of(record).timed_contention.get("contended")
 
     points = grid.points
     with _Progress(len(points) * protocol.min_rounds, enabled=not args.quiet) as progress:
