@@ -22,16 +22,12 @@ from .studyfile import StudySpec
 if TYPE_CHECKING:  # pragma: no cover
     from .manager import MoerunPlugins
 
-ROLES = ("moe", "dense-active", "dense-total", "dense-isomem")
-
-
 @attrs.frozen
 class Grid:
     """The points of a study, the backends left out with why, and notes for the user (twins
     not added, and why)."""
 
     points: list[Point]
-    backends: list[str]
     skipped: list[tuple[str, str]] = attrs.field(factory=list)
     notes: list[str] = attrs.field(factory=list)
 
@@ -43,13 +39,10 @@ def build_grid(plugins: "MoerunPlugins", study: StudySpec, *, here: bool = True)
     backends, skipped = select_backends(plugins, study.backends, here=here)
     if not backends:
         raise ConfigError("no backend is available here; see 'moerun backends'")
-    for m in (*study.models, *study.dense):  # a typo fails before anything runs
-        if not Path(m).exists() and not (not here and os.sep in m):
-            plugins.models.resolve(m)
     notes: list[str] = []
-    points = grid_points(plugins, study, backends, notes=notes, here=here)
+    points = grid_points(plugins, study, backends, notes=notes, here=here)  # resolves every preset named
     preflight(plugins, points, local_files=here)
-    return Grid(points=points, backends=backends, skipped=skipped, notes=notes)
+    return Grid(points=points, skipped=skipped, notes=notes)
 
 
 def grid_points(plugins: "MoerunPlugins", study: StudySpec, backends: list[str], *,

@@ -12,7 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import attrs
 import numpy as np
@@ -115,24 +115,24 @@ def batch_token_ids(vocab_size: int, count: int, seed: int, batch: int) -> list[
 
 
 def point_spec(point: Point, plugins: "MoerunPlugins") -> ModelSpec:
-    """The spec a point measures, without writing its checkpoint (a folder: its config)."""
+    """The spec a point measures, without writing its checkpoint (a folder: its config; a
+    path that does not exist: a one-line error, not an unknown preset)."""
     path = Path(point.model)
     if path.is_dir():
         return Checkpoint.open(path).spec
+    if (path.suffix in (".json", ".safetensors") or os.sep in point.model) and not path.exists():
+        raise ConfigError(f"model path {point.model} does not exist")
     return plugins.models.resolve(point.model)
 
 
-def resolve_checkpoint(point: Point, plugins: "MoerunPlugins", cache: Cache) -> Checkpoint:
-    """A preset / twin name -> its synthetic checkpoint; a folder -> that checkpoint."""
+def resolve_checkpoint(point: Point, plugins: "MoerunPlugins", cache: Cache,
+                       progress: Callable[[int, int], None] | None = None) -> Checkpoint:
+    """A preset / twin name -> its synthetic checkpoint (written into `cache` if missing,
+    `progress(bytes done, bytes in all)` while it is); a folder -> that checkpoint."""
     path = Path(point.model)
     if path.is_dir():
         return Checkpoint.open(path)
-    if path.suffix in (".json", ".safetensors") or os.sep in point.model:
-        if not path.exists():
-            raise ConfigError(f"model path {point.model} does not exist")
-    spec = plugins.models.resolve(point.model)
-    return synthetic_checkpoint(
-        spec, cache, seed=point.seed, dtype=point.checkpoint_dtype, router_skew=point.router_skew
-    )
+    return synthetic_checkpoint(point_spec(point, plugins), cache, seed=point.seed, dtype=point.checkpoint_dtype,
+                                router_skew=point.router_skew, progress=progress)
 
 

@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable
 import attrs
 
 from .cache import Cache
-from .checkpoint import synthetic_checkpoint
 from .errors import MoerunError
-from .point import Point
+from .point import Point, point_spec, resolve_checkpoint
 from .predict import point_fit_obstacle
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -77,7 +76,7 @@ def write_checkpoints(plugins: "MoerunPlugins", points: Iterable[Point], cache: 
         key = (p.model, p.seed, p.checkpoint_dtype, p.router_skew)
         if key in seen:
             continue
-        spec = plugins.models.resolve(p.model)
+        spec = point_spec(p, plugins)
         if p.fit:
             precision = p.precision or plugins.backends.get(p.backend).capabilities.default_precision
             if point_fit_obstacle(p, spec, precision):
@@ -86,8 +85,7 @@ def write_checkpoints(plugins: "MoerunPlugins", points: Iterable[Point], cache: 
         size = spec.total_params * (2 if p.checkpoint_dtype == "bfloat16" else 4)
         label = f"checkpoint {p.model} ({size / 1e9:.1f} GB, {p.checkpoint_dtype})"
         with (show(label, size) if show else contextlib.nullcontext()) as progress:
-            synthetic_checkpoint(spec, cache, seed=p.seed, dtype=p.checkpoint_dtype,
-                                 router_skew=p.router_skew, progress=progress)
+            resolve_checkpoint(p, plugins, cache, progress)
 
 
 def prepare_machine(plugins: "MoerunPlugins", points: Iterable[Point], *, if_busy: str, wait_s: float,

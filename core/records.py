@@ -12,11 +12,14 @@ written, for the JSON reporter and for fields a reader needs that are not named 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Iterable
 
 import attrs
 
-from .results import section
+from .errors import ConfigError
+from .protocol import collapse
+from .results import read_results, section
 
 SECTIONS = ("point", "model", "metrics", "timings", "memory", "env", "fits", "parity", "breakdown", "artifact",
             "spread", "node", "protocol", "session", "contention", "lockstep")
@@ -96,19 +99,12 @@ class PointResult:
 
 def point_results(records: Iterable[dict[str, Any]]) -> list[PointResult]:
     """Per-round records (or records already folded) -> one PointResult per point."""
-    from .protocol import collapse
-
     return [PointResult.of(r) for r in collapse(records)]
 
 
 def load_results(paths: Iterable[str | os.PathLike]) -> list[PointResult]:
     """The points of one or more results files, each file's rounds folded; a file that is
     missing or holds no complete record is a one-line ConfigError."""
-    from pathlib import Path
-
-    from .errors import ConfigError
-    from .results import read_results
-
     out: list[PointResult] = []
     for path in paths:
         if not Path(path).is_file():

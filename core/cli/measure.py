@@ -52,10 +52,10 @@ def cmd_study(plugins: Any, args: argparse.Namespace) -> int:
     return _measure(plugins, study, args)
 
 
-def _hardware_labels(args: argparse.Namespace, defaults: Sequence[str]) -> list[str]:
+def _hardware_labels(args: argparse.Namespace, from_study: Sequence[str]) -> list[str]:
     """The fleet labels the grid runs on: --hardware over the study file's; 'all' is every
     label the Ray cluster offers. Labels need the ray executor, and the ray executor needs labels."""
-    given = csv_list(args.hardware) or list(defaults)
+    given = csv_list(args.hardware) or list(from_study)
     if args.executor != "ray":
         if given:
             raise ConfigError(f"hardware labels ({', '.join(given)}) place points on a fleet's nodes: "
@@ -102,8 +102,8 @@ def _measure(plugins: Any, study: StudySpec, args: argparse.Namespace) -> int:
     reporter = plugins.reporters.get("json" if args.json else args.report)
     err = sys.stderr
     fleet = args.executor == "ray"
+    protocol = _protocol(args, study)  # bad protocol options fail before any input is read
     grid = build_grid(plugins, study, here=not fleet)
-    protocol = _protocol(args, study)
     for name, reason in grid.skipped:
         print(f"moerun: skipping backend {name}: {reason}", file=err)
     for note in grid.notes:

@@ -35,7 +35,7 @@ def table(results: list[PointResult], verdicts: list[dict[str, Any]], stream: Te
 
     headers, rows = cells.results_table(results)
     show("moerun results (medians over rounds; ± = 95 % half-width of decode tok/s over rounds)", headers, rows,
-         right={h for h, _, _ in cells.columns(results)} - set(cells.LEFT), wrap=False)
+         right=set(headers) - set(cells.LEFT), wrap=False)
     for status, what in cells.failures(results):
         console.print(f"[bold]{status}[/]: " + escape(what), highlight=False)
     for title, (headers, rows) in cells.sections(results, verdicts, maturity(results)):
