@@ -38,6 +38,7 @@ def verdicts(results: Iterable[PointResult]) -> list[dict[str, Any]]:
                                "precision": precision,
                                "prompt_tokens": fields["prompt_tokens"], "new_tokens": fields["new_tokens"],
                                "threads": fields["threads"], "batch_size": fields["batch_size"] or 1,
+                               "routing": fields["routing"] or "random",
                                "target": target}
         stats: list[dict[str, Any]] = []
 

@@ -177,6 +177,13 @@ class Session(abc.ABC):
         sequences together); None if the backend does not expose routing."""
         return None
 
+    def observe_routing(self, prompt: "Sequence[int]", follow: "Sequence[int]") -> "np.ndarray | None":
+        """Prefill `prompt` and decode `follow` as one sequence, untimed, and return the
+        experts each token chose in each MoE layer, [len(prompt) + len(follow), MoE layers,
+        k] in token order (the order within a row does not matter); None where the engine
+        does not expose its choices. Leaves the cache reset."""
+        return None
+
     def breakdown(self, prompt: "Sequence[int]", follow: "Sequence[int]") -> dict[str, Any] | None:
         """Time the prefill of `prompt` and the decode of `follow` under the engine's own
         instrument; None if the backend has none. Returns ``{"prefill": {category: s},

@@ -23,6 +23,7 @@ import attrs
 import numpy as np
 
 from .errors import CheckpointError, ConfigError
+from .routing import Plan, Routing, plan_for, plant, routing_of
 from .spec import ModelSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -70,12 +71,14 @@ def _router_row_scale(spec: ModelSpec, skew: float) -> np.ndarray:
 
 
 def synthetic_tensor_blocks(
-    name: str, shape: tuple[int, ...], spec: ModelSpec, seed: int, router_skew: float = 0.0
+    name: str, shape: tuple[int, ...], spec: ModelSpec, seed: int, router_skew: float = 0.0,
+    plan: "Plan | None" = None,
 ) -> Iterator[np.ndarray]:
     """The tensor's float32 values, flat, in blocks of at most `_BLOCK` elements.
 
     Each block has its own generator keyed by (seed, crc32(name), block index), so the
-    values depend on nothing but those.
+    values depend on nothing but those (and a planted routing's `plan`, which then sets the
+    embedding's code, the routers and zeroes what would overwrite the code: moerun.routing).
     """
     kind, std = init_std(name, shape, spec)
     n = int(np.prod(shape))
@@ -92,6 +95,8 @@ def synthetic_tensor_blocks(
         if row_scale is not None:
             rows = (np.arange(start, start + count) // shape[1])
             x *= row_scale[rows]
+        if plan is not None:
+            plant(name, shape, start, x, plan)
         yield x
 
 
@@ -129,20 +134,28 @@ def write_synthetic(
     seed: int = 0,
     dtype: str = "float32",
     router_skew: float = 0.0,
+    routing: "str | Routing | None" = None,
     shard_bytes: int = SHARD_BYTES,
     progress: Callable[[int, int], None] | None = None,
 ) -> "Checkpoint":
     """Write a deterministic synthetic checkpoint of `spec` to the new folder `path`.
 
-    `progress(bytes_written, total_bytes)` is called as tensor data is written.
+    `progress(bytes_written, total_bytes)` is called as tensor data is written. A planted
+    `routing` (moerun.routing; an MoE only) makes every token id choose the experts its plan
+    says in every layer.
 
-    Same (spec, seed, dtype, router_skew) -> byte-identical files. Written to a temporary
-    sibling folder first and renamed, so an interrupted write leaves nothing half-made.
+    Same (spec, seed, dtype, router_skew, routing) -> byte-identical files. Written to a
+    temporary sibling folder first and renamed, so an interrupted write leaves nothing
+    half-made.
     """
     if dtype not in _NAMES:
         raise ConfigError(f"checkpoint dtype must be one of {', '.join(_NAMES)}, got {dtype!r}")
     if router_skew < 0:
         raise ConfigError(f"router_skew must be >= 0, got {router_skew}")
+    routing = routing_of(routing)
+    plan = plan_for(spec, routing, seed) if routing.planted and spec.is_moe else None
+    if plan is not None and router_skew:
+        raise ConfigError(f"router skew and routing {routing} both set the routers: use one (zipf:A for skew)")
     path = Path(path)
     if path.exists():
         raise CheckpointError(f"{path} already exists")
@@ -166,7 +179,7 @@ def write_synthetic(
                 f.write(head)
                 for name, shape in shard:
                     weight_map[name] = fname
-                    for block in synthetic_tensor_blocks(name, shape, spec, seed, router_skew):
+                    for block in synthetic_tensor_blocks(name, shape, spec, seed, router_skew, plan):
                         if st == "BF16":
                             block = to_bf16_bits(block)
                         elif st == "F16":
@@ -181,6 +194,8 @@ def write_synthetic(
         config = spec.to_hf_config()
         config["torch_dtype"] = dtype
         config["moerun_synthetic"] = {"seed": seed, "router_skew": router_skew}
+        if plan is not None:
+            config["moerun_synthetic"]["routing"] = plan.describe()
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, path)
     except BaseException:
@@ -371,15 +386,21 @@ def synthetic_checkpoint(
     seed: int = 0,
     dtype: str = "float32",
     router_skew: float = 0.0,
+    routing: "str | Routing | None" = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Checkpoint:
-    """The synthetic checkpoint of (spec, seed, dtype, skew) in the cache, written if absent."""
+    """The synthetic checkpoint of (spec, seed, dtype, skew, routing) in the cache, written
+    if absent. A dense model's weights do not depend on the routing (one checkpoint)."""
+    routing = routing_of(routing)
     key = f"{spec.fingerprint}-s{seed}-{dtype}" + (f"-skew{router_skew:g}" if router_skew else "")
+    if routing.planted and spec.is_moe:
+        key += f"-{routing.cache_key()}"
     path = cache.root / "checkpoints" / key
     if path.is_dir():
         return Checkpoint.open(path, name=spec.name)
     try:
-        write_synthetic(spec, path, seed=seed, dtype=dtype, router_skew=router_skew, progress=progress)
+        write_synthetic(spec, path, seed=seed, dtype=dtype, router_skew=router_skew, routing=routing,
+                        progress=progress)
     except CheckpointError:
         if not path.is_dir():  # another process finished it first: fine
             raise

@@ -1,8 +1,8 @@
 """What is compared: one module for the scheduler and the verdicts alike.
 
 A *comparison* is the set of points that measure one workload on one backend and hardware
-(prompt and generation lengths, threads, batch size, options, seed, router skew, device,
-checkpoint dtype) at one *paired precision*: the MoE, its dense twins (active, total and
+(prompt and generation lengths, threads, batch size, options, seed, router skew, routing,
+device, checkpoint dtype) at one *paired precision*: the MoE, its dense twins (active, total and
 iso-memory; the iso-memory twin runs at a harder precision but is compared at the MoE's)
 and the named dense baselines. Its *pairs* are the verdicts it yields: the MoE against each
 twin of its own group and against every baseline.
@@ -25,9 +25,9 @@ if TYPE_CHECKING:  # pragma: no cover
 TWIN_KINDS = {"dense-active": "active", "dense-total": "total", "dense-isomem": "isomem"}
 # what the sides of a comparison share, besides backend, hardware and paired precision
 SHARED_FIELDS = ("prompt_tokens", "new_tokens", "threads", "batch_size", "seed", "router_skew", "device",
-                 "compile", "checkpoint_dtype")
+                 "compile", "checkpoint_dtype", "routing")
 _DEFAULTS = {"threads": None, "batch_size": 1, "seed": 0, "router_skew": 0.0, "device": None, "compile": False,
-             "checkpoint_dtype": "float32"}
+             "checkpoint_dtype": "float32", "routing": "random"}
 
 
 def isomem_moe_precision(model: str) -> str | None:

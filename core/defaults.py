@@ -13,6 +13,9 @@ WARMUP = 1
 SEED = 0
 CHECKPOINT_DTYPE = "float32"
 ROUTER_SKEW = 0.0
+# which experts tokens choose (moerun.routing): "random" is what random router weights do,
+# nothing planted (measured near-uniform, no locality; docs/concepts.md, "Routing")
+ROUTING = "random"
 # seconds before a point's process is killed: it prepares its engine artifact too, and a real
 # shape's conversion and quantisation take minutes on two cores
 TIMEOUT_S = 1800.0

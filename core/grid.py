@@ -16,6 +16,8 @@ import attrs
 
 from .errors import BackendUnavailableError, ConfigError
 from .point import Point
+from .routing import CodeLayout, Routing
+from .routing import Model as RoutingModel
 from .precision import get_precision, harder_precision
 from .studyfile import StudySpec
 
@@ -72,6 +74,8 @@ def grid_points(plugins: "MoerunPlugins", study: StudySpec, backends: list[str],
         models.append((d, "baseline", "", backends))
     for p in [*study.precisions, *(q for qs in study.backend_precisions.values() for q in qs)]:
         get_precision(p)  # unknown names fail before anything runs
+    if not study.routing:
+        raise ConfigError("routing lists no routing (give e.g. routing = [\"uniform\", \"zipf:1.0\"])")
     if not study.batch_sizes or any(not isinstance(b, int) or b < 1 for b in study.batch_sizes):
         raise ConfigError(f"batch_sizes must list whole numbers >= 1, got {study.batch_sizes}")
     points = []
@@ -80,11 +84,11 @@ def grid_points(plugins: "MoerunPlugins", study: StudySpec, backends: list[str],
                                                                          models):
         for backend in takers:
             inner = itertools.product(precisions[backend], study.prompt_tokens, study.new_tokens,
-                                      study.threads or [None], study.batch_sizes)
-            for precision, prompt, new, threads, batch in inner:
+                                      study.threads or [None], study.batch_sizes, study.routing)
+            for precision, prompt, new, threads, batch, routing in inner:
                 points.append(Point(model=name, backend=backend, precision=precision, role=role, group=group,
                                     prompt_tokens=prompt, new_tokens=new, threads=threads, hardware=label,
-                                    batch_size=batch, options=dict(options), **fields))
+                                    batch_size=batch, routing=routing, options=dict(options), **fields))
     isomem = study.twins if study.isomem is None else study.isomem
     if here is None:
         here = not any(study.hardware or ())
@@ -198,9 +202,20 @@ def preflight(plugins: "MoerunPlugins", points: Iterable[Point], local_files: bo
     from .errors import CheckpointError, MoerunError
 
     seen: set[tuple[str, str]] = set()
+    planted: set[tuple[str, str, int]] = set()
     for p in points:
         plugins.backends.get(p.backend).check_options(p.options)  # declared options only (Backend.options)
         path = Path(p.model)
+        routing = Routing.parse(p.routing)
+        if routing.planted and path.exists():
+            raise ConfigError(f"routing {routing.label} is planted in synthetic weights; {p.model} brings its own "
+                              f"(use a preset, or --routing random)")
+        if routing.planted and not path.exists() and (p.model, p.routing, p.seed) not in planted:
+            planted.add((p.model, p.routing, p.seed))
+            spec = plugins.models.resolve(p.model)
+            if spec.is_moe:  # the shape admits the plan: a trace of this shape, room for the code
+                RoutingModel.of(routing, spec.num_layers, spec.num_experts, spec.top_k, p.seed)
+                CodeLayout.of(spec.hidden_size, spec.num_layers, spec.num_experts, p.seed)
         if not local_files and (path.exists() or os.sep in p.model):
             continue
         if (p.model, p.backend if path.is_file() else "") in seen:

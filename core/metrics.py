@@ -1,6 +1,6 @@
 """What a point's timings mean: the model's record, bandwidth and MBU, S-MFU, routing
 balance and the experts a decode step touches. Pure functions of the timings, the spec and
-the environment record (`expert_coverage` runs one untimed pass on the session)."""
+the environment record (`observed_routing` runs untimed passes on the session)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ from typing import Any
 import numpy as np
 
 from .cache import Cache
-from .point import Point
+from .point import Point, batch_token_ids
+from .routing import STREAMS, Routing, plan_for
+from .routing import Model as RoutingModel
+from .routing import measure as measure_routing
 from .precision import get_precision
 from .spec import ModelSpec
 
@@ -107,30 +110,46 @@ def routing_stats(counts: np.ndarray) -> dict[str, Any]:
 
 
 
-def expert_coverage(session: Any, spec: ModelSpec, prompts: list[list[int]],
-                    follows: list[list[int]]) -> dict[str, Any] | None:
-    """Distinct experts each decode step touches per layer (the union over the batch's
-    sequences), from the engine's own routing counters in an untimed pass after the timed
-    repetitions; beside it the uniform-routing expectation E·(1 − (1 − k/E)^B). None for
-    dense models and backends that do not expose routing."""
-    if not spec.is_moe or not follows[0] or session.expert_counts() is None:
-        return None
-    B = len(prompts)
-    session.reset()
-    session.prefill_batch(prompts)  # at B = 1 the base Session runs prefill / decode
-    before = np.asarray(session.expert_counts())
-    per_step = []
-    for step in zip(*follows):
-        session.decode_batch(list(step))
-        now = np.asarray(session.expert_counts())
-        per_step.append(((now - before) > 0).sum(axis=1))  # [layers]
-        before = now
-    session.reset()
-    touched = np.stack(per_step).astype(float)  # [steps, layers]
-    return {"batch_size": B, "experts_per_step_mean": float(touched.mean()),
-            "experts_per_step_min": int(touched.min()), "experts_per_step_max": int(touched.max()),
-            "per_layer_mean": touched.mean(axis=0).tolist(), "steps": len(per_step),
-            "uniform_expectation": spec.experts_touched(B), "num_experts": spec.num_experts,
-            "top_k": spec.top_k, "source": "the engine's routing counters (untimed pass)"}
-
-
+def observed_routing(session: Any, spec: ModelSpec, point: Point, prompts: list[list[int]],
+                     follows: list[list[int]]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """What the engine chose, from `Session.observe_routing` in untimed passes after the timed
+    repetitions: (the routing record, the coverage of this point's batch). The coverage is the
+    distinct experts per decode step and layer, the union over the batch's sequences, beside
+    the requested routing's expectation and uniform routing's E·(1 − (1 − k/E)^B). In a
+    point's first round (`point.observe_routing`) the record covers at least `STREAMS`
+    sequences of the same workload: histogram, its distance from the requested routing,
+    reuse, the union at batch 1, 2, 4 and 8, and, for a planted routing, the share of token
+    layers that chose exactly the planted experts. (None, None) for dense models and engines
+    that do not expose routing."""
+    if not spec.is_moe or not follows[0]:
+        return None, None
+    B, P = len(prompts), len(prompts[0])
+    n = max(B, STREAMS) if point.observe_routing else B
+    seqs = [p + f for p, f in zip(prompts, follows)]
+    if n > B:
+        seqs += batch_token_ids(spec.vocab_size, len(seqs[0]), point.seed, n, point.routing)[B:]
+    first = session.observe_routing(seqs[0][:P], seqs[0][P:])
+    if first is None:
+        return None, None
+    observed = [first] + [session.observe_routing(q[:P], q[P:]) for q in seqs[1:]]
+    routing = Routing.parse(point.routing)
+    model = RoutingModel.of(routing, spec.num_layers, spec.num_experts, spec.top_k, point.seed)
+    steps = np.stack([np.asarray(o)[P:] for o in observed[:B]], axis=0)  # [B, steps, layers, k]
+    touched = np.array([[len(np.unique(steps[:, t, l])) for l in range(steps.shape[2])]
+                        for t in range(steps.shape[1])], dtype=float)  # [steps, layers]
+    coverage = {"batch_size": B, "experts_per_step_mean": float(touched.mean()),
+                "experts_per_step_min": int(touched.min()), "experts_per_step_max": int(touched.max()),
+                "per_layer_mean": touched.mean(axis=0).tolist(), "steps": len(touched),
+                "expected": model.expected_union(B), "uniform_expectation": spec.experts_touched(B),
+                "num_experts": spec.num_experts, "top_k": spec.top_k, "routing": routing.label,
+                "source": "the engine's expert choices (untimed pass)"}
+    if not point.observe_routing:
+        return None, coverage
+    record = measure_routing(observed, model, source="the engine's expert choices (untimed pass)", decode_from=P)
+    record["sequences"] = len(observed)
+    if routing.planted:
+        plan = plan_for(spec, routing, point.seed)
+        same = [(np.sort(np.asarray(o), -1) == np.sort(plan.table[q], -1)).all(-1) for o, q in zip(observed, seqs)]
+        record["planted_match"] = float(np.mean(np.concatenate([m.reshape(-1) for m in same])))
+        record["plan"] = plan.describe()
+    return record, coverage

@@ -22,6 +22,7 @@ from .cache import Cache
 from .checkpoint import Checkpoint, synthetic_checkpoint
 from .convert import structure, unstructure
 from .errors import ConfigError
+from .routing import Routing, stream_ids
 from .spec import ModelSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,6 +40,12 @@ def _non_negative(instance: Any, attribute: attrs.Attribute, value: int) -> None
 
 
 HARDWARE_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def _routing(value: str) -> str:
+    """One spelling per routing (zipf:1.0 and zipf:1 are one point); a one-line ConfigError
+    for a bad one."""
+    return str(Routing.parse(value))
 
 
 def _hardware_label(instance: Any, attribute: attrs.Attribute, value: str | None) -> None:
@@ -64,6 +71,9 @@ class Point:
     device: str | None = None  # None: cpu where the backend runs there, else its first device
     compile: bool = False
     router_skew: float = defaults.ROUTER_SKEW
+    # which experts the tokens choose (moerun.routing): planted in the weights and token ids
+    routing: str = attrs.field(default=defaults.ROUTING, converter=_routing)
+    observe_routing: bool = True  # record the engine's expert choices (untimed; a point's first round)
     breakdown: bool = False  # also run the engine's own per-op instrument (separate from timing)
     parity: bool = False  # also compare logits with the PyTorch fp32 reference
     checkpoint_dtype: str = defaults.CHECKPOINT_DTYPE
@@ -89,12 +99,14 @@ class Point:
     def key(self) -> str:
         """Identity for resume: everything that changes what is measured."""
         d = self.to_dict()
-        for k in ("timeout_s", "role", "group", "memory_limit_mb", "fit"):
+        for k in ("timeout_s", "role", "group", "memory_limit_mb", "fit", "observe_routing"):
             d.pop(k)
         if d.get("hardware") is None:  # keys of points measured before fleets existed stay the same
             d.pop("hardware", None)
         if d.get("batch_size") == 1:  # likewise before batches
             d.pop("batch_size", None)
+        if d.get("routing") == "random":  # likewise before routing models
+            d.pop("routing", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -104,9 +116,14 @@ def token_ids(vocab_size: int, count: int, seed: int) -> list[int]:
     return rng.integers(0, vocab_size, size=count).tolist()
 
 
-def batch_token_ids(vocab_size: int, count: int, seed: int, batch: int) -> list[list[int]]:
+def batch_token_ids(vocab_size: int, count: int, seed: int, batch: int,
+                    routing: str = defaults.ROUTING) -> list[list[int]]:
     """One id sequence per batch member: sequence 0 is `token_ids` (so batch 1 is today's
-    workload), the others seeded apart so that their routing differs."""
+    workload), the others seeded apart so that their routing differs. Under a planted
+    routing each sequence walks one of the vocabulary's token streams instead
+    (`moerun.routing.stream_ids`: the ids whose planted experts follow the routing's process)."""
+    if Routing.parse(routing).planted:
+        return stream_ids(vocab_size, seed, count, batch)
     out = [token_ids(vocab_size, count, seed)]
     for b in range(1, batch):
         rng = np.random.default_rng([seed, 0x6D6F65, b])
@@ -133,6 +150,6 @@ def resolve_checkpoint(point: Point, plugins: "MoerunPlugins", cache: Cache,
     if path.is_dir():
         return Checkpoint.open(path)
     return synthetic_checkpoint(point_spec(point, plugins), cache, seed=point.seed, dtype=point.checkpoint_dtype,
-                                router_skew=point.router_skew, progress=progress)
+                                router_skew=point.router_skew, routing=point.routing, progress=progress)
 
 

@@ -3,7 +3,8 @@ published bandwidth, compute and memory, scaled by the efficiency measured here.
 
 Decode is bandwidth-bound: tokens/s = efficiency x bandwidth / bytes read per token. With a
 batch of B sequences a step reads the dense weights once and, per MoE layer, the union of
-the experts the sequences chose (uniform routing: E·(1 − (1 − k/E)^B)), plus B KV caches; a
+the experts the sequences chose (the routing model's expectation, moerun.routing; uniform
+routing: E·(1 − (1 − k/E)^B)), plus B KV caches; a
 step also costs B tokens' FLOPs, so large batches turn compute-bound (the slower bound wins).
 Prefill is compute-bound: tokens/s = efficiency x peak FLOP/s / FLOPs per token.
 A model whose weights and KV cache do not fit in the device's memory is flagged, not
@@ -141,9 +142,10 @@ def efficiency_from_results(results: Iterable["PointResult"], precision: str | N
 
 def predict(spec: ModelSpec, hw: Hardware, *, precision: str, context: int = 512,
             efficiency: dict[str, float] | None = None, kv_bytes_per_value: float = 2.0,
-            batch: int = 1) -> dict[str, Any]:
+            batch: int = 1, routing: str = "random") -> dict[str, Any]:
     """Predicted decode (aggregate over `batch` sequences) and prefill tokens/s of `spec` on
-    `hw`, or why it does not fit."""
+    `hw`, or why it does not fit. `routing` (moerun.routing) gives the experts a step of the
+    batch touches; `random` and `uniform` the uniform expectation."""
     eff = efficiency or {"decode": 0.8, "prefill": 0.5}
     weights = spec.total_params * get_precision(precision).bits_per_weight / 8
     kv = spec.kv_bytes_per_token(context, kv_bytes_per_value)  # read per token = held at `context`
@@ -158,10 +160,12 @@ def predict(spec: ModelSpec, hw: Hardware, *, precision: str, context: int = 512
         out["reason"] = (f"needs {need / 1e9:.1f} GB for weights and KV cache; {hw.name} has "
                          f"{hw.memory_bytes / 1e9:.0f} GB (90 % usable assumed)")
         return out
-    per_step = spec.weight_bytes_per_step(precision, batch) + batch * kv
+    touched = expected_touched(spec, batch, routing)
+    per_step = spec.weight_bytes_per_step(precision, batch, touched) + batch * kv
     out["bytes_per_step"] = per_step
     out["bytes_per_token"] = per_step / batch
-    out["experts_touched"] = spec.experts_touched(batch) if spec.is_moe else None
+    out["experts_touched"] = touched
+    out["routing"] = routing
     t_bytes = per_step / (eff["decode"] * hw.bandwidth_bytes_s)
     t_flops = batch * spec.flops_per_token(context) / (eff["prefill"] * hw.peak_flops)
     out["decode_tok_s"] = batch / max(t_bytes, t_flops)
@@ -170,9 +174,21 @@ def predict(spec: ModelSpec, hw: Hardware, *, precision: str, context: int = 512
     return out
 
 
+def expected_touched(spec: ModelSpec, batch: int, routing: str = "random") -> float | None:
+    """Distinct experts per MoE layer one step of `batch` sequences reads under `routing`."""
+    if not spec.is_moe:
+        return None
+    from .routing import Model, Routing
+
+    r = Routing.parse(routing)
+    if not r.planted:
+        return spec.experts_touched(batch)
+    return Model.of(r, spec.num_layers, spec.num_experts, spec.top_k).expected_union(batch)
+
+
 def crossover(spec: ModelSpec, hw: Hardware, *, precision: str, context: int = 512,
               efficiency: dict[str, float] | None = None, advantage: float = 1.1,
-              limit: int = 256) -> dict[str, Any]:
+              limit: int = 256, routing: str = "random") -> dict[str, Any]:
     """The smallest batch at which the MoE's predicted decode is no longer `advantage` times
     its total-matched twin's (the union of the experts its sequences chose has eaten its
     bandwidth advantage), with the ratio there; None past `limit` (or when the twin does not
@@ -182,8 +198,8 @@ def crossover(spec: ModelSpec, hw: Hardware, *, precision: str, context: int = 5
     closest: tuple[float, int] | None = None
     why = f"not reached by batch {limit}"
     for b in range(1, limit + 1):
-        m, t = (predict(x, hw, precision=precision, context=context, efficiency=efficiency, batch=b)
-                for x in (spec, twin))
+        m, t = (predict(x, hw, precision=precision, context=context, efficiency=efficiency, batch=b,
+                        routing=routing if x is spec else "random") for x in (spec, twin))
         if not m.get("decode_tok_s") or not t.get("decode_tok_s"):
             why = f"not reached before batch {b} outgrows {hw.memory_bytes / 1e9:.0f} GB"
             break

@@ -45,7 +45,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 BUSY_POLICIES = ("warn", "wait", "refuse")
 METRICS = ("decode_tok_s", "prefill_tok_s")
-ONCE = ("breakdown", "parity")  # what a point measures in its first round only (neither is a speed)
+# what a point measures in its first round only (none is a speed): point field -> record section
+ONCE = {"breakdown": "breakdown", "parity": "parity", "observe_routing": "routing"}
 
 
 def _check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -299,7 +300,7 @@ def collapse(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         base["resumed"] = all(m.resumed for m in rs)
         if ok and ok[0].phases_s:  # later lockstep restarts load side by side
             base["phases_s"] = ok[0].phases_s
-        for extra in ONCE:  # measured in a point's first round only
+        for extra in ONCE.values():  # measured in a point's first round only
             found = next((m.record[extra] for m in rs if m.record.get(extra) is not None), None)
             if found is not None:
                 base[extra] = found

@@ -22,7 +22,7 @@ from .protocol import collapse
 from .results import read_results, section
 
 SECTIONS = ("point", "model", "metrics", "timings", "memory", "env", "fits", "parity", "breakdown", "artifact",
-            "spread", "node", "protocol", "session", "contention", "lockstep")
+            "spread", "node", "protocol", "session", "contention", "lockstep", "routing")
 
 
 @attrs.frozen(kw_only=True)
@@ -58,6 +58,7 @@ class PointResult:
     session: dict[str, Any] = attrs.field(factory=dict)
     contention: dict[str, Any] = attrs.field(factory=dict)
     lockstep: dict[str, Any] = attrs.field(factory=dict)
+    routing: dict[str, Any] = attrs.field(factory=dict)  # the engine's expert choices, measured (first round)
     record: dict[str, Any] = attrs.field(factory=dict, repr=False, eq=False)
 
     @classmethod
@@ -82,6 +83,11 @@ class PointResult:
     @property
     def batch_size(self) -> int:
         return int(self.point.get("batch_size") or 1)
+
+    @property
+    def routing_name(self) -> str:
+        """The requested routing ('random' for records from before routing models)."""
+        return str(self.point.get("routing") or "random")
 
     @property
     def options(self) -> dict[str, Any]:

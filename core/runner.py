@@ -23,7 +23,7 @@ from .cache import Cache
 from .checkpoint import Checkpoint
 from .contention import CpuWindow
 from .errors import BackendUnavailableError, ConfigError, MoerunError, UnsupportedError
-from .metrics import bandwidth_now, derive_metrics, expert_coverage, model_record, routing_stats
+from .metrics import bandwidth_now, derive_metrics, model_record, observed_routing, routing_stats
 from .parity import PARITY_TOKENS, parity
 from .point import Point, batch_token_ids, point_spec, resolve_checkpoint
 from .precision import get_precision, nominal
@@ -134,7 +134,8 @@ class PointRun:
         result["session"] = session.describe()
         self.spec, self.precision, self.ckpt = spec, precision, ckpt
         self.plugins.hook.moerun_measurement_start(point=point.to_dict())
-        seqs = batch_token_ids(spec.vocab_size, point.prompt_tokens + point.new_tokens, point.seed, point.batch_size)
+        seqs = batch_token_ids(spec.vocab_size, point.prompt_tokens + point.new_tokens, point.seed, point.batch_size,
+                               point.routing)
         self.workload = Workload(session, [q[: point.prompt_tokens] for q in seqs],
                                  [q[point.prompt_tokens:] for q in seqs])
         # the timed phase starts here: trackers, the memory high-water mark, other processes' CPU
@@ -252,7 +253,7 @@ class PointRun:
         result["timings"] = timings
         prompts, follows = self.workload.prompts, self.workload.follows
         counts = session.expert_counts()
-        coverage = expert_coverage(session, spec, prompts, follows)
+        routing, coverage = observed_routing(session, spec, point, prompts, follows)
         result["metrics"] = derive_metrics(spec, nominal(self.precision), point, timings,
                                            bandwidth_now(result, self.cache), session, coverage)
         if counts is not None:
@@ -260,6 +261,8 @@ class PointRun:
             result["metrics"].update(routing_stats(np.asarray(counts)))
         if coverage is not None:
             result["metrics"]["expert_coverage"] = coverage
+        if routing is not None:
+            result["routing"] = routing
         result["fits"] = {"peak_bytes": timed["peak_bytes"], "basis": "peak RSS of the timed phase",
                           "devices": fits(timed["peak_bytes"])}
         result["memory"].update(

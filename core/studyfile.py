@@ -40,6 +40,8 @@ class StudySpec:
     seed: int = defaults.SEED
     checkpoint_dtype: str = defaults.CHECKPOINT_DTYPE
     router_skew: float = defaults.ROUTER_SKEW
+    # routings to measure under (moerun.routing): a grid dimension; a study file may give one string
+    routing: list[str] = attrs.field(factory=lambda: [defaults.ROUTING])
     device: str | None = None  # None: cpu where the backend runs there, else its first device
     compile: bool = False
     timeout_s: float = defaults.TIMEOUT_S
@@ -111,4 +113,15 @@ def load_study(path: Path | None = None, preset: str | None = None) -> StudySpec
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     if set(data) != {"study"}:
         raise ConfigError(f"{path}: expected a single [study] table, found {', '.join(sorted(data)) or 'nothing'}")
-    return structure(data["study"], StudySpec, where=f"{path}: [study]")
+    table = data["study"]
+    if isinstance(table.get("routing"), str):
+        table["routing"] = [table["routing"]]
+    if isinstance(table.get("routing"), list):  # a trace's path is relative to the study file
+        table["routing"] = [_relative_trace(r, Path(path).parent) for r in table["routing"]]
+    return structure(table, StudySpec, where=f"{path}: [study]")
+
+
+def _relative_trace(text: Any, folder: Path) -> Any:
+    if isinstance(text, str) and text.startswith("trace:") and not Path(text[6:]).is_absolute():
+        return f"trace:{folder / text[6:]}"
+    return text

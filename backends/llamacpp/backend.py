@@ -415,6 +415,14 @@ class LlamaCppSession(Session):
 
         return cut_time(self, prompt, follow)
 
+    def observe_routing(self, prompt: Sequence[int], follow: Sequence[int]) -> np.ndarray | None:
+        """The experts every ``ffn_moe_topk`` node selected, on a second context (route.py)."""
+        if not self.spec.is_moe:
+            return None
+        from .route import observe
+
+        return observe(self, prompt, follow)
+
     def _context(self, callback: Any) -> Any:
         """A second context over the same weights, with `callback` as its eval callback."""
         lib = self.lib

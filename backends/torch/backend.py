@@ -308,5 +308,22 @@ class TorchSession(Session):
     def expert_counts(self) -> np.ndarray | None:
         return self.model.expert_counts.copy() if self.model.spec.is_moe else None
 
+    def observe_routing(self, prompt: Sequence[int], follow: Sequence[int]) -> np.ndarray | None:
+        """The ids `route` chose in every MoE layer, logged outside any compiled graph."""
+        model = self.model
+        if not model.spec.is_moe:
+            return None
+        self.reset()
+        model.route_log = [[] for _ in range(model.spec.num_layers)]
+        try:
+            self.prefill(prompt)
+            for tok in follow:
+                self.decode(tok)
+            log = model.route_log
+        finally:
+            model.route_log = None
+            self.reset()
+        return np.stack([np.concatenate(per) for per in log], axis=1)
+
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]

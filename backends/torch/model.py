@@ -309,6 +309,7 @@ class Model:
         self.v_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.layers]
         self.expert_counts = np.zeros((spec.num_layers, max(spec.num_experts, 1)), dtype=np.int64)
         self.instrument: Cuts | str | None = None  # the breakdown's (see region())
+        self.route_log: list[list[np.ndarray]] | None = None  # per layer, the ids chosen (observe_routing)
 
     _NO_LABEL = contextlib.nullcontext()
 
@@ -377,6 +378,8 @@ class Model:
             weights, ids = route(self.spec, x, layer.router)
             chosen = ids[0].tolist() if x.shape[0] == 1 else None
             counts = None if chosen else torch.bincount(ids.flatten(), minlength=self.spec.num_experts).tolist()
+            if self.route_log is not None:
+                self._log(i, ids)
         with self.region("experts"):
             if chosen:
                 self._count(i, chosen, 1)
@@ -393,6 +396,10 @@ class Model:
     def _count(self, layer: int, experts: list[int] | slice, n: int | list[int]) -> None:
         """Routing histogram, kept in numpy outside any compiled graph."""
         self.expert_counts[layer, experts] += n
+
+    @torch.compiler.disable
+    def _log(self, layer: int, ids: torch.Tensor) -> None:
+        self.route_log[layer].append(ids.cpu().numpy().astype(np.int64))
 
     # whole model ------------------------------------------------------------
     @torch.inference_mode()

@@ -1,6 +1,6 @@
 """The ``moerun`` command line: `parser` (arguments and their values), `info` (the commands
-that read: backends, models, plugins, predict, compare, report) and `measure` (`moerun`
-itself and `moerun study`).
+that read: backends, models, plugins, predict, compare, report), `measure` (`moerun`
+itself and `moerun study`) and `routing` (`moerun routing record` and `show`).
 
 ``moerun`` alone runs the default study: the `small-moe` preset and its dense twins (active,
 total and iso-memory) on every available backend. Errors print one line and exit with code 2 (``--debug`` for the
@@ -28,9 +28,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         from .info import cmd_backends, cmd_compare, cmd_models, cmd_plugins, cmd_predict, cmd_report
         from .measure import cmd_run, cmd_study
+        from .routing import cmd_routing
 
         commands = {"backends": cmd_backends, "models": cmd_models, "plugins": cmd_plugins, "report": cmd_report,
-                    "compare": cmd_compare, "predict": cmd_predict, "study": cmd_study}
+                    "compare": cmd_compare, "predict": cmd_predict, "study": cmd_study,
+                    "routing": cmd_routing}
         return commands.get(args.command, cmd_run)(plugins, args)
     except MoerunError as exc:
         if debug:

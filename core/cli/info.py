@@ -96,6 +96,7 @@ def cmd_plugins(plugins: Any, args: argparse.Namespace) -> int:
 
 def cmd_predict(plugins: Any, args: argparse.Namespace) -> int:
     from ..predict import HARDWARE, crossover, efficiency_from_results, get_hardware, predict, this_machine
+    from ..routing import Routing, routing_label
 
     if args.list:
         rows = [{"name": h.name, "description": h.description, "bandwidth_gb_s": h.bandwidth_bytes_s / 1e9,
@@ -124,10 +125,11 @@ def cmd_predict(plugins: Any, args: argparse.Namespace) -> int:
     spec = plugins.models.resolve(args.model)
     specs = [spec] + ([spec.dense_twin("active"), spec.dense_twin("total")] if spec.is_moe else [])
     batches = batch_sizes(args.batch_size) or [1]
-    by_batch = {b: [predict(sp, hw, precision=args.precision, context=args.context, efficiency=efficiency, batch=b)
-                    for sp in specs] for b in batches}
+    routing = str(Routing.parse(args.routing))
+    by_batch = {b: [predict(sp, hw, precision=args.precision, context=args.context, efficiency=efficiency, batch=b,
+                            routing=routing if sp is spec else "random") for sp in specs] for b in batches}
     cross = crossover(spec, hw, precision=args.precision, context=args.context,
-                      efficiency=efficiency) if spec.is_moe else None
+                      efficiency=efficiency, routing=routing) if spec.is_moe else None
     if args.json:
         for b in batches:
             if cross is not None:
@@ -146,7 +148,8 @@ def cmd_predict(plugins: Any, args: argparse.Namespace) -> int:
         if len(batches) > 1 or b > 1:
             touched = rows[0].get("experts_touched") if spec.is_moe else None
             print(f" batch {b}" + (f" (MoE: {touched:.1f} of {spec.num_experts} experts per layer and step, "
-                                   f"uniform routing)" if touched else ""))
+                                   f"{routing_label(routing) if Routing.parse(routing).planted else 'uniform'} "
+                                   f"routing)" if touched else ""))
         for r in rows:
             if r["fits"] is False:
                 print(f"  {r['model']:28s} does not fit: {r['reason']}")

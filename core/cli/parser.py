@@ -46,6 +46,13 @@ def fit_device(name: str | None) -> str | None:
     return get_hardware(name).name  # an unknown profile is a one-line error listing the known ones
 
 
+def routings(values: Sequence[str] | None) -> list[str]:
+    """--routing values, each checked (a one-line error for a bad one)."""
+    from ..routing import Routing
+
+    return list(dict.fromkeys(str(Routing.parse(text)) for text in csv_list(values)))
+
+
 def batch_sizes(values: Sequence[str] | None) -> list[int]:
     out = []
     for text in csv_list(values):
@@ -192,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("-b", "--backend", action="append", metavar="NAME", help="override the study's backends")
     st.add_argument("--batch-size", action="append", metavar="N",
                     help="override the study's batch_sizes; repeatable or comma-separated")
+    st.add_argument("--routing", action="append", metavar="ROUTING",
+                    help="override the study's routing; repeatable or comma-separated")
     st.add_argument("-o", "--output", type=Path, metavar="PATH", help="results JSONL (an existing one is resumed)")
     st.add_argument("--report", default="table", metavar="NAME", help="reporter for the summary (default: table)")
     st.add_argument("--json", action="store_true", help="shorthand for --report json")
@@ -214,11 +223,41 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--batch-size", action="append", metavar="N",
                      help="sequences decoded together: an MoE step reads the union of their experts; repeatable "
                           "or comma-separated (default: 1). The MoE/total-twin crossover batch is printed too")
+    pre.add_argument("--routing", default=defaults.ROUTING, metavar="ROUTING",
+                     help="the routing whose expected union of experts a batched step reads (uniform, zipf:ALPHA, "
+                          "sticky:P, trace:FILE; random: uniform's expectation)")
     pre.add_argument("--calibrate", type=Path, metavar="RESULTS.jsonl",
                      help="take the efficiency from these results (median MBU / FLOP utilisation) instead of "
                           "assuming 80 %% / 50 %%")
     pre.add_argument("--list", action="store_true", help="list the device profiles")
     pre.add_argument("--json", action="store_true", help="print JSON for scripts")
+    rt = _subcommand(sub, "routing", "record a real MoE checkpoint's routing as a trace, or show a trace",
+                     description="routing traces: 'record' runs a Hugging Face MoE checkpoint folder (torch) over "
+                                 "text and writes each token's experts per layer; 'show' summarises a trace or "
+                                 "a routing model. A trace replays with --routing trace:FILE")
+    rsub = rt.add_subparsers(dest="routing_command", metavar="COMMAND")
+    rec = _subcommand(rsub, "record", "run a checkpoint folder over text and write its expert choices",
+                      "run a Hugging Face MoE checkpoint folder with the torch backend over the paragraphs of a "
+                      "text file (its tokenizer.json) and write each token's experts per layer as a trace")
+    rec.add_argument("-m", "--model", required=True, metavar="HF_DIR", help="checkpoint folder (config.json, "
+                                                                            "safetensors, tokenizer.json)")
+    rec.add_argument("--prompt-file", type=Path, metavar="F", help="text; each paragraph (blank-line separated) "
+                                                                   "is one sequence")
+    rec.add_argument("--token-ids", type=Path, metavar="F", help="instead of text: token ids, whitespace-separated, "
+                                                                 "one sequence a line")
+    rec.add_argument("-o", "--output", required=True, type=Path, metavar="TRACE", help="trace file (.npz)")
+    rec.add_argument("--max-tokens", type=_positive_int, default=512, metavar="N",
+                     help="tokens per sequence at most (default: 512)")
+    rec.add_argument("-p", "--precision", metavar="NAME", help="torch precision (default: the backend's)")
+    rec.add_argument("--threads", type=_positive_int, metavar="N", help="threads (default: torch's choice)")
+    show = _subcommand(rsub, "show", "summarise a trace file or a routing model",
+                       "summarise a trace file (histogram entropy, reuse, experts per step at batch 1-8), or "
+                       "sample a routing model (uniform, zipf:A, sticky:P) for a preset's shape (-m)")
+    show.add_argument("what", metavar="TRACE|ROUTING")
+    show.add_argument("-m", "--model", metavar="NAME", help="preset whose shape a routing model is sampled for")
+    show.add_argument("--tokens", type=_positive_int, default=512, metavar="N",
+                      help="tokens per sampled sequence (default: 512)")
+    show.add_argument("--json", action="store_true", help="print JSON for scripts")
     cmp_ = _subcommand(sub, "compare", "merge results from several machines into one table keyed by hardware",
                           description="merge results files (one per machine) into one table keyed by hardware")
     cmp_.add_argument("results", nargs="+", type=Path, metavar="RESULTS.jsonl")
@@ -254,9 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-dtype", choices=("float32", "bfloat16"), default=defaults.CHECKPOINT_DTYPE,
                      help="dtype of synthetic checkpoints; bfloat16 halves the disk for real shapes "
                           f"(default: {defaults.CHECKPOINT_DTYPE})")
+    run.add_argument("--routing", action="append", metavar="ROUTING",
+                     help="which experts the tokens choose, planted in the synthetic weights and token ids: "
+                          "uniform, zipf:ALPHA (popularity ~ rank^-ALPHA), sticky:P (each expert kept by the next "
+                          "token with probability P), trace:FILE (recorded by 'moerun routing record'), or random "
+                          f"(random routers, nothing planted); repeatable or comma-separated: a grid dimension "
+                          f"(default: {defaults.ROUTING})")
     run.add_argument("--router-skew", type=float, default=defaults.ROUTER_SKEW, metavar="S",
-                     help=f"unequal expert popularity in synthetic routers, 0 = none "
-                          f"(default: {defaults.ROUTER_SKEW:g})")
+                     help=f"unequal expert popularity in synthetic routers, 0 = none; zipf:ALPHA is the "
+                          f"controlled form (default: {defaults.ROUTER_SKEW:g})")
     run.add_argument("--compile", action="store_true", help="torch.compile where the backend supports it")
     run.add_argument("-O", "--option", action="append", metavar="KEY=VALUE", default=[],
                      help="backend option, repeatable; VALUE is read as JSON when it parses (e.g. -O repack=true)")

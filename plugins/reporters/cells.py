@@ -9,6 +9,7 @@ from typing import Any, Callable
 from moerun.analysis import human_count
 from moerun.breakdown import CATEGORIES
 from moerun.records import PointResult
+from moerun.routing import routing_label
 
 Row = dict[str, Any]  # a verdict row (moerun.analysis.verdicts)
 Table = tuple[list[str], list[list[str]]]  # headers, cells
@@ -91,6 +92,8 @@ def columns(results: list[PointResult]) -> list[Column]:
         out.insert([h for h, _, _ in out].index("prec") + 1, ("batch", lambda r: r.batch_size, "{}"))
     if len({r.options_text for r in results}) > 1:
         out.insert([h for h, _, _ in out].index("prec") + 1, ("options", lambda r: r.options_text, "{}"))
+    if any(r.routing_name != "random" for r in results):
+        out.insert([h for h, _, _ in out].index("prec") + 1, ("routing", lambda r: routing_label(r.routing_name), "{}"))
     if any(r.hardware for r in results):
         out.insert(0, ("hardware", lambda r: r.hardware or "", "{}"))
     return out
@@ -114,6 +117,15 @@ def _batched(rows: list[Row]) -> bool:
 
 TWIN_KEYS = ("decode_vs_active", "prefill_vs_active", "decode_vs_total", "prefill_vs_total")
 ISOMEM_KEYS = ("decode_vs_isomem", "prefill_vs_isomem")
+
+
+def _routed(rows: list[Row]) -> bool:
+    """Whether any verdict row was measured under a requested routing (tables then show it)."""
+    return any((row.get("routing") or "random") != "random" for row in rows)
+
+
+def _routing_cells(rows: list[Row], row: Row) -> list[str]:
+    return [routing_label(row.get("routing"))] if _routed(rows) else []
 
 
 def _lead(rows: list[Row]) -> list[str]:
@@ -174,12 +186,13 @@ def verdict_table(rows: list[Row]) -> Table:
     rows = twin_rows(rows)
     batch = _batched(rows)
     keys = TWIN_KEYS + (ISOMEM_KEYS if any(row.get("isomem") for row in rows) else ())
-    headers = [*_lead(rows), "model", "backend", "precision", "prompt", *(["batch"] if batch else []),
-               *(k.replace("_", " ") for k in keys), "ideal decode vs total", "realised", "rounds",
-               "precision got", "flags"]
+    headers = [*_lead(rows), "model", "backend", "precision", *(["routing"] if _routed(rows) else []), "prompt",
+               *(["batch"] if batch else []), *(k.replace("_", " ") for k in keys), "ideal decode vs total",
+               "realised", "rounds", "precision got", "flags"]
     cells = []
     for row in rows:
         cells.append([*_lead_cells(rows, row), _model_cell(rows, row), row["backend"], row["precision"] or "",
+                      *_routing_cells(rows, row),
                       str(row.get("prompt_tokens") or ""), *([str(row.get("batch_size") or 1)] if batch else []),
                       *[_ratio(row, k) for k in keys], fmt(row.get("ideal_decode_vs_total"), "{:.2f}x"),
                       fmt(row.get("realised_share_decode"), "{:.0%}"), str(row.get("rounds") or "-"),
@@ -192,14 +205,15 @@ def baseline_table(rows: list[Row]) -> Table:
     based = [(row, name, b) for row in rows for name, b in (row.get("baselines") or {}).items()]
     based_rows = [row for row, _, _ in based]
     batch = _batched(based_rows)
-    headers = [*_lead(based_rows), "model", "baseline", "backend", "precision", "prompt",
+    headers = [*_lead(based_rows), "model", "baseline", "backend", "precision",
+               *(["routing"] if _routed(based_rows) else []), "prompt",
                *(["batch"] if batch else []), "decode", "prefill", "precision got"]
     cells = []
     for row, name, b in based:
         hw = max((b[k] for k in ("decode_hw", "prefill_hw") if b.get(k) is not None), default=None)
         missed = bool(row.get("target")) and hw is not None and hw > row["target"]
         cells.append([*_lead_cells(based_rows, row), str(row["group"]), name, row["backend"], row["precision"] or "",
-                      str(row.get("prompt_tokens") or ""), *([str(row.get("batch_size") or 1)] if batch else []),
+                      *_routing_cells(based_rows, row), str(row.get("prompt_tokens") or ""), *([str(row.get("batch_size") or 1)] if batch else []),
                       _ratio(b, "decode"), _ratio(b, "prefill"), _precision_cell(hw, missed)])
     return headers, cells
 
@@ -235,14 +249,15 @@ def isomem_table(rows: list[Row]) -> Table:
     against the PyTorch fp32 reference)."""
     iso = [row for row in rows if row.get("isomem")]
     batch = _batched(iso)
-    headers = [*_lead(iso), "model", "backend", "precision", *(["batch"] if batch else []), "iso-memory dense",
+    headers = [*_lead(iso), "model", "backend", "precision", *(["routing"] if _routed(iso) else []),
+               *(["batch"] if batch else []), "iso-memory dense",
                "its precision", "params (MoE)", "bytes (MoE)", "bytes ratio", "decode vs isomem",
                "prefill vs isomem", "parity MoE", "parity dense"]
     cells = []
     for row in iso:
         f = row["isomem"]
         cells.append([*_lead_cells(iso, row), str(row["group"]), row["backend"], row["precision"] or "",
-                      *([str(row.get("batch_size") or 1)] if batch else []),
+                      *_routing_cells(iso, row), *([str(row.get("batch_size") or 1)] if batch else []),
                       str(f.get("model") or "").split(":")[-1]
                       + ("" if f.get("status") == "ok" else f" ({f.get('status')})"),
                       str(f.get("precision") or ""),
@@ -257,19 +272,51 @@ def isomem_table(rows: list[Row]) -> Table:
 
 
 def coverage_table(results: list[PointResult]) -> Table:
-    """Distinct experts per decode step and layer (measured from the engine's routing) next
-    to the uniform-routing expectation E·(1 − (1 − k/E)^B)."""
+    """Distinct experts per decode step and layer (measured from the engine's expert choices)
+    next to the requested routing's expectation and uniform routing's E·(1 − (1 − k/E)^B)."""
     rows = [r for r in results if r.metrics.get("expert_coverage")]
     lead = any(r.hardware for r in rows)
-    headers = [*(["hardware"] if lead else []), "model", "backend", "precision", "batch",
-               "experts / step (mean)", "min-max", "uniform expectation", "experts", "top-k"]
+    headers = [*(["hardware"] if lead else []), "model", "backend", "precision", "routing", "batch",
+               "experts / step (mean)", "min-max", "expected", "uniform expectation", "experts", "top-k"]
     cells = []
     for r in rows:
         c = r.metrics["expert_coverage"]
         cells.append([*([r.hardware or ""] if lead else []), r.model_name, r.backend, str(r.precision or ""),
-                      str(c["batch_size"]), f"{c['experts_per_step_mean']:.2f}",
-                      f"{c['experts_per_step_min']}-{c['experts_per_step_max']}", f"{c['uniform_expectation']:.2f}",
-                      str(c["num_experts"]), str(c["top_k"])])
+                      routing_label(r.routing_name), str(c["batch_size"]), f"{c['experts_per_step_mean']:.2f}",
+                      f"{c['experts_per_step_min']}-{c['experts_per_step_max']}", fmt(c.get("expected"), "{:.2f}"),
+                      f"{c['uniform_expectation']:.2f}", str(c["num_experts"]), str(c["top_k"])])
+    return headers, cells
+
+
+def _mean(values: Any) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def routing_table(results: list[PointResult]) -> Table:
+    """Requested against measured routing, from each MoE point's observed expert choices:
+    total variation distance of the per-layer histogram from the requested shares (mean over
+    layers, and the distance a fresh sample of the same size shows), entropy, the share of
+    experts the next token chooses again, the union at batch 8, and the share of token-layers
+    that chose exactly the planted experts."""
+    rows = [r for r in results if r.routing.get("histogram")]
+    lead = any(r.hardware for r in rows)
+    headers = [*(["hardware"] if lead else []), "model", "backend", "precision", "routing", "token-layers",
+               "TV (floor)", "entropy bits (requested)", "reuse next (expected)", "experts / step @8 (expected)",
+               "planted match"]
+    cells = []
+    for r in rows:
+        g = r.routing
+        tv = f"{_mean(g['tv']):.3f} ({_mean(g['tv_sampling_floor']):.3f})" if g.get("tv") else (
+            f"{_mean(g['tv_from_uniform']):.3f} from uniform" if g.get("tv_from_uniform") else "-")
+        ent = fmt(_mean(g.get("entropy_bits")), "{:.2f}") + (
+            f" ({_mean(g['requested_entropy_bits']):.2f})" if g.get("requested_entropy_bits") else "")
+        reuse = fmt((g.get("reuse") or {}).get("next_token"), "{:.3f}") + (
+            f" ({g['expected_reuse_next_token']:.3f})" if g.get("expected_reuse_next_token") is not None else "")
+        at8 = (g.get("experts_per_step") or {}).get("8") or {}
+        union = fmt(at8.get("measured"), "{:.2f}") + (f" ({at8['expected']:.2f})" if at8.get("expected") else "")
+        cells.append([*([r.hardware or ""] if lead else []), r.model_name, r.backend, str(r.precision or ""),
+                      routing_label(r.routing_name), f"{g.get('routed_token_layers', 0):,}", tv, ent, reuse, union,
+                      fmt(g.get("planted_match"), "{:.1%}")])
     return headers, cells
 
 
@@ -307,7 +354,7 @@ def machine_line(results: list[PointResult]) -> str | None:
             f"after each point; {env.get('bandwidth_source', '')})")
 
 
-RIGHT = ("prompt", "batch", "decode", "prefill", "ok / points", "max |diff|", "top-1", "decode tok/s",
+RIGHT = ("prompt", "batch", "decode", "prefill", "ok / points", "max |diff|", "top-1", "decode tok/s", "token-layers",
          *(k.replace("_", " ") for k in TWIN_KEYS + ISOMEM_KEYS), "ideal decode vs total", "realised", "rounds",
          "precision got", *CATEGORIES, "sum / plain", "router / MoE block")
 
@@ -323,8 +370,10 @@ def sections(results: list[PointResult], rows: list[Row], matrix: list[Row]) -> 
         ("MoE / named dense baseline (tokens/s ratio; > 1 means the MoE is faster)", baseline_table(rows)),
         ("Iso-memory: the MoE against the dense model holding its bytes at a harder precision "
          "(parity: max |diff| / top-1 against PyTorch fp32)", isomem_table(rows)),
-        ("Experts touched per decode step and layer (the union over the batch) against uniform routing",
-         coverage_table(results)),
+        ("Experts touched per decode step and layer (the union over the batch) against the requested routing's "
+         "expectation and uniform routing's", coverage_table(results)),
+        ("Routing: requested against measured (the engine's expert choices in an untimed pass)",
+         routing_table(results)),
         ("Memory: does the measured peak fit each device profile (its memory minus the OS share)",
          fit_table(results) if any(r.point.get("fit") for r in results) else ([], [])),
         ("Framework maturity: does it run, does it agree with PyTorch fp32, how fast", maturity_table(matrix)),
