@@ -91,6 +91,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         models=["olmoe-1b-7b"], dense=["llama-3.2-1b"], twins=False, isomem=True, batch_sizes=[1, 8],
         backends=["llamacpp"], precisions=["q4_k_m"], prompt_tokens=[32], new_tokens=[16], repetitions=2,
         checkpoint_dtype="bfloat16", options={"mmap": False}, min_rounds=2, max_rounds=3, budget_s=600.0),
+    "routing": dict(
+        name="routing",
+        description="small-moe with its twins on every available backend at batch 8 under uniform, zipf:1.0 and "
+                    "sticky:0.8 routing: the verdict as the routing moves (minutes)",
+        models=["small-moe"], twins=True, isomem=False, batch_sizes=[8], routing=["uniform", "zipf:1.0", "sticky:0.8"]),
+    "paper-olmoe-routing": dict(
+        name="paper-olmoe-routing",
+        description="OLMoE-1B-7B with its active and total twins at Q4_K_M on llama.cpp, batch 1 and 8, under "
+                    "uniform, zipf:1.0 and sticky:0.8 routing (one planted checkpoint per routing: about 80 GB of "
+                    "disk while preparing)",
+        models=["olmoe-1b-7b"], twins=True, isomem=False, batch_sizes=[1, 8], backends=["llamacpp"],
+        precisions=["q4_k_m"], prompt_tokens=[32], new_tokens=[16], repetitions=2, checkpoint_dtype="bfloat16",
+        options={"mmap": False}, routing=["uniform", "zipf:1.0", "sticky:0.8"], min_rounds=2, max_rounds=3,
+        budget_s=600.0),
     "scaled": dict(
         name="scaled",
         description="a minutes-long version: small-moe with its twins on every available backend, two prompt lengths",

@@ -31,7 +31,8 @@ from .errors import ConfigError, MoerunError, UnsupportedError
 from .manager import get_plugin_manager
 from .precision import PRECISIONS
 from .parity import teacher_forced_logits
-from .point import token_ids
+from .point import batch_token_ids, token_ids
+from .routing import Routing, plan_for
 
 
 class BackendConformance:
@@ -179,6 +180,26 @@ class BackendConformance:
         finally:
             s.close()
             ref.close()
+
+    def test_observed_routing_is_the_planted_routing(self, plugins, available, conformance_cache):
+        """Where the backend exposes its expert choices (`Session.observe_routing`), they are
+        exactly the experts a planted routing put into the weights, for every token and layer."""
+        spec = plugins.models.resolve("tiny-moe")
+        precision = self._precision(available)
+        available.check(spec, precision)
+        ck = synthetic_checkpoint(spec, conformance_cache, seed=0, routing="zipf:1.0")
+        s = available.load(available.prepare(ck, precision, conformance_cache),
+                           LoadSettings(max_context=64, options=dict(self.load_options)))
+        try:
+            ids = batch_token_ids(spec.vocab_size, 20, 0, 1, "zipf:1.0")[0]
+            got = s.observe_routing(ids[:12], ids[12:])
+        finally:
+            s.close()
+        if got is None:
+            pytest.skip(f"backend {available.name} does not expose its expert choices")
+        want = plan_for(spec, Routing.parse("zipf:1.0")).table[ids]
+        assert np.asarray(got).shape == want.shape, "one row per token, one column per MoE layer, k experts"
+        assert (np.sort(got, axis=-1) == np.sort(want, axis=-1)).all()
 
     def test_unsupported_precision_is_refused(self, plugins, available):
         spec = plugins.models.resolve("tiny-dense")

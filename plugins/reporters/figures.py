@@ -9,6 +9,7 @@ from typing import Any
 from moerun.analysis import paired_precision
 from moerun.breakdown import CATEGORIES
 from moerun.records import PointResult
+from moerun.routing import routing_label
 
 
 def pyplot() -> Any:
@@ -181,6 +182,54 @@ def roofline_figure(results: list[PointResult]):
     return fig
 
 
+def routing_figure(results: list[PointResult]):
+    """Per (model, routing) measured: left, each layer's measured expert shares by popularity
+    rank against the requested shares; right, distinct experts per decode step and layer
+    against batch size, measured, expected under the routing and under uniform routing. The
+    first engine that observed it stands for the others (with a planted routing they choose
+    the same experts; the routing table says how exactly). None when nothing was observed."""
+    import numpy as np
+
+    seen: dict[tuple[str, str], PointResult] = {}
+    for r in results:
+        if r.routing.get("histogram"):
+            seen.setdefault((r.model_name, r.routing_name), r)
+    if not seen:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(len(seen), 2, figsize=(10, 3.2 * len(seen)), squeeze=False)
+    for (left, right), ((model, routing), r) in zip(axes, sorted(seen.items())):
+        g = r.routing
+        counts = np.asarray(g["histogram"], float)
+        share = counts / counts.sum(axis=1, keepdims=True)
+        ranks = np.arange(1, share.shape[1] + 1)
+        for layer_share in share:
+            left.plot(ranks, np.sort(layer_share)[::-1], color="tab:blue", alpha=0.35, lw=1)
+        if g.get("requested_share"):
+            left.plot(ranks, np.sort(np.asarray(g["requested_share"]), axis=1)[:, ::-1].mean(axis=0), "k--", lw=1.5,
+                      label="requested")
+            left.legend(fontsize=7)
+        left.axhline(1 / share.shape[1], color="gray", lw=0.8, ls=":")
+        left.set_xlabel("expert popularity rank (per layer)")
+        left.set_ylabel("share of routed choices")
+        left.set_title(f"{model}, {routing_label(routing)} on {r.backend}: "
+                       f"{g.get('routed_token_layers', 0):,} token-layers", fontsize=8)
+        steps = g.get("experts_per_step") or {}
+        batches = sorted(int(b) for b in steps)
+        for key, style, color, label in (("measured", "o-", "tab:blue", "measured"),
+                                         ("expected", "--", "black", "expected (routing)"),
+                                         ("uniform", ":", "gray", "uniform routing")):
+            ys = [steps[str(b)].get(key) for b in batches]
+            if all(y is not None for y in ys) and ys:
+                right.plot(batches, ys, style, color=color, label=label)
+        right.set_xscale("log", base=2)
+        right.set_xlabel("sequences decoded together")
+        right.set_ylabel("distinct experts per layer and step")
+        right.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def figures(results: list[PointResult], verdicts: list[dict[str, Any]]) -> list[tuple[str, str, Any]]:
     """(file stem, title, figure or None) of every figure the Markdown report links."""
     return [("decode-throughput", "Decode throughput", throughput_figure(results, "decode_tok_s")),
@@ -188,5 +237,6 @@ def figures(results: list[PointResult], verdicts: list[dict[str, Any]]) -> list[
             ("prefill-throughput", "Prefill throughput", throughput_figure(results, "prefill_tok_s")),
             ("speedup", "Realised versus theoretical speed-up", speedup_figure(verdicts)),
             ("roofline", "Decode against the bandwidth roofline", roofline_figure(results)),
+            ("routing", "Routing: requested against measured", routing_figure(results)),
             ("breakdown-decode", "Where decode time goes", breakdown_figure(results, "decode")),
             ("breakdown-prefill", "Where prefill time goes", breakdown_figure(results, "prefill"))]
