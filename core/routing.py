@@ -258,13 +258,15 @@ class Model:
         return float(1.0 - (top / self.top_k).mean())
 
     def sample(self, streams: int, length: int, salt: int = 0) -> np.ndarray:
-        """[streams, length, layers, k] choices, each stream one sequence of the process."""
+        """[streams, length, layers, k] choices, each stream one sequence of the process (a
+        trace: stretches of it, from evenly spaced offsets, or random ones for a `salt`)."""
         L, E, k = self.layers, self.num_experts, self.top_k
         out = np.empty((streams, length, L, k), dtype=np.int64)
         if self.routing.kind == "trace":
             rows = self.trace.experts
-            for s in range(streams):  # each stream replays the trace from its own offset
-                at = (s * len(rows)) // streams
+            draw = np.random.default_rng([self.seed, 0x7ACE, salt]) if salt else None
+            for s in range(streams):  # each stream replays the trace from its own offset (a random one: a fresh sample)
+                at = int(draw.integers(len(rows))) if draw is not None else (s * len(rows)) // streams
                 out[s] = rows[(at + np.arange(length)) % len(rows)]
             return out
         pi = self.inclusion()

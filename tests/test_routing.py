@@ -167,6 +167,11 @@ def test_a_trace_round_trips_and_a_wrong_shape_is_refused(tmp_path):
     assert path.name == "t.npz"
     back = Trace.load(path)
     assert (back.experts == experts).all() and back.meta == {"model": "x"} and len(back.sequences()) == 2
+    m = Model.of(Routing.parse(f"trace:{path}"), 2, 16, 4)
+    planned, fresh = m.sample(2, 10), m.sample(2, 10, salt=5)
+    assert (planned[0] == experts[:10]).all() and (planned[1] == experts[25:35]).all()  # evenly spaced stretches
+    windows = {tuple(experts[(a + np.arange(10)) % 50].reshape(-1)) for a in range(50)}
+    assert all(tuple(f.reshape(-1)) in windows for f in fresh) and not (fresh == planned).all()  # random stretches
     with pytest.raises(ConfigError, match="has 2 MoE layers x 16 experts, top-4; the model has 6 x 8, top-2"):
         Model.of(Routing.parse(f"trace:{path}"), 6, 8, 2)
     (tmp_path / "bad.npz").write_bytes(b"not a zip")

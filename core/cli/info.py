@@ -178,6 +178,7 @@ def cmd_compare(plugins: Any, args: argparse.Namespace) -> int:
 
     from ..analysis import machine_label, verdicts
     from ..records import load_results
+    from ..routing import routing_label
 
     rows, verdict_rows = [], []
     for path in args.results:
@@ -189,7 +190,7 @@ def cmd_compare(plugins: Any, args: argparse.Namespace) -> int:
             for r in rs:
                 rows.append({"machine": machine, "hardware": r.hardware, "node": r.node.get("hostname"),
                              "file": str(path), "model": r.model_name, "role": r.role, "backend": r.backend,
-                             "precision": r.precision, "status": r.status,
+                             "precision": r.precision, "routing": r.routing_name, "status": r.status,
                              "decode_tok_s": r.metrics.get("decode_tok_s"),
                              "prefill_tok_s": r.metrics.get("prefill_tok_s"), "mbu": r.metrics.get("mbu")})
             verdict_rows += [{"machine": machine, **v} for v in verdicts(rs)]
@@ -206,23 +207,28 @@ def cmd_compare(plugins: Any, args: argparse.Namespace) -> int:
     from rich.table import Table
 
     console = Console(width=200 if not sys.stdout.isatty() else None)
+    routed = any(r["routing"] != "random" for r in rows)  # a routing column when one was requested
     t = Table(title="results by machine", header_style="bold")
-    for h in ("machine", "model", "backend", "prec", "status", "decode tok/s", "prefill tok/s", "MBU"):
+    for h in ("machine", "model", "backend", "prec", *(["routing"] if routed else []), "status", "decode tok/s",
+              "prefill tok/s", "MBU"):
         t.add_column(h, justify="right" if h in ("decode tok/s", "prefill tok/s", "MBU") else "left")
-    for r in sorted(rows, key=lambda r: (str(r["model"]), str(r["backend"]), r["machine"])):
+    for r in sorted(rows, key=lambda r: (str(r["model"]), str(r["backend"]), r["routing"], r["machine"])):
         t.add_row(escape(r["machine"]), escape(str(r["model"])), escape(str(r["backend"])),
-                  escape(str(r["precision"] or "")), r["status"] or "",
+                  escape(str(r["precision"] or "")), *([escape(routing_label(r["routing"]))] if routed else []),
+                  r["status"] or "",
                   f"{r['decode_tok_s']:,.1f}" if r["decode_tok_s"] else "-",
                   f"{r['prefill_tok_s']:,.0f}" if r["prefill_tok_s"] else "-",
                   f"{r['mbu']:.0%}" if r["mbu"] else "-")
     console.print(t)
     if verdict_rows:
         v = Table(title="MoE / dense twin by machine (decode and prefill tokens/s ratios)", header_style="bold")
-        for h in ("machine", "model", "backend", "prec", "decode vs active", "prefill vs active", "decode vs total"):
+        for h in ("machine", "model", "backend", "prec", *(["routing"] if routed else []), "decode vs active",
+                  "prefill vs active", "decode vs total"):
             v.add_column(h)
         for row in verdict_rows:
             v.add_row(escape(row["machine"]), escape(str(row["group"])), escape(str(row["backend"])),
                       escape(str(row["precision"] or "")),
+                      *([escape(routing_label(row.get("routing")))] if routed else []),
                       *[f"{row[k]:.2f}x" if row.get(k) else "-" for k in
                         ("decode_vs_active", "prefill_vs_active", "decode_vs_total")])
         console.print(v)
