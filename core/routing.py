@@ -485,8 +485,9 @@ def measure(sequences: Sequence[np.ndarray], model: Model, *, source: str,
     """What a set of observed sequences ([tokens, layers, k] each) shows, beside what the
     requested routing expects: per-layer histogram, its total variation distance from the
     requested shares (and the distance a fresh sample of the model of the same size shows:
-    the floor sampling alone gives), entropy, reuse, and the distinct experts per decode step
-    at each batch size (over the tokens from `decode_from` on)."""
+    the floor sampling alone gives), entropy, reuse (the mean recurrence distance beside the
+    fresh sample's), and the distinct experts per decode step at each batch size (over the
+    tokens from `decode_from` on)."""
     E, k = model.num_experts, model.top_k
     counts = expert_histogram(sequences, E)
     share = counts / counts.sum(axis=1, keepdims=True)
@@ -515,4 +516,6 @@ def measure(sequences: Sequence[np.ndarray], model: Model, *, source: str,
     out["tv_sampling_floor"] = (0.5 * np.abs(fresh_counts / fresh_counts.sum(axis=1, keepdims=True) - want
                                              ).sum(axis=1)).tolist()
     out["expected_reuse_next_token"] = model.expected_reuse()
+    # the recurrence distance depends on the sequences' lengths: its expectation is the fresh sample's
+    out["expected_mean_distance"] = reuse([fresh[i, :len(s)] for i, s in enumerate(sequences)])["mean_distance"]
     return out

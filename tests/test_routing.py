@@ -63,6 +63,7 @@ def test_sticky_reuse_and_unions_match_their_expectations():
     seqs = list(m.sample(8, 2000))
     r = reuse(seqs)
     assert r["next_token"] == pytest.approx(m.expected_reuse(), abs=0.01)
+    assert r["mean_distance"] < reuse(list(Model.of(Routing.parse("uniform"), 2, 16, 4).sample(8, 2000)))["mean_distance"]
     assert m.expected_reuse() > 0.7  # kept, or drawn again
     out = measure(seqs, m, source="test")
     for b in ("1", "2", "4", "8"):
@@ -82,6 +83,7 @@ def test_measure_puts_a_fresh_sample_at_the_floor_and_a_wrong_one_far_above():
     own = measure(list(m.sample(8, 500, salt=7)), m, source="test")
     other = measure(list(Model.of(Routing.parse("uniform"), 2, 16, 4).sample(8, 500)), m, source="test")
     assert max(own["tv"]) < 2.5 * max(own["tv_sampling_floor"]) + 0.01
+    assert own["expected_mean_distance"] == pytest.approx(own["reuse"]["mean_distance"], rel=0.1)
     assert min(other["tv"]) > 5 * max(own["tv_sampling_floor"])
 
 
