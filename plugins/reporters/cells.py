@@ -284,7 +284,7 @@ def coverage_table(results: list[PointResult]) -> Table:
         cells.append([*([r.hardware or ""] if lead else []), r.model_name, r.backend, str(r.precision or ""),
                       routing_label(r.routing_name), str(int(c["batch_size"])), f"{c['experts_per_step_mean']:.2f}",
                       f"{c['experts_per_step_min']:g}-{c['experts_per_step_max']:g}", fmt(c.get("expected"), "{:.2f}"),
-                      f"{c['uniform_expectation']:.2f}", str(c["num_experts"]), str(c["top_k"])])
+                      f"{c['uniform_expectation']:.2f}", str(int(c["num_experts"])), str(int(c["top_k"]))])
     return headers, cells
 
 
