@@ -10,7 +10,7 @@ import numpy as np
 
 from .cache import Cache
 from .point import Point, batch_token_ids
-from .routing import STREAMS, Routing, plan_for
+from .routing import STREAMS, Routing, distinct_per_step, plan_for
 from .routing import Model as RoutingModel
 from .routing import measure as measure_routing
 from .precision import get_precision
@@ -134,9 +134,7 @@ def observed_routing(session: Any, spec: ModelSpec, point: Point, prompts: list[
     observed = [first] + [session.observe_routing(q[:P], q[P:]) for q in seqs[1:]]
     routing = Routing.parse(point.routing)
     model = RoutingModel.of(routing, spec.num_layers, spec.num_experts, spec.top_k, point.seed)
-    steps = np.stack([np.asarray(o)[P:] for o in observed[:B]], axis=0)  # [B, steps, layers, k]
-    touched = np.array([[len(np.unique(steps[:, t, l])) for l in range(steps.shape[2])]
-                        for t in range(steps.shape[1])], dtype=float)  # [steps, layers]
+    touched = distinct_per_step([np.asarray(o)[P:] for o in observed[:B]])  # [steps, layers]
     coverage = {"batch_size": B, "experts_per_step_mean": float(touched.mean()),
                 "experts_per_step_min": int(touched.min()), "experts_per_step_max": int(touched.max()),
                 "per_layer_mean": touched.mean(axis=0).tolist(), "steps": len(touched),

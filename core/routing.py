@@ -462,16 +462,20 @@ def reuse(sequences: Sequence[np.ndarray]) -> dict[str, Any]:
             "mean_distance": float(d.mean()) if len(d) else None, "recurrences": int(len(d))}
 
 
+def distinct_per_step(group: Sequence[np.ndarray]) -> np.ndarray:
+    """[steps, layers]: distinct experts each step reads when the sequences of `group`
+    ([tokens, layers, k] each) decode together, step t of each (up to the shortest)."""
+    T = min(len(s) for s in group)
+    stacked = np.concatenate([np.asarray(s)[:T] for s in group], axis=2)  # [T, L, B·k]
+    return np.array([[len(np.unique(stacked[t, l])) for l in range(stacked.shape[1])] for t in range(T)], dtype=float)
+
+
 def union_per_step(sequences: Sequence[np.ndarray], batch: int) -> float | None:
     """Distinct experts per layer and step when `batch` of the sequences decode together
-    (consecutive groups of them, step t of each), averaged."""
+    (consecutive groups of them), averaged."""
     groups = [sequences[i:i + batch] for i in range(0, len(sequences) - batch + 1, batch)]
-    vals = []
-    for group in groups:
-        T = min(len(s) for s in group)
-        stacked = np.concatenate([np.asarray(s)[:T] for s in group], axis=2)  # [T, L, B·k]
-        vals += [len(np.unique(stacked[t, l])) for t in range(T) for l in range(stacked.shape[1])]
-    return float(np.mean(vals)) if vals else None
+    vals = [distinct_per_step(group).reshape(-1) for group in groups]
+    return float(np.concatenate(vals).mean()) if vals else None
 
 
 def entropy_bits(counts: np.ndarray) -> np.ndarray:

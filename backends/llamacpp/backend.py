@@ -12,12 +12,13 @@ turns repacking back on where it works.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
 import struct
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -422,6 +423,20 @@ class LlamaCppSession(Session):
         from .route import observe
 
         return observe(self, prompt, follow)
+
+    @contextlib.contextmanager
+    def observed(self, callback: Any) -> Iterator[None]:
+        """Steps inside run on a second context over the same weights whose eval callback is
+        `callback` (cut timing's node list, routing observation); the session's own context is
+        back afterwards, the second one freed, the cache reset."""
+        ctx = self._context(callback)
+        main_ctx, self.ctx = self.ctx, ctx
+        try:
+            yield
+        finally:
+            self.ctx = main_ctx
+            self.lib.llama_free(ctx)
+            self.reset()
 
     def _context(self, callback: Any) -> Any:
         """A second context over the same weights, with `callback` as its eval callback."""

@@ -126,29 +126,33 @@ def categorize_nodes(names: Sequence[str], moe: bool = True) -> list[str]:
 
 
 _VIEW_SUFFIXES = (" (view)", " (reshaped)", " (permuted)", " (transposed)")
-_GGML_GET_NAME = None
+_GGML_BASE = None
 
 
-def _ggml_get_name():
-    """ggml_get_name from the ggml library llama-cpp-python ships (node names for the callback)."""
-    global _GGML_GET_NAME
-    if _GGML_GET_NAME is None:
+def ggml_base() -> Any:
+    """The ggml-base library llama-cpp-python ships (node names and tensor reads for the eval
+    callbacks of cut timing and routing observation), loaded once."""
+    global _GGML_BASE
+    if _GGML_BASE is None:
         import llama_cpp
 
         libdir = Path(llama_cpp.__file__).parent / "lib"
         lib = ctypes.CDLL(str(next(libdir.glob("libggml-base.*"))))
-        fn = lib.ggml_get_name
-        fn.restype = ctypes.c_char_p
-        fn.argtypes = [ctypes.c_void_p]
-        _GGML_GET_NAME = fn
-    return _GGML_GET_NAME
+        lib.ggml_get_name.restype = ctypes.c_char_p
+        lib.ggml_get_name.argtypes = [ctypes.c_void_p]
+        lib.ggml_nbytes.restype = ctypes.c_size_t
+        lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
+        lib.ggml_backend_tensor_get.restype = None
+        lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+        _GGML_BASE = lib
+    return _GGML_BASE
 
 
 def cut_time(session: Any, prompt: Sequence[int], follow: Sequence[int]) -> dict[str, Any]:
     """`LlamaCppSession.breakdown`: cut timing through the scheduler's eval callback on a
     second context over the session's weights (the method's docstring says how)."""
     lib = session.lib
-    get_name = _ggml_get_name()
+    get_name = ggml_base().ggml_get_name
     moe = session.spec.is_moe
     cut = CutCallback(lib.ggml_backend_sched_eval_callback, Cache().root)
     names: list[str] = []
@@ -162,14 +166,8 @@ def cut_time(session: Any, prompt: Sequence[int], follow: Sequence[int]) -> dict
     def graph_nodes(run: Any) -> list[str]:
         """Node names of one step, from a context whose callback records them."""
         names.clear()
-        ctx = session._context(record)
-        main_ctx, session.ctx = session.ctx, ctx
-        try:
+        with session.observed(record):
             run()
-        finally:
-            session.ctx = main_ctx
-            lib.llama_free(ctx)
-            session.reset()
         return list(names)
 
     if len(prompt) > session.n_batch:

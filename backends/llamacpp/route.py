@@ -7,31 +7,13 @@ observed node, which the timed contexts never do."""
 from __future__ import annotations
 
 import ctypes
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from moerun.toolkit import BackendRuntimeError
 
-from .cut import _ggml_get_name
-
-_GGML = None
-
-
-def _ggml() -> Any:
-    """ggml_nbytes and ggml_backend_tensor_get from the ggml-base library llama-cpp-python ships."""
-    global _GGML
-    if _GGML is None:
-        import llama_cpp
-
-        lib = ctypes.CDLL(str(next((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.*"))))
-        lib.ggml_nbytes.restype = ctypes.c_size_t
-        lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
-        lib.ggml_backend_tensor_get.restype = None
-        lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
-        _GGML = lib
-    return _GGML
+from .cut import ggml_base
 
 
 # struct ggml_tensor (ggml.h): enum type (4 bytes, padded to 8), buffer pointer, int64 ne[4],
@@ -40,7 +22,8 @@ _NE, _NB = 16 // 8, 48 // 8
 
 
 def observe(session: Any, prompt: Sequence[int], follow: Sequence[int]) -> np.ndarray:
-    lib, ggml, get_name = session.lib, _ggml(), _ggml_get_name()
+    lib, ggml = session.lib, ggml_base()
+    get_name = ggml.ggml_get_name
     layers: dict[int, list[np.ndarray]] = {}
     errors: list[str] = []
 
@@ -63,18 +46,12 @@ def observe(session: Any, prompt: Sequence[int], follow: Sequence[int]) -> np.nd
             errors.append(f"{type(exc).__name__}: {exc}")
         return True
 
-    ctx = session._context(callback)
-    main_ctx, session.ctx = session.ctx, ctx
-    try:
+    with session.observed(callback):
         session.reset()
         # every position's logits: else the last layer runs its FFN for the last token only
         session.prefill(list(prompt), all_logits=True)
         for tok in follow:
             session.decode(tok)
-    finally:
-        session.ctx = main_ctx
-        lib.llama_free(ctx)
-        session.reset()
     if errors:
         raise BackendRuntimeError(f"llama.cpp routing observation: {errors[0]}")
     if not layers:
