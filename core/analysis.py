@@ -21,7 +21,7 @@ def verdicts(results: Iterable[PointResult]) -> list[dict[str, Any]]:
     by_key: dict[tuple, dict[str, PointResult]] = {}
     baselines: dict[tuple, list[PointResult]] = {}
     for r in results:
-        if r.role in ("moe", "dense-active", "dense-total", "dense-isomem"):
+        if r.role in ("moe", "dense-active", "dense-total", "dense-isomem", "dense-fit"):
             by_key.setdefault((r.group, *record_key(r.record)), {})[r.role] = r
         elif r.role == "baseline" and r.ok:
             baselines.setdefault(record_key(r.record), []).append(r)
@@ -38,7 +38,7 @@ def verdicts(results: Iterable[PointResult]) -> list[dict[str, Any]]:
                                "precision": precision,
                                "prompt_tokens": fields["prompt_tokens"], "new_tokens": fields["new_tokens"],
                                "threads": fields["threads"], "batch_size": fields["batch_size"] or 1,
-                               "routing": fields["routing"] or "random",
+                               "routing": fields["routing"] or "random", "memory_cap": fields["memory_cap"],
                                "target": target}
         stats: list[dict[str, Any]] = []
 
@@ -60,7 +60,7 @@ def verdicts(results: Iterable[PointResult]) -> list[dict[str, Any]]:
                 entry[f"{short}_ci95"] = st["ci95"] if st else None
                 entry[f"{short}_hw"] = st["halfwidth"] if st else None
             row["baselines"][b.model_name] = entry
-        for twin in ("dense-active", "dense-total", "dense-isomem"):
+        for twin in ("dense-active", "dense-total", "dense-isomem", "dense-fit"):
             if twin not in roles:
                 continue
             for metric in ("decode_tok_s", "prefill_tok_s"):
@@ -81,6 +81,9 @@ def verdicts(results: Iterable[PointResult]) -> list[dict[str, Any]]:
         row["method"] = stats[0]["method"] if stats else None
         if "dense-isomem" in roles:
             row["isomem"] = isomem_facts(moe, roles["dense-isomem"])
+        if "dense-fit" in roles:
+            row["fit_twin"] = {"model": roles["dense-fit"].model_name,
+                               "params": (roles["dense-fit"].model or {}).get("total_params")}
         # Bandwidth-bound ideal: the dense model reads this many times more weight bytes (per
         # decode step: with a batch the MoE reads the union of the experts its sequences chose)
         total = roles.get("dense-total")
@@ -92,6 +95,27 @@ def verdicts(results: Iterable[PointResult]) -> list[dict[str, Any]]:
         row["realised_share_decode"] = got / ideal if got and ideal else None
         rows.append(row)
     return rows
+
+
+def cap_crossovers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per MoE, backend, precision and workload measured under several memory caps: the cap
+    at which its decode ratio against the iso-cap dense twin crosses 1 (moerun.predict's
+    `cap_crossover` over the measured ratios), or None where it never crosses."""
+    from .predict import cap_crossover
+
+    sweeps: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("memory_cap") and row.get("decode_vs_fit"):
+            key = (row["group"], row.get("hardware"), row["backend"], row["precision"], row.get("options"),
+                   row.get("prompt_tokens"), row.get("batch_size"), row.get("routing"))
+            sweeps.setdefault(key, []).append({"memory_cap": row["memory_cap"], "ratio": row["decode_vs_fit"]})
+    out = []
+    for (group, hardware, backend, precision, options, *_), sweep in sweeps.items():
+        out.append({"group": group, "hardware": hardware, "backend": backend, "precision": precision,
+                    "options": options, "caps": sorted(s["memory_cap"] for s in sweep),
+                    "ratios": [s["ratio"] for s in sorted(sweep, key=lambda s: s["memory_cap"])],
+                    "crossover": cap_crossover(sweep)})
+    return out
 
 
 def paired_precision(r: PointResult) -> str | None:

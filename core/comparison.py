@@ -2,7 +2,7 @@
 
 A *comparison* is the set of points that measure one workload on one backend and hardware
 (prompt and generation lengths, threads, batch size, options, seed, router skew, routing,
-device, checkpoint dtype) at one *paired precision*: the MoE, its dense twins (active, total and
+memory cap, device, checkpoint dtype) at one *paired precision*: the MoE, its dense twins (active, total and
 iso-memory; the iso-memory twin runs at a harder precision but is compared at the MoE's)
 and the named dense baselines. Its *pairs* are the verdicts it yields: the MoE against each
 twin of its own group and against every baseline.
@@ -22,12 +22,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from .point import Point
 
 # role of the other side -> the verdict's short name (decode_vs_active, ...)
-TWIN_KINDS = {"dense-active": "active", "dense-total": "total", "dense-isomem": "isomem"}
+TWIN_KINDS = {"dense-active": "active", "dense-total": "total", "dense-isomem": "isomem", "dense-fit": "fit"}
 # what the sides of a comparison share, besides backend, hardware and paired precision
 SHARED_FIELDS = ("prompt_tokens", "new_tokens", "threads", "batch_size", "seed", "router_skew", "device",
-                 "compile", "checkpoint_dtype", "routing")
+                 "compile", "checkpoint_dtype", "routing", "memory_cap")
 _DEFAULTS = {"threads": None, "batch_size": 1, "seed": 0, "router_skew": 0.0, "device": None, "compile": False,
-             "checkpoint_dtype": "float32", "routing": "random"}
+             "checkpoint_dtype": "float32", "routing": "random", "memory_cap": None}
 
 
 def isomem_moe_precision(model: str) -> str | None:

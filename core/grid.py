@@ -76,6 +76,11 @@ def grid_points(plugins: "MoerunPlugins", study: StudySpec, backends: list[str],
         get_precision(p)  # unknown names fail before anything runs
     if not study.routing:
         raise ConfigError("routing lists no routing (give e.g. routing = [\"uniform\", \"zipf:1.0\"])")
+    from .memcap import parse_cap
+
+    if not study.memory_caps:
+        raise ConfigError("memory_caps lists no cap (give e.g. memory_caps = [\"none\", \"3GB\"])")
+    caps = [None if c in (None, "none", "") else parse_cap(c) for c in study.memory_caps]
     if not study.batch_sizes or any(not isinstance(b, int) or b < 1 for b in study.batch_sizes):
         raise ConfigError(f"batch_sizes must list whole numbers >= 1, got {study.batch_sizes}")
     points = []
@@ -84,15 +89,40 @@ def grid_points(plugins: "MoerunPlugins", study: StudySpec, backends: list[str],
                                                                          models):
         for backend in takers:
             inner = itertools.product(precisions[backend], study.prompt_tokens, study.new_tokens,
-                                      study.threads or [None], study.batch_sizes, study.routing)
-            for precision, prompt, new, threads, batch, routing in inner:
+                                      study.threads or [None], study.batch_sizes, study.routing, caps)
+            for precision, prompt, new, threads, batch, routing, cap in inner:
                 points.append(Point(model=name, backend=backend, precision=precision, role=role, group=group,
                                     prompt_tokens=prompt, new_tokens=new, threads=threads, hardware=label,
-                                    batch_size=batch, routing=routing, options=dict(options), **fields))
+                                    batch_size=batch, routing=routing, memory_cap=cap, options=dict(options),
+                                    **fields))
     isomem = study.twins if study.isomem is None else study.isomem
     if here is None:
         here = not any(study.hardware or ())
-    return _with_isomem(plugins, points, notes, here=here) if isomem else points
+    points = _with_isomem(plugins, points, notes, here=here) if isomem else points
+    fit = study.twins if study.fit_twin is None else study.fit_twin
+    return _with_fit_twins(plugins, points, notes) if fit else points
+
+
+def _with_fit_twins(plugins: "MoerunPlugins", points: list[Point], notes: list[str] | None = None) -> list[Point]:
+    """After each capped MoE point, its iso-cap dense twin (`ModelSpec.fit_twin`: the largest
+    dense model of the family whose weights fit the cap), once per comparison; none where
+    the attention alone outgrows the cap (said in `notes`)."""
+    out: list[Point] = []
+    for p in points:
+        out.append(p)
+        if p.role != "moe" or not p.memory_cap or Path(p.model).exists():
+            continue
+        precision = p.precision or plugins.backends.get(p.backend).capabilities.default_precision
+        name = f"{p.model}:dense-fit-{p.memory_cap // 10**6}MB-{precision}"
+        try:
+            plugins.models.resolve(name)
+        except ConfigError as exc:
+            if notes is not None:
+                notes.append(f"no iso-cap twin for {p.model} under {p.memory_cap / 1e9:.1f} GB: {exc}")
+            continue
+        out.append(attrs.evolve(p, model=name, precision=precision if p.precision else None, role="dense-fit",
+                                parity=False, breakdown=False))
+    return out
 
 
 def isomem_twin(plugins: "MoerunPlugins", model: str, backend: str, precision: str | None) -> tuple[str, str] | None:

@@ -36,7 +36,6 @@ import os
 import random
 import select
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -47,7 +46,7 @@ from . import defaults
 from .cache import Cache
 from .comparison import pairs_of
 from .contention import CpuWindow
-from .isolation import child_result, kill_group
+from .isolation import Worker, kill_group
 from .point import Point
 
 MIN_CYCLES = 8
@@ -61,20 +60,17 @@ class Side:
 
     def __init__(self, point: Point, cache: Cache, env: dict[str, Any], folder: Path, python: str | None) -> None:
         self.point, self.env = point, env
-        self.job, self.out, self.errlog = folder / "job.json", folder / "result.json", folder / "stderr.txt"
-        self.job.write_text(json.dumps({"point": point.to_dict(), "cache": str(cache.root), "env": env or {}}))
         cmd_r, cmd_w = os.pipe()
         reply_r, reply_w = os.pipe()
-        with open(self.errlog, "wb") as err:
-            self.proc = subprocess.Popen(
-                [python or sys.executable, "-m", "moerun.worker", "--serve", str(self.job), str(self.out),
-                 str(cmd_r), str(reply_w)],
-                stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True, pass_fds=(cmd_r, reply_w))
+        # inside its memory cap where the point has one (moerun.isolation.Worker)
+        self.worker = Worker(point, cache, env, folder, python, mode=("--serve",),
+                             extra=(str(cmd_r), str(reply_w)), pass_fds=(cmd_r, reply_w))
+        self.proc = self.worker.proc
         os.close(cmd_r)
         os.close(reply_w)
         self.commands = os.fdopen(cmd_w, "w", buffering=1)
         self.replies, self.buffer = reply_r, b""
-        self.alive, self.reason = True, None
+        self.alive, self.reason = self.proc is not None, None
         self.reps: dict[str, int] = {}
         self.rates: dict[str, list[float]] = {"prefill_tok_s": [], "decode_tok_s": []}
 
@@ -117,21 +113,22 @@ class Side:
         self.alive = False
         if reason:
             self.reason = reason
-            kill_group(self.proc)
+            self.worker.kill()
 
     def close(self) -> None:
         try:
             self.commands.close()
         except OSError:
             pass
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            kill_group(self.proc)
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                kill_group(self.proc)
         os.close(self.replies)
 
     def result(self) -> dict[str, Any]:
-        return child_result(self.point, self.env, self.proc, self.out, self.errlog, self.reason)
+        return self.worker.result(self.reason)
 
 
 def _halfwidth(logs: Sequence[float]) -> float:
@@ -233,7 +230,7 @@ def run_together(points: Sequence[Point], *, cache: Cache, env: dict[str, Any], 
             spent["finish"] = time.monotonic() - finishing
         except BaseException:  # Ctrl-C: take every worker down with us
             for s in sides:
-                kill_group(s.proc)
+                s.worker.kill()
             raise
         finally:
             for s in sides:

@@ -29,13 +29,15 @@ def model_record(spec: ModelSpec, precision: str) -> dict[str, Any]:
 
 
 
-def bandwidth_now(result: dict[str, Any], cache: Cache) -> dict[str, Any]:
+def bandwidth_now(result: dict[str, Any], cache: Cache, probe: bool = True) -> dict[str, Any]:
     """The environment MBU divides by: the study's probe, raised to the machine's read bandwidth
     measured right after this point's timed phase when that is higher (a shared machine's
     bandwidth moves over minutes; the ceiling must hold for this point). Recorded as
-    `bandwidth_after_timed`; a fixed figure (MOERUN_BANDWIDTH_GBPS) is left alone."""
+    `bandwidth_after_timed`; a fixed figure (MOERUN_BANDWIDTH_GBPS) is left alone, and so is
+    the study's figure where `probe` is off (a capped point: its buffers would be charged to
+    the cap)."""
     env = result["env"]
-    if not env.get("bandwidth_bytes_s") or not env.get("bandwidth_kernel"):
+    if not env.get("bandwidth_bytes_s") or not env.get("bandwidth_kernel") or not probe:
         return env
     from .environment import quick_probe
 

@@ -48,6 +48,15 @@ def _routing(value: str) -> str:
     return str(Routing.parse(value))
 
 
+def _memory_cap(value: Any) -> int | None:
+    """A cap in bytes (`3GB`, `2.5GiB`, a device profile: moerun.memcap.parse_cap), or None."""
+    if value is None:
+        return None
+    from .memcap import parse_cap
+
+    return parse_cap(value)
+
+
 def _hardware_label(instance: Any, attribute: attrs.Attribute, value: str | None) -> None:
     if value is not None and not HARDWARE_LABEL.fullmatch(value):
         raise ConfigError(f"hardware label {value!r}: use letters, digits, '.', '_' and '-' (at most 63), "
@@ -81,6 +90,9 @@ class Point:
     group: str = ""  # the MoE model a twin belongs to
     timeout_s: float = defaults.TIMEOUT_S
     memory_limit_mb: int | None = None  # address-space limit of the isolated child (RLIMIT_AS)
+    # the memory the worker may use, page cache included, in bytes (a cgroup: moerun.memcap);
+    # None: uncapped. Capped, weights stream from storage once they no longer fit.
+    memory_cap: int | None = attrs.field(default=None, converter=_memory_cap)
     # the fleet label of the machine that measures (the ray executor places points by it)
     hardware: str | None = attrs.field(default=None, validator=_hardware_label)
     # a `moerun predict` device profile: a point whose weights and KV cache exceed its usable
@@ -107,6 +119,8 @@ class Point:
             d.pop("batch_size", None)
         if d.get("routing") == "random":  # likewise before routing models
             d.pop("routing", None)
+        if d.get("memory_cap") is None:  # likewise before memory caps
+            d.pop("memory_cap", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -19,56 +19,12 @@ import attrs
 
 from .errors import ConfigError
 from .precision import get_precision, nominal
+from .profiles import GB, HARDWARE, Hardware, get_hardware
 from .spec import ModelSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     from .point import Point
     from .records import PointResult
-
-
-@attrs.frozen(kw_only=True)
-class Hardware:
-    name: str
-    description: str
-    bandwidth_bytes_s: float
-    peak_flops: float  # dense, at the precision class the device runs LLMs at (see source)
-    memory_bytes: float
-    source: str
-    # what the OS and its services keep out of an LLM's reach (estimates; docs/cli.md lists them)
-    os_reserve_bytes: float = 0.0
-
-    @property
-    def usable_bytes(self) -> float:
-        return self.memory_bytes - self.os_reserve_bytes
-
-
-GB = 1e9
-HARDWARE: dict[str, Hardware] = {h.name: h for h in [
-    Hardware(name="jetson-orin-nano-8gb", description="NVIDIA Jetson Orin Nano 8GB (the published study's edge device)",
-             bandwidth_bytes_s=68 * GB, peak_flops=10e12, memory_bytes=8 * GB,
-             source="NVIDIA: 68 GB/s LPDDR5, 8 GB; 40 INT8 TOPS sparse -> ~10 TFLOPS dense FP16",
-             os_reserve_bytes=1.5 * GB),
-    Hardware(name="jetson-agx-orin-64gb", description="NVIDIA Jetson AGX Orin 64GB",
-             bandwidth_bytes_s=204.8 * GB, peak_flops=68e12, memory_bytes=64 * GB,
-             source="NVIDIA: 204.8 GB/s LPDDR5, 64 GB; 275 INT8 TOPS sparse -> ~68 TFLOPS dense FP16",
-             os_reserve_bytes=2 * GB),
-    Hardware(name="apple-m2-pro-16gb", description="Apple M2 Pro, 16 GB (the published study's laptop)",
-             bandwidth_bytes_s=200 * GB, peak_flops=6.8e12, memory_bytes=16 * GB,
-             source="Apple: 200 GB/s unified memory; 19-core GPU ~6.8 TFLOPS FP32",
-             os_reserve_bytes=4 * GB),
-    Hardware(name="raspberry-pi-5-8gb", description="Raspberry Pi 5, 8 GB",
-             bandwidth_bytes_s=17 * GB, peak_flops=0.15e12, memory_bytes=8 * GB,
-             source="LPDDR4X-4267 on a 32-bit bus ~17 GB/s; 4x Cortex-A76 @ 2.4 GHz NEON ~150 GFLOPS FP32",
-             os_reserve_bytes=0.5 * GB),
-    Hardware(name="rtx-4090", description="NVIDIA GeForce RTX 4090",
-             bandwidth_bytes_s=1008 * GB, peak_flops=165e12, memory_bytes=24 * GB,
-             source="NVIDIA: 1008 GB/s GDDR6X, 24 GB; 165 TFLOPS FP16 tensor, dense",
-             os_reserve_bytes=1 * GB),
-    Hardware(name="h200", description="NVIDIA H200 SXM",
-             bandwidth_bytes_s=4800 * GB, peak_flops=989e12, memory_bytes=141 * GB,
-             source="NVIDIA: 4.8 TB/s HBM3e, 141 GB; 989 TFLOPS BF16 dense",
-             os_reserve_bytes=1 * GB),
-]}
 
 
 def fits(peak_bytes: float) -> dict[str, bool]:
@@ -104,19 +60,16 @@ def point_fit_obstacle(point: "Point", spec: ModelSpec, precision: str) -> str |
                         context=point.prompt_tokens + point.new_tokens)
 
 
-def get_hardware(name: str) -> Hardware:
-    if name not in HARDWARE:
-        raise ConfigError(f"unknown hardware {name!r}; known: {', '.join(HARDWARE)}")
-    return HARDWARE[name]
-
-
 def this_machine(env: dict[str, Any]) -> Hardware:
     """The measuring machine as a profile: measured bandwidth and GEMM rate, its memory."""
     if not env.get("bandwidth_bytes_s") or not env.get("peak_flops"):
         raise ConfigError("this machine's profile needs a measured bandwidth and GEMM rate")
+    storage = env.get("storage") or {}
     return Hardware(name="this-machine", description=env.get("cpu_model", "this machine"),
                     bandwidth_bytes_s=env["bandwidth_bytes_s"], peak_flops=env["peak_flops"],
-                    memory_bytes=float(env.get("memory_bytes") or 0), source="measured in this run")
+                    memory_bytes=float(env.get("memory_bytes") or 0), source="measured in this run",
+                    storage_bytes_s=storage.get("paging_read_bytes_s"),
+                    storage_source="measured: random reads of the readahead window (moerun.storage)" if storage else "")
 
 
 def efficiency_from_results(results: Iterable["PointResult"], precision: str | None = None) -> dict[str, float]:
@@ -142,10 +95,15 @@ def efficiency_from_results(results: Iterable["PointResult"], precision: str | N
 
 def predict(spec: ModelSpec, hw: Hardware, *, precision: str, context: int = 512,
             efficiency: dict[str, float] | None = None, kv_bytes_per_value: float = 2.0,
-            batch: int = 1, routing: str = "random") -> dict[str, Any]:
+            batch: int = 1, routing: str = "random", memory_cap: float | None = None) -> dict[str, Any]:
     """Predicted decode (aggregate over `batch` sequences) and prefill tokens/s of `spec` on
     `hw`, or why it does not fit. `routing` (moerun.routing) gives the experts a step of the
-    batch touches; `random` and `uniform` the uniform expectation."""
+    batch touches; `random` and `uniform` the uniform expectation. Under a `memory_cap`
+    (bytes) the weights that do not fit page from storage (`paged_reads`, `FIT_RESERVE` of
+    the cap kept for the KV cache and buffers) at the device's storage rate."""
+    if memory_cap:
+        return _predict_capped(spec, hw, precision=precision, context=context, efficiency=efficiency,
+                               kv_bytes_per_value=kv_bytes_per_value, batch=batch, routing=routing, cap=memory_cap)
     eff = efficiency or {"decode": 0.8, "prefill": 0.5}
     weights = spec.total_params * get_precision(precision).bits_per_weight / 8
     kv = spec.kv_bytes_per_token(context, kv_bytes_per_value)  # read per token = held at `context`
@@ -171,6 +129,82 @@ def predict(spec: ModelSpec, hw: Hardware, *, precision: str, context: int = 512
     out["decode_tok_s"] = batch / max(t_bytes, t_flops)
     out["prefill_tok_s"] = eff["prefill"] * hw.peak_flops / spec.flops_per_token(context // 2)
     out["decode_bound"] = "bandwidth" if t_bytes >= t_flops else "compute"
+    return out
+
+
+def _predict_capped(spec: ModelSpec, hw: Hardware, *, precision: str, context: int, efficiency: dict[str, float] | None,
+                    kv_bytes_per_value: float, batch: int, routing: str, cap: float) -> dict[str, Any]:
+    """`predict` under a memory cap: resident reads at memory speed, missed bytes at the
+    device's storage speed, one after the other (a fault stalls the step)."""
+    from .spec import FIT_RESERVE
+
+    out = predict(spec, attrs.evolve(hw, memory_bytes=0.0), precision=precision, context=context,
+                  efficiency=efficiency, kv_bytes_per_value=kv_bytes_per_value, batch=batch, routing=routing)
+    out.update(memory_cap=cap, fits=out["memory_needed_bytes"] <= cap, memory_bytes=hw.memory_bytes)
+    if not hw.storage_bytes_s:
+        out.update(decode_tok_s=None, prefill_tok_s=None,
+                   reason=f"{hw.name} has no storage figure: nothing pages from it (an accelerator profile)")
+        return out
+    room = cap * (1 - FIT_RESERVE)
+    paged = paged_reads(spec, precision, room_bytes=room, routing=routing, batch=batch)
+    eff = out["efficiency"]
+    miss = paged["read_bytes_per_step"]
+    t_mem = (out["bytes_per_step"] - miss) / (eff["decode"] * hw.bandwidth_bytes_s)
+    t_storage = miss / hw.storage_bytes_s
+    t_flops = batch * spec.flops_per_token(context) / (eff["prefill"] * hw.peak_flops)
+    out["paging"] = {**paged, "storage_bytes_s": hw.storage_bytes_s, "storage_source": hw.storage_source,
+                     "storage_share": t_storage / (t_mem + t_storage) if t_mem + t_storage else 0.0}
+    out["decode_tok_s"] = batch / max(t_mem + t_storage, t_flops)
+    if t_storage > 0:
+        out["decode_bound"] = "storage" if t_storage >= t_mem else out["decode_bound"]
+    prompt = max(1, context // 2)  # a prompt's union of experts misses once per prefill
+    prefill_miss = paged_reads(spec, precision, room_bytes=room, routing=routing, batch=prompt)["read_bytes_per_step"]
+    t_prefill = prompt / out["prefill_tok_s"] + prefill_miss / hw.storage_bytes_s
+    out["prefill_tok_s"] = prompt / t_prefill
+    return out
+
+
+def paged_reads(spec: ModelSpec, precision: str, *, file_bytes: float | None = None, room_bytes: float,
+                routing: str = "random", batch: int = 1) -> dict[str, Any]:
+    """Storage bytes per decoded token when the page cache may hold `room_bytes` of the
+    weights (a memory cap less what cannot page), for weights in a file of `file_bytes`
+    (default: the nominal bytes at `precision`; a real file scales every figure).
+
+    The model (docs/concepts.md, "Memory caps"): the weights every step reads (attention,
+    norms, router, shared experts, output head) are the hottest pages and stay resident if
+    they fit; the rest of the room holds experts, the most popular first, so that a routed
+    expert misses with the routing's miss rate (`moerun.routing.Model.miss_rate`: uniform
+    for random routing). Where the always-read weights alone outgrow the room, a step's
+    reads cycle through more than the cache holds and, least-recently-used, every page
+    misses (the dense model over its cap: all its weights from storage, every token).
+    Readahead can read more than this (whole windows around each fault): the measured bytes
+    over these are the read amplification a record reports."""
+    bits = get_precision(precision).bits_per_weight
+    scale = file_bytes / (spec.total_params * bits / 8) if file_bytes else 1.0
+    step = spec.weight_bytes_per_step(precision, batch, expected_touched(spec, batch, routing)) * scale
+    out: dict[str, Any] = {"room_bytes": room_bytes, "step_bytes": step, "routing": routing, "batch_size": batch}
+    if spec.is_moe:
+        expert = spec.expert_params * bits / 8 * scale
+        touched = expected_touched(spec, batch, routing) or 0.0
+        always = step - spec.num_layers * touched * expert
+    else:
+        expert, touched, always = 0.0, 0.0, step
+    if always > room_bytes:
+        out.update(regime="thrashing", miss_rate=1.0, read_bytes_per_step=step)
+    elif not spec.is_moe:
+        out.update(regime="resident", miss_rate=0.0, read_bytes_per_step=0.0)
+    else:
+        from .routing import Model, Routing
+
+        r = Routing.parse(routing)
+        held = int((room_bytes - always) // (spec.num_layers * expert))
+        if r.planted:
+            miss = Model.of(r, spec.num_layers, spec.num_experts, spec.top_k).miss_rate(held) or 0.0
+        else:  # uniform popularity: the held experts catch held / E of the routed reads
+            miss = max(0.0, 1.0 - min(held, spec.num_experts) / spec.num_experts)
+        out.update(regime="experts paged" if miss > 0 else "resident", miss_rate=miss, experts_held=min(held, spec.num_experts),
+                   read_bytes_per_step=miss * spec.num_layers * touched * expert)
+    out["read_bytes_per_token"] = out["read_bytes_per_step"] / batch
     return out
 
 
@@ -210,3 +244,43 @@ def crossover(spec: ModelSpec, hw: Hardware, *, precision: str, context: int = 5
             return {"batch": b, "ratio": ratio, "advantage": advantage}
     return {"batch": None, "why": why, "advantage": advantage,
             "closest_ratio": closest[0] if closest else None, "closest_batch": closest[1] if closest else None}
+
+
+def cap_sweep(spec: ModelSpec, hw: Hardware, *, precision: str, caps: Iterable[float], context: int = 512,
+              efficiency: dict[str, float] | None = None, routing: str = "random") -> list[dict[str, Any]]:
+    """At each memory cap: the MoE's predicted decode (paging what does not fit) against its
+    iso-cap dense twin's (the largest dense model of the family that fits the cap: no
+    paging), with their ratio; a cap where no dense twin fits has none."""
+    rows = []
+    for cap in caps:
+        moe = predict(spec, hw, precision=precision, context=context, efficiency=efficiency, routing=routing,
+                      memory_cap=cap)
+        row: dict[str, Any] = {"memory_cap": cap, "moe_decode_tok_s": moe.get("decode_tok_s"),
+                               "moe_regime": (moe.get("paging") or {}).get("regime")}
+        try:
+            twin = spec.fit_twin(int(cap), precision)
+        except ConfigError:
+            twin = None
+        if twin is not None:
+            dense = predict(twin, hw, precision=precision, context=context, efficiency=efficiency, memory_cap=cap)
+            row.update(fit_twin=twin.name, fit_twin_params=twin.total_params, fit_decode_tok_s=dense.get("decode_tok_s"))
+            if row["moe_decode_tok_s"] and row["fit_decode_tok_s"]:
+                row["ratio"] = row["moe_decode_tok_s"] / row["fit_decode_tok_s"]
+        rows.append(row)
+    return rows
+
+
+def cap_crossover(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Where, between neighbouring caps of a sweep (any order), the MoE/iso-cap-twin decode
+    ratio crosses 1, interpolated in log(cap) and log(ratio); which side wins above it. None
+    where it never crosses."""
+    import math
+
+    pts = sorted((r["memory_cap"], r["ratio"]) for r in rows if r.get("ratio"))
+    for (c0, r0), (c1, r1) in zip(pts, pts[1:]):
+        if (r0 - 1) * (r1 - 1) < 0:
+            f = math.log(r0) / (math.log(r0) - math.log(r1))
+            cap = math.exp(math.log(c0) + f * (math.log(c1) - math.log(c0)))
+            return {"memory_cap": cap, "between": [c0, c1],
+                    "moe_wins": "above" if r1 > 1 else "below"}
+    return None

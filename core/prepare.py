@@ -100,6 +100,11 @@ def prepare_machine(plugins: "MoerunPlugins", points: Iterable[Point], *, if_bus
     before = look_at_machine(if_busy, wait_s, say)
     env = {**capture(refresh_probe=refresh_probe), "contention_before": before}
     cache = cache or Cache()
+    points = list(points)
+    if any(p.memory_cap for p in points):  # weights past a cap come back from the disk the cache is on
+        from .storage import storage_probe
+
+        env["storage"] = storage_probe(cache.root / "machine", refresh=refresh_probe)
     started = time.perf_counter()
     write_checkpoints(plugins, points, cache, show)
     return Prepared(env=env, cache=cache, checkpoint_s=time.perf_counter() - started)

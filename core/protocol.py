@@ -307,6 +307,9 @@ def collapse(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         if ok:
             base["metrics"] = _median_tree([m.record.get("metrics") for m in ok])
             base["memory"] = _median_tree([m.record.get("memory") for m in ok])
+            for name in ("paging", "cap"):  # a capped point: each round evicts, loads cold, pages
+                if any(m.record.get(name) for m in ok):
+                    base[name] = _median_tree([m.record.get(name) for m in ok])
             base["contended"] = any(r["contended"] for r in base["rounds"] if r["status"] == "ok")
             errors = [f"round {m.round + 1}: {m.error}" for m in rs if not m.ok]
             if errors:

@@ -22,7 +22,7 @@ from .protocol import collapse
 from .results import read_results, section
 
 SECTIONS = ("point", "model", "metrics", "timings", "memory", "env", "fits", "parity", "breakdown", "artifact",
-            "spread", "node", "protocol", "session", "contention", "lockstep", "routing")
+            "spread", "node", "protocol", "session", "contention", "lockstep", "routing", "cap", "paging")
 
 
 @attrs.frozen(kw_only=True)
@@ -59,6 +59,8 @@ class PointResult:
     contention: dict[str, Any] = attrs.field(factory=dict)
     lockstep: dict[str, Any] = attrs.field(factory=dict)
     routing: dict[str, Any] = attrs.field(factory=dict)  # the engine's expert choices, measured (first round)
+    cap: dict[str, Any] = attrs.field(factory=dict)  # its memory cgroup's figures (moerun.memcap)
+    paging: dict[str, Any] = attrs.field(factory=dict)  # what paging cost under the cap (moerun.runner)
     record: dict[str, Any] = attrs.field(factory=dict, repr=False, eq=False)
 
     @classmethod
@@ -88,6 +90,12 @@ class PointResult:
     def routing_name(self) -> str:
         """The requested routing ('random' for records from before routing models)."""
         return str(self.point.get("routing") or "random")
+
+    @property
+    def memory_cap(self) -> int | None:
+        """The memory cap in bytes (None: uncapped, and records from before caps)."""
+        cap = self.point.get("memory_cap")
+        return int(cap) if cap else None
 
     @property
     def options(self) -> dict[str, Any]:

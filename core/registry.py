@@ -126,11 +126,16 @@ class ModelRegistry(_Registry):
     def resolve(self, name: str) -> ModelSpec:
         """A preset name, ``NAME:dense-active`` / ``NAME:dense-total`` for a twin, or
         ``NAME:dense-isomem-P-Q`` for the dense model that holds at precision Q the bytes
-        the MoE holds at precision P."""
+        the MoE holds at precision P, ``NAME:dense-fit-CAPMB-P`` for the largest dense model
+        whose weights at P fit a memory cap of CAP megabytes (moerun.memcap)."""
         base, sep, twin = name.partition(":")
         spec = self.preset(base).spec
         if not sep:
             return spec
+        if twin.startswith("dense-fit-"):
+            size, _, precision = twin.removeprefix("dense-fit-").partition("-")
+            if size.endswith("MB") and size[:-2].isdigit() and precision:
+                return spec.fit_twin(int(size[:-2]) * 10**6, precision)
         if twin.startswith("dense-isomem-"):
             parts = twin.removeprefix("dense-isomem-").split("-")
             if len(parts) == 2 and all(parts):
@@ -139,7 +144,7 @@ class ModelRegistry(_Registry):
         if match not in TWIN_MATCHES or not twin.startswith("dense-"):
             raise UnknownModelError(
                 f"unknown twin {twin!r} of {base!r}; use {base}:dense-active, {base}:dense-total or "
-                f"{base}:dense-isomem-PRECISION-DENSEPRECISION"
+                f"{base}:dense-isomem-PRECISION-DENSEPRECISION or {base}:dense-fit-CAPMB-PRECISION"
             )
         return spec.dense_twin(match)
 

@@ -22,6 +22,7 @@ from .breakdown import reconcile as reconcile_breakdown
 from .cache import Cache
 from .checkpoint import Checkpoint
 from .contention import CpuWindow
+from .memcap import mark, own_usage
 from .errors import BackendUnavailableError, ConfigError, MoerunError, UnsupportedError
 from .metrics import bandwidth_now, derive_metrics, model_record, observed_routing, routing_stats
 from .parity import PARITY_TOKENS, parity
@@ -125,6 +126,11 @@ class PointRun:
         backend, device = self._backend()
         t0 = time.perf_counter()
         artifact, spec, precision, ckpt, t1 = self._artifact(backend)
+        capped = bool(self.point.memory_cap)
+        if capped:  # the engine file's pages were dropped by the parent: this load reads storage
+            mark("load")
+            before_load = {**memory.paging_counters(), "charged_bytes": own_usage(),
+                           "anon_bytes": memory.status().get("anon_bytes")}
         t2 = time.perf_counter()
         self.session = session = self._load(backend, artifact, spec, device, ckpt)
         t3 = time.perf_counter()
@@ -137,10 +143,20 @@ class PointRun:
         seqs = batch_token_ids(spec.vocab_size, point.prompt_tokens + point.new_tokens, point.seed, point.batch_size,
                                point.routing)
         self.workload = Workload(session, [q[: point.prompt_tokens] for q in seqs],
-                                 [q[point.prompt_tokens:] for q in seqs])
+                                 [q[point.prompt_tokens:] for q in seqs], paging=capped)
+        if capped:
+            self.artifact_path = artifact.path
+            self.paging = _cold_start(self.workload, artifact.path, before_load, t3 - t2)
         # the timed phase starts here: trackers, the memory high-water mark, other processes' CPU
         self.trackers = _start_trackers(self.plugins)
         self.timed_memory, self.window = memory.Phase(), CpuWindow()
+
+    def prepared_files(self) -> list[str]:
+        """The checkpoint and engine file ready in the cache, nothing loaded (a capped point's
+        preparation outside its cap): the files the engine will read."""
+        backend, _ = self._backend()
+        artifact, *_ = self._artifact(backend)
+        return [str(artifact.path)]
 
     def _backend(self) -> tuple[Any, str]:
         """The point's backend, available here, and the device it runs on."""
@@ -253,9 +269,12 @@ class PointRun:
         result["timings"] = timings
         prompts, follows = self.workload.prompts, self.workload.follows
         counts = session.expert_counts()
-        routing, coverage = observed_routing(session, spec, point, prompts, follows)
+        # inside a memory cap, nothing that is not the workload may be charged to it: no second
+        # context to observe routing, no bandwidth probe's buffers (the uncapped point has both)
+        capped = bool(point.memory_cap)
+        routing, coverage = (None, None) if capped else observed_routing(session, spec, point, prompts, follows)
         result["metrics"] = derive_metrics(spec, nominal(self.precision), point, timings,
-                                           bandwidth_now(result, self.cache), session, coverage)
+                                           bandwidth_now(result, self.cache, probe=not capped), session, coverage)
         if counts is not None:
             result["metrics"]["expert_counts"] = np.asarray(counts).tolist()
             result["metrics"].update(routing_stats(np.asarray(counts)))
@@ -271,12 +290,69 @@ class PointRun:
             timed_end_anon_bytes=timed.get("end_anon_bytes"), timed_end_file_bytes=timed.get("end_file_bytes"),
             timed_peak_method=timed["method"],
         )
+        if point.memory_cap:
+            result["paging"] = _paging_record(self.paging, self.workload, self.artifact_path, result, spec,
+                                              nominal(self.precision), point)
         if point.parity:
             result["parity"] = parity(session, spec, self.ckpt, self.plugins, self.cache, point)
         if point.breakdown:
             result["breakdown"] = (reconcile_breakdown(session, prompts[0], follows[0], timings) if point.batch_size == 1 else
                                    {"available": False, "reason": "the breakdown instruments one sequence (batch 1)"})
         result["status"] = "ok"
+
+
+def _cold_start(work: "Workload", artifact: Path, before_load: dict[str, int], load_s: float) -> dict[str, Any]:
+    """A capped point's cold start: its engine file read from storage by the load and the
+    first prefill (the time to first token from a cold page cache), before any warm-up."""
+    loaded = memory.paging_counters()
+    resident_after_load = memory.resident(artifact)
+    base = {k: before_load.pop(k) for k in ("charged_bytes", "anon_bytes")}
+    t = work.session
+    t.reset()
+    t.synchronize()
+    mark("prefill")
+    started = time.perf_counter_ns()
+    work.run_prefill(work.prompt)
+    t.synchronize()
+    first = (time.perf_counter_ns() - started) / 1e9
+    return {"cold": {"load_s": load_s, "first_prefill_s": first, "ttft_s": load_s + first,
+                     "load": memory.counters_delta(before_load, loaded),
+                     "first_prefill": memory.counters_delta(loaded, memory.paging_counters())},
+            "resident_after_load": resident_after_load, "before_load": base}
+
+
+def _paging_record(cold: dict[str, Any], work: "Workload", artifact: Path, result: dict[str, Any], spec: ModelSpec,
+                   precision: str, point: Point) -> dict[str, Any]:
+    """What paging cost a capped point: the cold start, storage bytes read and major faults
+    per token of the timed prefill and decode, the engine file's resident share after load
+    and after the timed work, the memory the engine holds that cannot page (anonymous), and
+    the prediction (moerun.predict.paged_reads) from the bytes left to the page cache."""
+    from .predict import paged_reads
+
+    out: dict[str, Any] = dict(cold)
+    for phase, tally in (work.paging or {}).items():
+        n = tally["tokens"] or 1
+        out[phase] = {**tally, "read_bytes_per_token": tally["read_bytes"] / n,
+                      "major_faults_per_token": tally["major_faults"] / n}
+    out["resident_after_timed"] = memory.resident(artifact)
+    size = (out["resident_after_timed"] or {}).get("bytes") or result["artifact"]["size_bytes"]
+    out["artifact_bytes"] = size
+    mem = result["memory"]
+    anon = mem.get("after_load_anon_bytes")
+    out["held_anon_bytes"] = anon  # what cannot page: engine buffers, the KV cache, copied weights, the harness
+    base = cold.get("before_load") or {}
+    if anon is not None:
+        # the room the page cache has for weights: the cap less what the harness had charged
+        # before the load (its memory, its libraries' pages) and what the load added that cannot page
+        taken = (base.get("charged_bytes") or base.get("anon_bytes") or 0) + max(0, anon - (base.get("anon_bytes") or 0))
+        out["page_cache_room_bytes"] = max(0, point.memory_cap - taken)
+        out["predicted"] = paged_reads(spec, precision, file_bytes=size, room_bytes=out["page_cache_room_bytes"],
+                                       routing=point.routing, batch=point.batch_size)
+        decoded = out.get("decode", {}).get("read_bytes_per_token")
+        predicted = out["predicted"]["read_bytes_per_token"]
+        if decoded is not None and predicted:
+            out["read_amplification"] = decoded / predicted
+    return out
 
 
 def _start_trackers(plugins: "MoerunPlugins") -> dict[str, Any]:
@@ -312,8 +388,13 @@ class Workload:
     one step and the B sequences decode in lock step (Session.prefill_batch / decode_batch).
     Every timed call is bracketed by `synchronize()`."""
 
-    def __init__(self, session: Any, prompts: list[list[int]], follows: list[list[int]]) -> None:
+    def __init__(self, session: Any, prompts: list[list[int]], follows: list[list[int]],
+                 paging: bool = False) -> None:
         self.session, self.prompts, self.follows = session, prompts, follows
+        # a capped point: storage reads and major faults of the timed phases, per phase
+        # (read outside the clock), and the phase named for an out-of-memory kill (memcap.mark)
+        self.paging: dict[str, dict[str, int]] | None = (
+            {ph: {"tokens": 0, "read_bytes": 0, "major_faults": 0} for ph in ("prefill", "decode")} if paging else None)
         self.B, self.n_prompt, self.n_new = len(prompts), len(prompts[0]), len(follows[0])
         if self.B > 1:
             self.prompt: Any = prompts
@@ -336,15 +417,34 @@ class Workload:
         s.synchronize()
         return clock() - t
 
+    def _count(self, phase: str, before: dict[str, int] | None, tokens: int) -> dict[str, int] | None:
+        """Paging counters: None -> the counters now (a phase starts); counters -> the phase's
+        deltas added to its tally, over `tokens` tokens."""
+        if self.paging is None:
+            return None
+        now = memory.paging_counters()
+        if before is None:
+            mark(phase)
+            return now
+        tally = self.paging[phase]
+        tally["tokens"] += tokens
+        for k, v in memory.counters_delta(before, now).items():
+            tally[k] += v
+        return None
+
     def prefill(self) -> int:
         """One timed prefill of the prompt on an empty cache, in ns."""
         s, clock = self.session, time.perf_counter_ns
         s.reset()
         s.synchronize()
+        counted = self._count("prefill", None, 0)
         t = clock()
         self.run_prefill(self.prompt)
         s.synchronize()
-        return clock() - t
+        took = clock() - t
+        if counted is not None:
+            self._count("prefill", counted, self.B * self.n_prompt)
+        return took
 
     def decode(self, prefilled: bool = False, steps: int | None = None) -> list[int]:
         """The decode steps after the prompt (all, or the first `steps`), each timed, in ns
@@ -354,12 +454,15 @@ class Workload:
             s.reset()
             self.run_prefill(self.prompt)
             s.synchronize()
+        counted = self._count("decode", None, 0)
         out = []
         for tok in self.steps[:steps]:
             t = clock()
             self.run_decode(tok)
             s.synchronize()
             out.append(clock() - t)
+        if counted is not None:
+            self._count("decode", counted, self.B * len(out))
         return out
 
     def time(self, reps: int, warmup: int) -> dict[str, Any]:

@@ -54,6 +54,10 @@ FAMILIES: dict[str, Family] = {
 }
 
 TWIN_MATCHES = ("active", "total")
+# the share of a memory cap an iso-cap dense twin leaves free of weights: KV cache, engine
+# buffers and the harness (a margin, checked by measurement: the twin's record says whether
+# it ran without paging; docs/concepts.md, "Memory caps")
+FIT_RESERVE = 0.2
 
 
 def _positive(instance: Any, attribute: attrs.Attribute, value: int) -> None:
@@ -343,6 +347,17 @@ class ModelSpec:
         target = round(self.total_params * bits / dense_bits)
         return self._dense_with_params(target, f"{self.name}:dense-isomem-{precision}-{dense_precision}",
                                        "iso-memory")
+
+    def fit_twin(self, cap_bytes: int, precision: str) -> "ModelSpec":
+        """The iso-cap dense model: this spec's attention with the FFN width solved so that
+        its weights at `precision` (nominal bits) fill the part of a `cap_bytes` memory cap
+        that `FIT_RESERVE` leaves (the rest holds the KV cache, the engine's buffers and the
+        harness): the largest dense model of the family that runs under the cap without
+        paging. Whether it did is measured, not assumed (its record's paging figures)."""
+        bits = get_precision(precision).bits_per_weight
+        target = round(cap_bytes * (1 - FIT_RESERVE) * 8 / bits)
+        return self._dense_with_params(target, f"{self.name}:dense-fit-{cap_bytes // 10**6}MB-{precision}",
+                                       f"{cap_bytes / 1e9:.1f} GB cap")
 
     def _dense_with_params(self, target: int, name: str, what: str) -> "ModelSpec":
         if not self.is_moe:

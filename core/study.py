@@ -47,6 +47,13 @@ class LocalExecutor:
         from .contention import CpuWindow
 
         window = CpuWindow(include_children=True)
+        if point.memory_cap and not self.isolate:
+            from .results import base_result, now
+
+            result = base_result(point, self.env)
+            result.update(status="unsupported", finished_at=now(),
+                          error="a memory cap runs the point in a process of its own, inside the cap: drop --no-isolate")
+            return result
         if self.isolate:
             result = run_isolated(point, cache=self.cache, env=self.env)
         else:

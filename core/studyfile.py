@@ -42,6 +42,10 @@ class StudySpec:
     router_skew: float = defaults.ROUTER_SKEW
     # routings to measure under (moerun.routing): a grid dimension; a study file may give one string
     routing: list[str] = attrs.field(factory=lambda: [defaults.ROUTING])
+    # memory caps to measure under (moerun.memcap: "3GB", a device profile; None: uncapped): a
+    # grid dimension; a study file may give one value
+    memory_caps: list[Any] = attrs.field(factory=lambda: [None])
+    fit_twin: bool | None = None  # under a cap, the iso-cap dense twin; None: as twins
     device: str | None = None  # None: cpu where the backend runs there, else its first device
     compile: bool = False
     timeout_s: float = defaults.TIMEOUT_S
@@ -105,6 +109,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         precisions=["q4_k_m"], prompt_tokens=[32], new_tokens=[16], repetitions=2, checkpoint_dtype="bfloat16",
         options={"mmap": False}, routing=["uniform", "zipf:1.0", "sticky:0.8"], min_rounds=2, max_rounds=3,
         budget_s=600.0),
+    "paper-olmoe-capped": dict(
+        name="paper-olmoe-capped",
+        description="the published study's escape clause, measured: OLMoE-1B-7B at Q4_K_M on llama.cpp uncapped and "
+                    "under 3 GB and 2 GB memory caps (its file is 4.2 GB), against Llama-3.2-1B, its total twin and "
+                    "the largest dense model that fits each cap (Llama-3.2-1B, 1.24 B, stands in for the 1.28 B active "
+                    "twin); weights mapped, page faults reading one page "
+                    "(-O advice=random; about 70 GB of disk while preparing)",
+        models=["olmoe-1b-7b", "olmoe-1b-7b:dense-total"], dense=["llama-3.2-1b"], twins=False, isomem=False,
+        fit_twin=True, backends=["llamacpp"], precisions=["q4_k_m"], memory_caps=["none", "3GB", "2GB"], prompt_tokens=[32], new_tokens=[8],
+        repetitions=1, checkpoint_dtype="bfloat16", options={"mmap": True, "advice": "random"}, min_rounds=1,
+        max_rounds=2, budget_s=900.0, lockstep=False, timeout_s=3600.0),
+    "capped": dict(
+        name="capped",
+        description="small-moe with its twins on llama.cpp at f16, uncapped and under 200 MB and 150 MB memory caps "
+                    "(its file is 177 MB): paging from storage and the iso-cap dense twin (minutes)",
+        models=["small-moe"], twins=True, isomem=False, backends=["llamacpp"], memory_caps=["none", "200MB", "150MB"],
+        options={"advice": "random"}, new_tokens=[16]),
     "scaled": dict(
         name="scaled",
         description="a minutes-long version: small-moe with its twins on every available backend, two prompt lengths",
@@ -128,6 +149,8 @@ def load_study(path: Path | None = None, preset: str | None = None) -> StudySpec
     if set(data) != {"study"}:
         raise ConfigError(f"{path}: expected a single [study] table, found {', '.join(sorted(data)) or 'nothing'}")
     table = data["study"]
+    if "memory_caps" in table and not isinstance(table["memory_caps"], list):
+        table["memory_caps"] = [table["memory_caps"]]
     if isinstance(table.get("routing"), str):
         table["routing"] = [table["routing"]]
     if isinstance(table.get("routing"), list):  # a trace's path is relative to the study file

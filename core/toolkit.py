@@ -12,7 +12,8 @@ tests/test_architecture.py holds the in-tree backends to it.
   `BackendUnavailableError`, `CheckpointError`;
 - timing helpers: `CATEGORIES`, `cut_points`, `cut_timing`, `empty_breakdown`, `time_phases`
   (a per-op breakdown by cut timing, moerun.breakdown);
-- machine helpers: `release_free` (hand freed heap back to the OS after a load),
+- machine helpers: `release_free` (hand freed heap back to the OS after a load), `advise`
+  (madvise a mapped weights file: how page faults read it under a memory cap),
   `compile_library` (a small C helper built once into the cache), `cpu_flags`.
 """
 
@@ -39,13 +40,13 @@ from .errors import (
     UnsupportedError,
 )
 from .hookimpl import hookimpl
-from .memory import release_free
+from .memory import advise, release_free
 from .native import compile_library
 from .spec import ModelSpec
 
 __all__ = [
     "Artifact", "Availability", "Backend", "BackendRuntimeError", "BackendUnavailableError", "CATEGORIES", "Cache",
     "Capabilities", "Checkpoint", "CheckpointError", "ConfigError", "LoadSettings", "ModelSpec", "Option", "Session",
-    "UnsupportedError", "check_step", "compile_library", "cpu_flags", "cut_points", "cut_timing", "empty_breakdown",
+    "UnsupportedError", "advise", "check_step", "compile_library", "cpu_flags", "cut_points", "cut_timing", "empty_breakdown",
     "hookimpl", "release_free", "time_phases", "to_bf16_bits",
 ]

@@ -4,6 +4,9 @@
 result; the parent treats a missing result file (crash, kill) or a timeout as the point's
 failure.
 
+``python -m moerun.worker --prepare JOB.json OUT.json`` prepares a capped point outside its
+cap (moerun.isolation.Worker).
+
 ``python -m moerun.worker --serve JOB.json RESULT.json CMD_FD REPLY_FD`` is one side of a
 lockstep comparison (`moerun.lockstep`): it opens the point (checkpoint, preparation, load),
 says ``ready``, then runs timed units on command, one JSON line each way, blocked on its
@@ -134,8 +137,33 @@ def serve(job: dict, out_path: Path, cmd_fd: int, reply_fd: int) -> int:
     return 0  # the parent closed the pipe: abandoned, no result
 
 
+def prepare(job: dict, out_path: Path) -> int:
+    """A capped point's preparation, outside its cap: checkpoint and engine file into the
+    cache, nothing loaded. Writes status ``prepared`` and the files the engine will read
+    (which the parent drops from the page cache), or the point's result where it ends here."""
+    from .cache import Cache
+    from .manager import get_plugin_manager
+    from .point import Point
+    from .runner import PointRun
+
+    point = Point.from_dict(job["point"])
+    run = PointRun(point, get_plugin_manager(), Cache(job["cache"]), job.get("env") or {})
+    files: list[str] = []
+
+    def stage() -> None:
+        files.extend(run.prepared_files())
+
+    with run:
+        ok = run.guarded(stage)
+    _write(out_path, {**run.result, "status": "prepared", "files": files} if ok else {**run.result, "isolated": True})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--prepare":
+        _die_with_parent()
+        return prepare(json.loads(Path(argv[1]).read_text()), Path(argv[2]))
     if argv and argv[0] == "--serve":
         _die_with_parent()
         job = json.loads(Path(argv[1]).read_text())

@@ -22,6 +22,7 @@ os.environ["MOERUN_CACHE_DIR"] = str(_CACHE)
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_CACHE / "inductor")
 os.environ.setdefault("MOERUN_BANDWIDTH_GBPS", "20")  # tests need a figure, not a measurement
 os.environ.setdefault("MOERUN_PEAK_GFLOPS", "150")
+os.environ.setdefault("MOERUN_STORAGE_GBPS", "0.5")
 os.environ.setdefault("MOERUN_BREAKDOWN_BUDGET_S", "3")  # cut timing: fewer repetitions of slow steps
 os.environ.pop("MOERUN_PLUGINS", None)
 # the same points on every machine: keep torch's bf16 iso-memory twin where the CPU emulates bf16

@@ -37,6 +37,7 @@ from moerun.toolkit import (
     Session,
     check_step,
     UnsupportedError,
+    advise,
 )
 
 from . import devices as dv
@@ -64,6 +65,9 @@ OPTIONS = {  # -O NAME=VALUE (docs/backends.md, llama.cpp)
     "type_k": Option(help="KV cache type of the keys", choices=tuple(_KV_TYPES)),
     "type_v": Option(help="KV cache type of the values", choices=tuple(_KV_TYPES)),
     "mmap": Option(help="map the GGUF file instead of reading it into memory", kinds=(bool,)),
+    "advice": Option(help="access advice (madvise) for the mapped GGUF once loaded: random makes a page fault "
+                          "read one page instead of a readahead window (paging under --memory-cap)",
+                     choices=("normal", "random", "sequential", "willneed")),
     "n_batch": Option(help="tokens per llama_decode call (and micro-batch)", kinds=(int,)),
     "n_gpu_layers": Option(help="layers offloaded to a GPU device (-1: all)", kinds=(int,)),
     "n_cpu_moe": Option(help="keep the expert tensors of the first N layers on the CPU", kinds=(int,)),
@@ -220,6 +224,9 @@ class LlamaCppSession(Session):
             self.model = lib.llama_model_load_from_file(str(artifact.path).encode(), mparams)
         if not self.model:
             raise BackendRuntimeError(f"llama.cpp could not load {artifact.path}: {log_tail()}")
+        self.advice, self.advised_bytes = opts.get("advice"), None
+        if self.advice:  # on the engine's own mapping of the file, in this process
+            self.advised_bytes = advise(artifact.path, self.advice)
         try:
             n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
             if n_vocab != self.spec.vocab_size:
@@ -459,7 +466,8 @@ class LlamaCppSession(Session):
                 "model_n_params": lib.llama_model_n_params(self.model),
                 "moe_formulation": ("llama.cpp build_moe_ffn: stacked ffn_*_exps, mul_mat_id"
                                     if self.spec.is_moe else None),
-                "placement": {**self.offload_request, "read_back": self.offload}}
+                "placement": {**self.offload_request, "read_back": self.offload},
+                **({"advice": self.advice, "advised_bytes": self.advised_bytes} if self.advice else {})}
 
     def engine_timings(self) -> dict[str, Any] | None:
         d = self.lib.llama_perf_context(self.ctx)

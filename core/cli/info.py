@@ -94,13 +94,70 @@ def cmd_plugins(plugins: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_capped(spec: Any, hw: Any, args: argparse.Namespace, efficiency: Any) -> int:
+    """`moerun predict --memory-cap`: each model under the cap (what does not fit pages from
+    the device's storage), the iso-cap dense twin, and a sweep of caps for the crossover."""
+    from ..memcap import cap_label, parse_cap
+    from ..precision import get_precision
+    from ..predict import cap_crossover, cap_sweep, predict
+    from ..routing import Routing
+
+    cap = hw.usable_bytes if args.memory_cap == "device" else parse_cap(args.memory_cap)
+    routing = str(Routing.parse(args.routing))
+    specs = [spec]
+    if spec.is_moe:
+        specs += [spec.dense_twin("active"), spec.dense_twin("total")]
+        try:
+            specs.append(spec.fit_twin(int(cap), args.precision))
+        except ConfigError:
+            pass
+    rows = [predict(sp, hw, precision=args.precision, context=args.context, efficiency=efficiency,
+                    routing=routing if sp is spec else "random", memory_cap=cap) for sp in specs]
+    weights = spec.total_params * get_precision(args.precision).bits_per_weight / 8
+    caps = sorted({weights * f for f in (1.25, 1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2)} | {float(cap)}, reverse=True)
+    sweep = cap_sweep(spec, hw, precision=args.precision, caps=caps, context=args.context, efficiency=efficiency,
+                      routing=routing) if spec.is_moe else []
+    cross = cap_crossover(sweep) if sweep else None
+    if args.json:
+        print(json.dumps({"models": rows, "sweep": sweep, "crossover": cross}, indent=2))
+        return 0
+    print(f"{hw.name} under a {cap_label(cap)} memory cap: {hw.bandwidth_bytes_s / 1e9:.0f} GB/s memory, "
+          + (f"{hw.storage_bytes_s / 1e9:.2f} GB/s storage ({hw.storage_source})" if hw.storage_bytes_s
+             else "no storage figure"))
+    for r in rows:
+        p = r.get("paging") or {}
+        if r.get("decode_tok_s") is None:
+            print(f"  {r['model']:36s} {r.get('reason', 'no prediction')}")
+            continue
+        print(f"  {r['model']:36s} decode {r['decode_tok_s']:8.2f} tok/s  prefill {r['prefill_tok_s']:8.1f} tok/s  "
+              f"{p.get('regime', '-')}: {p.get('read_bytes_per_token', 0) / 1e6:.0f} MB/token from storage "
+              f"({p.get('storage_share', 0):.0%} of the step)")
+    if sweep:
+        print("  cap sweep (MoE against the iso-cap dense twin, which fits):")
+        for r in sweep:
+            ratio = f"{r['ratio']:.2f}x" if r.get("ratio") else "-"
+            print(f"    {cap_label(r['memory_cap']):>9s}  MoE {_rate(r.get('moe_decode_tok_s'))} tok/s "
+                  f"({r.get('moe_regime') or '-'})  twin {_rate(r.get('fit_decode_tok_s'))} tok/s  MoE/twin {ratio}")
+        if cross:
+            print(f"  crossover near {cap_label(cross['memory_cap'])}: the MoE decodes faster {cross['moe_wins']} it")
+        else:
+            print("  crossover: none in the sweep")
+    return 0
+
+
+def _rate(x: float | None) -> str:
+    return f"{x:8.2f}" if x else "       -"
+
+
 def cmd_predict(plugins: Any, args: argparse.Namespace) -> int:
     from ..predict import HARDWARE, crossover, efficiency_from_results, get_hardware, predict, this_machine
     from ..routing import Routing, routing_label
 
     if args.list:
         rows = [{"name": h.name, "description": h.description, "bandwidth_gb_s": h.bandwidth_bytes_s / 1e9,
-                 "peak_tflops": h.peak_flops / 1e12, "memory_gb": h.memory_bytes / 1e9, "source": h.source}
+                 "peak_tflops": h.peak_flops / 1e12, "memory_gb": h.memory_bytes / 1e9, "source": h.source,
+                 "storage_gb_s": h.storage_bytes_s / 1e9 if h.storage_bytes_s else None,
+                 "storage_source": h.storage_source}
                 for h in HARDWARE.values()]
         if args.json:
             print(json.dumps(rows, indent=2))
@@ -123,6 +180,8 @@ def cmd_predict(plugins: Any, args: argparse.Namespace) -> int:
 
         efficiency = efficiency_from_results(load_results([args.calibrate]), args.precision)
     spec = plugins.models.resolve(args.model)
+    if args.memory_cap:
+        return _predict_capped(spec, hw, args, efficiency)
     specs = [spec] + ([spec.dense_twin("active"), spec.dense_twin("total")] if spec.is_moe else [])
     batches = batch_sizes(args.batch_size) or [1]
     routing = str(Routing.parse(args.routing))

@@ -16,7 +16,7 @@ from .. import defaults
 from ..errors import ConfigError
 from ..results import Measurement
 from ..studyfile import StudySpec
-from .parser import backend_options, batch_sizes, csv_list, fit_device, routings
+from .parser import backend_options, batch_sizes, csv_list, fit_device, memory_caps, routings
 
 
 def cmd_run(plugins: Any, args: argparse.Namespace) -> int:
@@ -27,7 +27,8 @@ def cmd_run(plugins: Any, args: argparse.Namespace) -> int:
         precisions=csv_list(args.precision), prompt_tokens=[args.prompt_tokens], new_tokens=[args.new_tokens],
         threads=[args.threads] if args.threads else [], batch_sizes=batch_sizes(args.batch_size) or [defaults.BATCH_SIZE],
         repetitions=args.repetitions, warmup=args.warmup, seed=args.seed, checkpoint_dtype=args.checkpoint_dtype,
-        router_skew=args.router_skew, routing=routings(args.routing) or [defaults.ROUTING], device=args.device, compile=args.compile, timeout_s=args.timeout,
+        router_skew=args.router_skew, routing=routings(args.routing) or [defaults.ROUTING],
+        memory_caps=memory_caps(args.memory_cap) or [None], device=args.device, compile=args.compile, timeout_s=args.timeout,
         memory_limit_mb=args.memory_limit, fit=fit_device(args.fit), breakdown=args.breakdown, parity=args.parity,
         options=backend_options(args.option), hardware=_hardware_labels(args, []), budget_s=defaults.BUDGET_S)
     return _measure(plugins, study, args)
@@ -48,6 +49,7 @@ def cmd_study(plugins: Any, args: argparse.Namespace) -> int:
                          hardware=_hardware_labels(args, study.hardware),
                          batch_sizes=batch_sizes(args.batch_size) or study.batch_sizes,
                          routing=routings(args.routing) or study.routing,
+                         memory_caps=memory_caps(args.memory_cap) or study.memory_caps,
                          memory_limit_mb=args.memory_limit or study.memory_limit_mb,
                          fit=fit_device(args.fit) or study.fit)
     return _measure(plugins, study, args)

@@ -53,6 +53,13 @@ def routings(values: Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(str(Routing.parse(text)) for text in csv_list(values)))
 
 
+def memory_caps(values: Sequence[str] | None) -> list[int | None]:
+    """--memory-cap values in bytes (None for 'none'), each checked (a one-line error)."""
+    from ..memcap import parse_cap
+
+    return list(dict.fromkeys(None if t.lower() == "none" else parse_cap(t) for t in csv_list(values)))
+
+
 def batch_sizes(values: Sequence[str] | None) -> list[int]:
     out = []
     for text in csv_list(values):
@@ -201,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override the study's batch_sizes; repeatable or comma-separated")
     st.add_argument("--routing", action="append", metavar="ROUTING",
                     help="override the study's routing; repeatable or comma-separated")
+    st.add_argument("--memory-cap", action="append", metavar="SIZE",
+                    help="override the study's memory_caps (3GB, a device profile, none); repeatable or "
+                         "comma-separated")
     st.add_argument("-o", "--output", type=Path, metavar="PATH", help="results JSONL (an existing one is resumed)")
     st.add_argument("--report", default="table", metavar="NAME", help="reporter for the summary (default: table)")
     st.add_argument("--json", action="store_true", help="shorthand for --report json")
@@ -226,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--routing", default=defaults.ROUTING, metavar="ROUTING",
                      help="the routing whose expected union of experts a batched step reads (uniform, zipf:ALPHA, "
                           "sticky:P, trace:FILE; random: uniform's expectation)")
+    pre.add_argument("--memory-cap", metavar="SIZE",
+                     help="predict under a memory cap (3GB, 2.5GiB, or 'device': the profile's usable memory): "
+                          "weights that do not fit page from the device's storage; adds the iso-cap dense twin and "
+                          "a sweep of caps with the MoE/twin crossover")
     pre.add_argument("--calibrate", type=Path, metavar="RESULTS.jsonl",
                      help="take the efficiency from these results (median MBU / FLOP utilisation) instead of "
                           "assuming 80 %% / 50 %%")
@@ -329,6 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--memory-limit", type=_positive_int, default=None, metavar="MB",
                      help="address-space limit for each isolated point; past it the point fails with "
                           "'out of memory' instead of the machine swapping")
+    run.add_argument("--memory-cap", action="append", metavar="SIZE",
+                     help="run each point inside a memory cgroup of SIZE (3GB, 2.5GiB, 3000MB, or a 'moerun predict' "
+                          "device profile: its usable memory), page cache included, so weights that do not fit page "
+                          "from storage; 'none' for uncapped; repeatable or comma-separated: a grid dimension. A "
+                          "capped MoE point adds its iso-cap dense twin; a point killed inside the cap is recorded "
+                          "as not fitting (default: none)")
     run.add_argument("--fit", metavar="DEVICE",
                      help="skip, as unsupported with the reason, points whose weights (nominal bits) and KV cache "
                           "exceed the usable memory of DEVICE, a 'moerun predict' profile (its memory minus an OS "

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from moerun.analysis import human_count
+from moerun.analysis import cap_crossovers, human_count
 from moerun.breakdown import CATEGORIES
+from moerun.memcap import cap_label
 from moerun.records import PointResult
 from moerun.routing import routing_label
 
@@ -94,6 +95,8 @@ def columns(results: list[PointResult]) -> list[Column]:
         out.insert([h for h, _, _ in out].index("prec") + 1, ("options", lambda r: r.options_text, "{}"))
     if any(r.routing_name != "random" for r in results):
         out.insert([h for h, _, _ in out].index("prec") + 1, ("routing", lambda r: routing_label(r.routing_name), "{}"))
+    if any(r.memory_cap for r in results):
+        out.insert([h for h, _, _ in out].index("prec") + 1, ("cap", lambda r: cap_label(r.memory_cap), "{}"))
     if any(r.hardware for r in results):
         out.insert(0, ("hardware", lambda r: r.hardware or "", "{}"))
     return out
@@ -117,6 +120,16 @@ def _batched(rows: list[Row]) -> bool:
 
 TWIN_KEYS = ("decode_vs_active", "prefill_vs_active", "decode_vs_total", "prefill_vs_total")
 ISOMEM_KEYS = ("decode_vs_isomem", "prefill_vs_isomem")
+FIT_KEYS = ("decode_vs_fit", "prefill_vs_fit")
+
+
+def _capped(rows: list[Row]) -> bool:
+    """Whether any verdict row was measured under a memory cap (tables then show it)."""
+    return any(row.get("memory_cap") for row in rows)
+
+
+def _cap_cells(rows: list[Row], row: Row) -> list[str]:
+    return [cap_label(row.get("memory_cap"))] if _capped(rows) else []
 
 
 def _routed(rows: list[Row]) -> bool:
@@ -177,7 +190,7 @@ def _flags(row: Row) -> str:
 
 def twin_rows(rows: list[Row]) -> list[Row]:
     """The verdict rows with a twin (not only named baselines)."""
-    return [row for row in rows if any(row.get(k) is not None for k in TWIN_KEYS + ISOMEM_KEYS)]
+    return [row for row in rows if any(row.get(k) is not None for k in TWIN_KEYS + ISOMEM_KEYS + FIT_KEYS)]
 
 
 def verdict_table(rows: list[Row]) -> Table:
@@ -185,14 +198,16 @@ def verdict_table(rows: list[Row]) -> Table:
     ratios when any row has an iso-memory twin."""
     rows = twin_rows(rows)
     batch = _batched(rows)
-    keys = TWIN_KEYS + (ISOMEM_KEYS if any(row.get("isomem") for row in rows) else ())
-    headers = [*_lead(rows), "model", "backend", "precision", *(["routing"] if _routed(rows) else []), "prompt",
+    keys = (TWIN_KEYS + (ISOMEM_KEYS if any(row.get("isomem") for row in rows) else ())
+            + (FIT_KEYS if any(row.get("fit_twin") for row in rows) else ()))
+    headers = [*_lead(rows), "model", "backend", "precision", *(["routing"] if _routed(rows) else []),
+               *(["cap"] if _capped(rows) else []), "prompt",
                *(["batch"] if batch else []), *(k.replace("_", " ") for k in keys), "ideal decode vs total",
                "realised", "rounds", "precision got", "flags"]
     cells = []
     for row in rows:
         cells.append([*_lead_cells(rows, row), _model_cell(rows, row), row["backend"], row["precision"] or "",
-                      *_routing_cells(rows, row),
+                      *_routing_cells(rows, row), *_cap_cells(rows, row),
                       str(row.get("prompt_tokens") or ""), *([str(row.get("batch_size") or 1)] if batch else []),
                       *[_ratio(row, k) for k in keys], fmt(row.get("ideal_decode_vs_total"), "{:.2f}x"),
                       fmt(row.get("realised_share_decode"), "{:.0%}"), str(row.get("rounds") or "-"),
@@ -206,15 +221,65 @@ def baseline_table(rows: list[Row]) -> Table:
     based_rows = [row for row, _, _ in based]
     batch = _batched(based_rows)
     headers = [*_lead(based_rows), "model", "baseline", "backend", "precision",
-               *(["routing"] if _routed(based_rows) else []), "prompt",
+               *(["routing"] if _routed(based_rows) else []), *(["cap"] if _capped(based_rows) else []), "prompt",
                *(["batch"] if batch else []), "decode", "prefill", "precision got"]
     cells = []
     for row, name, b in based:
         hw = max((b[k] for k in ("decode_hw", "prefill_hw") if b.get(k) is not None), default=None)
         missed = bool(row.get("target")) and hw is not None and hw > row["target"]
         cells.append([*_lead_cells(based_rows, row), str(row["group"]), name, row["backend"], row["precision"] or "",
-                      *_routing_cells(based_rows, row), str(row.get("prompt_tokens") or ""), *([str(row.get("batch_size") or 1)] if batch else []),
+                      *_routing_cells(based_rows, row), *_cap_cells(based_rows, row), str(row.get("prompt_tokens") or ""), *([str(row.get("batch_size") or 1)] if batch else []),
                       _ratio(b, "decode"), _ratio(b, "prefill"), _precision_cell(hw, missed)])
+    return headers, cells
+
+
+def paging_table(results: list[PointResult]) -> Table:
+    """Every capped point: speed under the cap, the cold start (engine file evicted: load and
+    first prefill), storage bytes and major faults per decoded token against the prediction
+    (moerun.predict.paged_reads), the engine file's resident share after the timed work, the
+    memory that cannot page, the cgroup's peak, and whether it ran or was killed."""
+    rows = [r for r in results if r.memory_cap]
+    lead = any(r.hardware for r in rows)
+    options = len({r.options_text for r in rows}) > 1
+    headers = [*(["hardware"] if lead else []), "model", "role", "backend", "precision", *(["options"] if options else []),
+               "cap", "outcome",
+               "decode tok/s", "prefill tok/s", "cold TTFT s", "storage MB/token", "predicted MB/token",
+               "read ampl.", "faults/token", "file resident", "anon MiB", "cgroup peak MiB"]
+    cells = []
+    for r in rows:
+        p, c = r.paging, r.cap
+        dec = p.get("decode") or {}
+        res = p.get("resident_after_timed") or {}
+        share = res["resident_bytes"] / res["bytes"] if res.get("bytes") else None
+        outcome = c.get("outcome") or ("killed" if "killed" in (r.error or "") else r.status)
+        cells.append([*([r.hardware or ""] if lead else []), r.model_name, r.role, r.backend, str(r.precision or ""),
+                      *([r.options_text] if options else []), cap_label(r.memory_cap), outcome if r.ok or outcome != "ran" else r.status,
+                      fmt(r.metrics.get("decode_tok_s"), "{:,.2f}"), fmt(r.metrics.get("prefill_tok_s"), "{:,.1f}"),
+                      fmt((p.get("cold") or {}).get("ttft_s"), "{:.2f}"),
+                      fmt(_mb(dec.get("read_bytes_per_token")), "{:,.1f}"),
+                      fmt(_mb((p.get("predicted") or {}).get("read_bytes_per_token")), "{:,.1f}"),
+                      fmt(p.get("read_amplification"), "{:.2f}x"), fmt(dec.get("major_faults_per_token"), "{:,.1f}"),
+                      fmt(share, "{:.0%}"), fmt(mib(p.get("held_anon_bytes")), "{:,.0f}"),
+                      fmt(mib(c.get("peak_bytes")), "{:,.0f}")])
+    return headers, cells
+
+
+def _mb(x: float | None) -> float | None:
+    return None if x is None else x / 1e6
+
+
+def crossover_table(crossings: list[Row]) -> Table:
+    """Per MoE and backend measured under several caps (moerun.analysis.cap_crossovers): its
+    decode ratio against the iso-cap dense twin at each cap and where it crosses 1."""
+    headers = ["model", "backend", "precision", "decode vs iso-cap twin, by cap", "crossover"]
+    cells = []
+    for c in crossings:
+        by_cap = ", ".join(f"{cap_label(cap)}: {ratio:.2f}x" for cap, ratio in zip(c["caps"], c["ratios"]))
+        x = c["crossover"]
+        where = (f"near {cap_label(x['memory_cap'])}: the MoE decodes faster {x['moe_wins']} it" if x else
+                 ("none: the MoE is faster at every cap" if all(v > 1 for v in c["ratios"]) else
+                  "none: the dense twin is faster at every cap"))
+        cells.append([str(c["group"]), c["backend"], str(c["precision"] or ""), by_cap, where])
     return headers, cells
 
 
@@ -355,7 +420,9 @@ def machine_line(results: list[PointResult]) -> str | None:
 
 
 RIGHT = ("prompt", "batch", "decode", "prefill", "ok / points", "max |diff|", "top-1", "decode tok/s", "token-layers",
-         *(k.replace("_", " ") for k in TWIN_KEYS + ISOMEM_KEYS), "ideal decode vs total", "realised", "rounds",
+         "prefill tok/s", "cold TTFT s", "storage MB/token", "predicted MB/token", "read ampl.", "faults/token",
+         "file resident", "anon MiB", "cgroup peak MiB",
+         *(k.replace("_", " ") for k in TWIN_KEYS + ISOMEM_KEYS + FIT_KEYS), "ideal decode vs total", "realised", "rounds",
          "precision got", *CATEGORIES, "sum / plain", "router / MoE block")
 
 
@@ -374,6 +441,10 @@ def sections(results: list[PointResult], rows: list[Row], matrix: list[Row]) -> 
          "expectation and uniform routing's", coverage_table(results)),
         ("Routing: requested against measured (the engine's expert choices in an untimed pass)",
          routing_table(results)),
+        ("Memory caps: paging under each point's cap (cold TTFT: the engine file evicted, load + first prefill; "
+         "predicted: moerun.predict.paged_reads; read ampl.: measured / predicted)", paging_table(results)),
+        ("Memory caps: where the MoE and the largest dense model that fits the cap trade places",
+         crossover_table(cap_crossovers(rows))),
         ("Memory: does the measured peak fit each device profile (its memory minus the OS share)",
          fit_table(results) if any(r.point.get("fit") for r in results) else ([], [])),
         ("Framework maturity: does it run, does it agree with PyTorch fp32, how fast", maturity_table(matrix)),

@@ -50,7 +50,44 @@ def breakdown_figure(results: list[PointResult], phase: str = "decode"):
     return fig
 
 
-_ROLE_ORDER = {"moe": 0, "dense-active": 1, "dense-total": 2, "dense-isomem": 3, "baseline": 4, "dense": 5, "": 6}
+_ROLE_ORDER = {"moe": 0, "dense-active": 1, "dense-total": 2, "dense-isomem": 3, "dense-fit": 4, "baseline": 5,
+               "dense": 6, "": 7}
+
+
+def cap_figure(results: list[PointResult]):
+    """Decode tokens/s against the memory cap, one panel per backend and precision: each
+    model a line (the iso-cap dense twins, one model per cap, as one line 'dense that fits
+    the cap'), uncapped points drawn at the right edge, killed points as crosses on the
+    axis. None unless some point ran under a cap."""
+    capped = [r for r in results if r.memory_cap]
+    if not capped:
+        return None
+    plt = pyplot()
+    groups = {r.group for r in capped}
+    mine = [r for r in results if r.group in groups or r.role == "baseline"]
+    panels = sorted({(r.hardware or "", r.backend, str(paired_precision(r))) for r in mine})
+    top = max(r.memory_cap for r in capped) * 1.25
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels) + 1.5, 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        lines: dict[tuple, list] = {}
+        for r in mine:
+            if (r.hardware or "", r.backend, str(paired_precision(r))) != panel:
+                continue
+            name = "dense that fits the cap" if r.role == "dense-fit" else r.model_name
+            lines.setdefault((_ROLE_ORDER.get(r.role, 7), name), []).append(r)
+        for (_, name), rs in sorted(lines.items()):
+            pts = sorted((r.memory_cap or top, r.metrics.get("decode_tok_s")) for r in rs if r.ok)
+            line = ax.plot([c / 1e9 for c, _ in pts], [v for _, v in pts], marker="o", label=name)
+            killed = [r.memory_cap for r in rs if not r.ok and r.memory_cap]
+            if killed:
+                ax.plot([c / 1e9 for c in killed], [0.0] * len(killed), "x", color=line[0].get_color(), ms=9)
+        ax.axvline(top / 1e9, color="grey", lw=0.5, ls=":")
+        ax.set_xlabel("memory cap, GB (dotted line: uncapped; x: killed inside the cap)")
+        ax.set_title(" ".join(x for x in panel if x), fontsize=9)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("decode tokens/s (median)")
+    fig.tight_layout()
+    return fig
 
 
 def batch_figure(results: list[PointResult]):
@@ -238,5 +275,6 @@ def figures(results: list[PointResult], verdicts: list[dict[str, Any]]) -> list[
             ("speedup", "Realised versus theoretical speed-up", speedup_figure(verdicts)),
             ("roofline", "Decode against the bandwidth roofline", roofline_figure(results)),
             ("routing", "Routing: requested against measured", routing_figure(results)),
+            ("memory-cap", "Decode throughput against the memory cap", cap_figure(results)),
             ("breakdown-decode", "Where decode time goes", breakdown_figure(results, "decode")),
             ("breakdown-prefill", "Where prefill time goes", breakdown_figure(results, "prefill"))]
