@@ -88,14 +88,16 @@ class Phase:
 # ------------------------------------------------------------------ paging
 
 def paging_counters() -> dict[str, int]:
-    """This process's major page faults (``/proc/self/stat``, field 12) and the bytes it
+    """This process's minor and major page faults (``/proc/self/stat``, fields 10 and 12: a
+    minor fault maps a page already in memory, a major one waits for storage) and the bytes it
     caused to be read from storage (``/proc/self/io`` ``read_bytes``: page-cache misses,
     mmapped pages faulted in included); empty where the OS has neither."""
     out: dict[str, int] = {}
     try:
         with open("/proc/self/stat") as f:
             fields = f.read().rpartition(")")[2].split()
-        out["major_faults"] = int(fields[9])  # field 12 counted from 1, after pid and (comm)
+        out["minor_faults"] = int(fields[7])  # field 10 counted from 1, after pid and (comm)
+        out["major_faults"] = int(fields[9])  # field 12
     except (OSError, IndexError, ValueError):
         pass
     try:

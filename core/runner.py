@@ -333,7 +333,8 @@ def _paging_record(cold: dict[str, Any], work: "Workload", artifact: Path, resul
     for phase, tally in (work.paging or {}).items():
         n = tally["tokens"] or 1
         out[phase] = {**tally, "read_bytes_per_token": tally["read_bytes"] / n,
-                      "major_faults_per_token": tally["major_faults"] / n}
+                      "major_faults_per_token": tally["major_faults"] / n,
+                      "minor_faults_per_token": tally.get("minor_faults", 0) / n}
     out["resident_after_timed"] = memory.resident(artifact)
     size = (out["resident_after_timed"] or {}).get("bytes") or result["artifact"]["size_bytes"]
     out["artifact_bytes"] = size
@@ -394,7 +395,7 @@ class Workload:
         # a capped point: storage reads and major faults of the timed phases, per phase
         # (read outside the clock), and the phase named for an out-of-memory kill (memcap.mark)
         self.paging: dict[str, dict[str, int]] | None = (
-            {ph: {"tokens": 0, "read_bytes": 0, "major_faults": 0} for ph in ("prefill", "decode")} if paging else None)
+            {ph: {"tokens": 0, "read_bytes": 0, "major_faults": 0, "minor_faults": 0} for ph in ("prefill", "decode")} if paging else None)
         self.B, self.n_prompt, self.n_new = len(prompts), len(prompts[0]), len(follows[0])
         if self.B > 1:
             self.prompt: Any = prompts
@@ -429,7 +430,7 @@ class Workload:
         tally = self.paging[phase]
         tally["tokens"] += tokens
         for k, v in memory.counters_delta(before, now).items():
-            tally[k] += v
+            tally[k] = tally.get(k, 0) + v
         return None
 
     def prefill(self) -> int:

@@ -114,12 +114,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         description="the published study's escape clause, measured: OLMoE-1B-7B at Q4_K_M on llama.cpp uncapped and "
                     "under 3 GB and 2 GB memory caps (its file is 4.2 GB), against Llama-3.2-1B, its total twin and "
                     "the largest dense model that fits each cap (Llama-3.2-1B, 1.24 B, stands in for the 1.28 B active "
-                    "twin); weights mapped, page faults reading one page "
-                    "(-O advice=random; about 70 GB of disk while preparing)",
+                    "twin); weights mapped with llama.cpp's own access advice (about 70 GB of disk while preparing)",
         models=["olmoe-1b-7b", "olmoe-1b-7b:dense-total"], dense=["llama-3.2-1b"], twins=False, isomem=False,
         fit_twin=True, backends=["llamacpp"], precisions=["q4_k_m"], memory_caps=["none", "3GB", "2GB"], prompt_tokens=[32], new_tokens=[8],
-        repetitions=1, checkpoint_dtype="bfloat16", options={"mmap": True, "advice": "random"}, min_rounds=1,
-        max_rounds=2, budget_s=900.0, lockstep=False, timeout_s=3600.0),
+        repetitions=1, checkpoint_dtype="bfloat16", options={"mmap": True}, min_rounds=1,
+        max_rounds=2, budget_s=900.0, timeout_s=3600.0),
     "capped": dict(
         name="capped",
         description="small-moe with its twins on llama.cpp at f16, uncapped and under 200 MB and 150 MB memory caps "

@@ -46,7 +46,7 @@ def test_every_session_runs_the_shared_step_check(plugins, cache):
 def test_declared_options_are_checked_by_name_kind_and_choice(plugins):
     llama = plugins.backends.get("llamacpp")
     llama.check_options({"repack": True, "n_batch": 64, "flash_attn": "auto", "type_k": "q8_0"})
-    with pytest.raises(ConfigError, match="unknown option\\(s\\) nope; known: flash_attn, mmap"):
+    with pytest.raises(ConfigError, match="unknown option\\(s\\) nope; known: advice, flash_attn, mmap"):
         llama.check_options({"nope": 1})
     with pytest.raises(ConfigError, match="option n_batch takes int, got 'many'"):
         llama.check_options({"n_batch": "many"})

@@ -171,7 +171,10 @@ def cmd_predict(plugins: Any, args: argparse.Namespace) -> int:
     if args.hardware == "this-machine":
         from ..environment import capture
 
-        hw = this_machine(capture())
+        from ..cache import Cache
+        from ..storage import storage_probe
+
+        hw = this_machine({**capture(), "storage": storage_probe(Cache().root / "machine")})
     else:
         hw = get_hardware(args.hardware)
     efficiency = None
