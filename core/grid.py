@@ -113,15 +113,13 @@ def _with_fit_twins(plugins: "MoerunPlugins", points: list[Point], notes: list[s
         if p.role != "moe" or not p.memory_cap or Path(p.model).exists():
             continue
         precision = p.precision or plugins.backends.get(p.backend).capabilities.default_precision
-        name = f"{p.model}:dense-fit-{p.memory_cap // 10**6}MB-{precision}"
-        try:
-            plugins.models.resolve(name)
+        try:  # its name (NAME:dense-fit-CAPMB-P) resolves back to the same spec in the worker
+            twin = plugins.models.resolve(p.model).fit_twin(p.memory_cap, precision)
         except ConfigError as exc:
             if notes is not None:
                 notes.append(f"no iso-cap twin for {p.model} under {p.memory_cap / 1e9:.1f} GB: {exc}")
             continue
-        out.append(attrs.evolve(p, model=name, precision=precision if p.precision else None, role="dense-fit",
-                                parity=False, breakdown=False))
+        out.append(attrs.evolve(p, model=twin.name, role="dense-fit", parity=False, breakdown=False))
     return out
 
 

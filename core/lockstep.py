@@ -65,7 +65,6 @@ class Side:
         # inside its memory cap where the point has one (moerun.isolation.Worker)
         self.worker = Worker(point, cache, env, folder, python, mode=("--serve",),
                              extra=(str(cmd_r), str(reply_w)), pass_fds=(cmd_r, reply_w))
-        self.proc = self.worker.proc
         os.close(cmd_r)
         os.close(reply_w)
         self.commands = os.fdopen(cmd_w, "w", buffering=1)
@@ -73,6 +72,11 @@ class Side:
         self.alive, self.reason = self.proc is not None, None
         self.reps: dict[str, int] = {}
         self.rates: dict[str, list[float]] = {"prefill_tok_s": [], "decode_tok_s": []}
+
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        """The side's worker process (None where the point ended before one started)."""
+        return self.worker.proc
 
     def receive(self, timeout: float) -> dict[str, Any] | None:
         """The next reply line, or None (marked dead) on a timeout or a worker gone."""

@@ -104,7 +104,7 @@ class Cap:
 
     limit: int
     kind: str  # "v1", "v2" or "systemd"
-    path: Path | None = None  # the cgroup's folder (for "systemd", known once the worker reports it)
+    path: Path | None = None  # the cgroup's folder (None for "systemd": the scope is systemd's)
 
     @property
     def describe(self) -> dict[str, Any]:
@@ -227,21 +227,6 @@ def cap_support() -> dict[str, Any]:
     return {"available": True, "cgroup": cap.kind, "verified": cap.kind == "v1"}
 
 
-def cgroup_of(pid: int) -> Path | None:
-    """The memory cgroup folder process `pid` is in (the systemd scope a worker started in)."""
-    try:
-        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        num, ctrl, path = line.split(":", 2)
-        if "memory" in ctrl.split(","):
-            return _fs() / "memory" / path.lstrip("/")
-        if num == "0" and ctrl == "" and (_fs() / "cgroup.controllers").exists():
-            return _fs() / path.lstrip("/")
-    return None
-
-
 def _rmdir(path: Path) -> None:
     try:
         path.rmdir()
@@ -293,8 +278,11 @@ def last_phase(path: Path) -> str | None:
 
 def own_usage() -> int | None:
     """The memory charged to this process's own memory cgroup now (a capped worker: what the
-    harness and its libraries hold before the engine loads), or None where it is not visible."""
-    path = cgroup_of(os.getpid())
-    if path is None:
-        return None
-    return _int(path / "memory.usage_in_bytes") or _int(path / "memory.current")
+    harness and its libraries hold before the engine loads), or None where it is not visible
+    (a systemd scope under cgroup v2 included, which `_own` finds as well)."""
+    fs, v1, v2 = _fs(), _own("memory"), _own("")
+    if v1 is not None and (fs / "memory").is_dir():
+        return _int(fs / "memory" / v1.lstrip("/") / "memory.usage_in_bytes")
+    if v2 is not None and (fs / "cgroup.controllers").exists():
+        return _int(fs / v2.lstrip("/") / "memory.current")
+    return None

@@ -181,14 +181,14 @@ def paged_reads(spec: ModelSpec, precision: str, *, file_bytes: float | None = N
     over these are the read amplification a record reports."""
     bits = get_precision(precision).bits_per_weight
     scale = file_bytes / (spec.total_params * bits / 8) if file_bytes else 1.0
-    step = spec.weight_bytes_per_step(precision, batch, expected_touched(spec, batch, routing)) * scale
+    touched = expected_touched(spec, batch, routing) or 0.0
+    step = spec.weight_bytes_per_step(precision, batch, touched) * scale
     out: dict[str, Any] = {"room_bytes": room_bytes, "step_bytes": step, "routing": routing, "batch_size": batch}
     if spec.is_moe:
         expert = spec.expert_params * bits / 8 * scale
-        touched = expected_touched(spec, batch, routing) or 0.0
         always = step - spec.num_layers * touched * expert
     else:
-        expert, touched, always = 0.0, 0.0, step
+        expert, always = 0.0, step
     if always > room_bytes:
         out.update(regime="thrashing", miss_rate=1.0, read_bytes_per_step=step)
     elif not spec.is_moe:

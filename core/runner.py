@@ -143,7 +143,7 @@ class PointRun:
         seqs = batch_token_ids(spec.vocab_size, point.prompt_tokens + point.new_tokens, point.seed, point.batch_size,
                                point.routing)
         self.workload = Workload(session, [q[: point.prompt_tokens] for q in seqs],
-                                 [q[point.prompt_tokens:] for q in seqs], paging=capped)
+                                 [q[point.prompt_tokens:] for q in seqs])
         if capped:
             self.artifact_path = artifact.path
             self.paging = _cold_start(self.workload, artifact.path, before_load, t3 - t2)
@@ -307,14 +307,9 @@ def _cold_start(work: "Workload", artifact: Path, before_load: dict[str, int], l
     loaded = memory.paging_counters()
     resident_after_load = memory.resident(artifact)
     base = {k: before_load.pop(k) for k in ("charged_bytes", "anon_bytes")}
-    t = work.session
-    t.reset()
-    t.synchronize()
     mark("prefill")
-    started = time.perf_counter_ns()
-    work.run_prefill(work.prompt)
-    t.synchronize()
-    first = (time.perf_counter_ns() - started) / 1e9
+    first = work.prefill() / 1e9  # before count_paging: not one of the timed prefills
+    work.count_paging()
     return {"cold": {"load_s": load_s, "first_prefill_s": first, "ttft_s": load_s + first,
                      "load": memory.counters_delta(before_load, loaded),
                      "first_prefill": memory.counters_delta(loaded, memory.paging_counters())},
@@ -389,13 +384,9 @@ class Workload:
     one step and the B sequences decode in lock step (Session.prefill_batch / decode_batch).
     Every timed call is bracketed by `synchronize()`."""
 
-    def __init__(self, session: Any, prompts: list[list[int]], follows: list[list[int]],
-                 paging: bool = False) -> None:
+    def __init__(self, session: Any, prompts: list[list[int]], follows: list[list[int]]) -> None:
         self.session, self.prompts, self.follows = session, prompts, follows
-        # a capped point: storage reads and major faults of the timed phases, per phase
-        # (read outside the clock), and the phase named for an out-of-memory kill (memcap.mark)
-        self.paging: dict[str, dict[str, int]] | None = (
-            {ph: {"tokens": 0, "read_bytes": 0, "major_faults": 0, "minor_faults": 0} for ph in ("prefill", "decode")} if paging else None)
+        self.paging: dict[str, dict[str, int]] | None = None  # see count_paging
         self.B, self.n_prompt, self.n_new = len(prompts), len(prompts[0]), len(follows[0])
         if self.B > 1:
             self.prompt: Any = prompts
@@ -417,6 +408,13 @@ class Workload:
             self.run_decode(tok)
         s.synchronize()
         return clock() - t
+
+    def count_paging(self) -> None:
+        """From now on (a capped point, after its cold start): storage reads and page faults of
+        every timed prefill and decode, per phase (read outside the clock), and the phase
+        named for an out-of-memory kill (memcap.mark)."""
+        self.paging = {ph: {"tokens": 0, "read_bytes": 0, "major_faults": 0, "minor_faults": 0}
+                       for ph in ("prefill", "decode")}
 
     def _count(self, phase: str, before: dict[str, int] | None, tokens: int) -> dict[str, int] | None:
         """Paging counters: None -> the counters now (a phase starts); counters -> the phase's
