@@ -15,13 +15,13 @@ def verdicts(results: Iterable[PointResult]) -> list[dict[str, Any]]:
     half-width (`_hw`), rounds used (`_n`) and contention flags, and, against the
     total-matched twin, the share of the ideal (weight bytes read per token) speed-up realised.
     `results` are folded points (moerun.records.point_results / load_results)."""
-    from .comparison import SHARED_FIELDS, record_key
+    from .comparison import SHARED_FIELDS, TWIN_KINDS, record_key
     from .protocol import paired
 
     by_key: dict[tuple, dict[str, PointResult]] = {}
     baselines: dict[tuple, list[PointResult]] = {}
     for r in results:
-        if r.role in ("moe", "dense-active", "dense-total", "dense-isomem", "dense-fit"):
+        if r.role == "moe" or r.role in TWIN_KINDS:
             by_key.setdefault((r.group, *record_key(r.record)), {})[r.role] = r
         elif r.role == "baseline" and r.ok:
             baselines.setdefault(record_key(r.record), []).append(r)
@@ -60,12 +60,12 @@ def verdicts(results: Iterable[PointResult]) -> list[dict[str, Any]]:
                 entry[f"{short}_ci95"] = st["ci95"] if st else None
                 entry[f"{short}_hw"] = st["halfwidth"] if st else None
             row["baselines"][b.model_name] = entry
-        for twin in ("dense-active", "dense-total", "dense-isomem", "dense-fit"):
+        for twin, kind in TWIN_KINDS.items():
             if twin not in roles:
                 continue
             for metric in ("decode_tok_s", "prefill_tok_s"):
                 st = compare(roles[twin], metric)
-                key = f"{metric.split('_')[0]}_vs_{twin.split('-')[1]}"
+                key = f"{metric.split('_')[0]}_vs_{kind}"
                 row[key] = st["value"] if st else None
                 row[key + "_ci95"] = st["ci95"] if st else None
                 row[key + "_hw"] = st["halfwidth"] if st else None

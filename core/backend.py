@@ -195,6 +195,14 @@ class Session(abc.ABC):
         stop a step at a cut point. Leaves the cache reset."""
         return None
 
+    def decode_ops(self, prompt: "Sequence[int]") -> dict[str, Any] | None:
+        """The operations one decode step executes after `prompt` (the engine's graph nodes or
+        kernels: what it dispatches one by one), counted on an untimed step, as {"ops": n,
+        "unit": what was counted, "by_op": {kind: n}}; None where the engine cannot count
+        them. Leaves the cache reset. The ablation ladder divides time by these
+        (moerun.ladder: the dispatch cost per operation)."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         """Facts about how the engine runs this model (kernels, threads, options), stored
         with the result. A ``kernel_path`` entry (a short string, e.g. ``"int8 u8u8"``) names

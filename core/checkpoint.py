@@ -46,6 +46,10 @@ def _bf16_bits_to_f32(u: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- synthetic init
+# the fixed-route MoE's scale for the weights its constant dimension must outweigh (fix_route)
+FIX_EPS = np.float32(0.01)
+
+
 def init_std(name: str, shape: tuple[int, ...], spec: ModelSpec) -> tuple[str, float]:
     """How a synthetic tensor is drawn: ("normal", std) or ("ones+normal", std).
 
@@ -79,6 +83,7 @@ def synthetic_tensor_blocks(
     Each block has its own generator keyed by (seed, crc32(name), block index), so the
     values depend on nothing but those (and a planted routing's `plan`, which then sets the
     embedding's code, the routers and zeroes what would overwrite the code: moerun.routing).
+    A fixed-route spec's weights route every token to experts 0..k-1 (`fix_route`).
     """
     kind, std = init_std(name, shape, spec)
     n = int(np.prod(shape))
@@ -97,7 +102,33 @@ def synthetic_tensor_blocks(
             x *= row_scale[rows]
         if plan is not None:
             plant(name, shape, start, x, plan)
+        if spec.router == "fixed":
+            fix_route(name, shape, start, x, spec)
         yield x
+
+
+def fix_route(name: str, shape: tuple[int, ...], start: int, x: np.ndarray, spec: ModelSpec) -> None:
+    """The fixed-route MoE's weights (`ModelSpec.fixed_route_twin`), one block at a time: the
+    last hidden dimension carries a constant (ALPHA in every token's embedding; the attention
+    and FFN output rows that write into it scaled by FIX_EPS), and each router reads that
+    dimension with weight BETA x (k - j - 1/2) / k for expert j, its other weights scaled by
+    FIX_EPS. Every token's logits rank the experts in the same order on every engine, experts
+    0..k-1 first and apart from the rest by BETA x ALPHA / k over the hidden state's RMS: no
+    tie for a top-k to break. No weight is made zero: ONNX Runtime's contrib graph decoded a
+    fifth slower with zero router weights (docs/concepts.md, "The ablation ladder")."""
+    from .routing import ALPHA, BETA
+
+    h, c = spec.hidden_size, spec.hidden_size - 1
+    idx = np.arange(start, start + len(x))
+    if name == "model.embed_tokens.weight":
+        x[idx % h == c] = ALPHA
+    elif name.endswith(("self_attn.o_proj.weight", ".w2.weight", "down_proj.weight")):
+        x[idx // shape[1] == c] *= FIX_EPS
+    elif name.endswith(".gate.weight") and len(shape) == 2 and shape[0] == spec.num_experts:
+        rows, cols = idx // h, idx % h
+        x *= FIX_EPS
+        on = cols == c
+        x[on] += np.float32(BETA) * (spec.top_k - rows[on] - 0.5) / spec.top_k
 
 
 # ---------------------------------------------------------------- safetensors I/O
@@ -153,7 +184,8 @@ def write_synthetic(
     if router_skew < 0:
         raise ConfigError(f"router_skew must be >= 0, got {router_skew}")
     routing = routing_of(routing)
-    plan = plan_for(spec, routing, seed) if routing.planted and spec.is_moe else None
+    # a planted routing sets the routers: not those of the ladder's fixed route or split twin
+    plan = plan_for(spec, routing, seed) if routing.planted and spec.is_moe and spec.router == "learned" else None
     if plan is not None and router_skew:
         raise ConfigError(f"router skew and routing {routing} both set the routers: use one (zipf:A for skew)")
     path = Path(path)

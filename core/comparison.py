@@ -22,7 +22,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .point import Point
 
 # role of the other side -> the verdict's short name (decode_vs_active, ...)
-TWIN_KINDS = {"dense-active": "active", "dense-total": "total", "dense-isomem": "isomem", "dense-fit": "fit"}
+TWIN_KINDS = {"dense-active": "active", "dense-total": "total", "dense-isomem": "isomem", "dense-fit": "fit",
+              "split": "split", "fixed-route": "fixed"}
 # what the sides of a comparison share, besides backend, hardware and paired precision
 SHARED_FIELDS = ("prompt_tokens", "new_tokens", "threads", "batch_size", "seed", "router_skew", "device",
                  "compile", "checkpoint_dtype", "routing", "memory_cap")

@@ -17,6 +17,7 @@ import attrs
 from .errors import BackendUnavailableError, ConfigError
 from .point import Point
 from .routing import CodeLayout, Routing
+from .spec import LADDER
 from .routing import Model as RoutingModel
 from .precision import get_precision, harder_precision
 from .studyfile import StudySpec
@@ -66,7 +67,7 @@ def grid_points(plugins: "MoerunPlugins", study: StudySpec, backends: list[str],
     models: list[tuple[str, str, str, list[str]]] = []  # name, role, group, the backends that load it
     for m in study.models:
         takers = _file_backends(plugins, m, backends)
-        models += [(*named, takers) for named in model_with_twins(plugins, m, study.twins)]
+        models += [(*named, takers) for named in model_with_twins(plugins, m, study.twins, study.ladder)]
     for d in study.dense:
         spec = plugins.models.resolve(d)
         if spec.is_moe:
@@ -84,6 +85,8 @@ def grid_points(plugins: "MoerunPlugins", study: StudySpec, backends: list[str],
     if not study.batch_sizes or any(not isinstance(b, int) or b < 1 for b in study.batch_sizes):
         raise ConfigError(f"batch_sizes must list whole numbers >= 1, got {study.batch_sizes}")
     points = []
+    if study.ladder:
+        fields["count_ops"] = True
     precisions = {b: study.backend_precisions.get(b) or study.precisions or [None] for b in backends}
     for label, options, (name, role, group, takers) in itertools.product(study.hardware or [None], option_sets,
                                                                          models):
@@ -95,6 +98,10 @@ def grid_points(plugins: "MoerunPlugins", study: StudySpec, backends: list[str],
                                     prompt_tokens=prompt, new_tokens=new, threads=threads, hardware=label,
                                     batch_size=batch, routing=routing, memory_cap=cap, options=dict(options),
                                     **fields))
+    # the split twin and the fixed-route MoE compute other functions than any reference (no
+    # parity), and the ladder sets the MoE's breakdown beside its steps (theirs is not read)
+    points = [attrs.evolve(p, parity=False, breakdown=False) if p.role in ("split", "fixed-route") else p
+              for p in points]
     isomem = study.twins if study.isomem is None else study.isomem
     if here is None:
         here = not any(study.hardware or ())
@@ -158,21 +165,28 @@ def _with_isomem(plugins: "MoerunPlugins", points: list[Point], notes: list[str]
     return out
 
 
-def model_with_twins(plugins: "MoerunPlugins", model: str, twins: bool = True) -> list[tuple[str, str, str]]:
+def model_with_twins(plugins: "MoerunPlugins", model: str, twins: bool = True,
+                     ladder: bool = False) -> list[tuple[str, str, str]]:
     """[(model name, role, group)]: an MoE preset and its two dense twins, or one model. A
-    twin named on its own (`NAME:dense-active`, `NAME:dense-total`) keeps its role in NAME's
-    group, so it pairs with NAME's MoE point in the verdicts (`-m NAME -m NAME:dense-active
-    --no-twins` skips only the total twin, which at real shapes is the largest model)."""
+    twin named on its own (`NAME:dense-active`, `NAME:dense-total`, `NAME:split`,
+    `NAME:fixed-route`) keeps its role in NAME's group, so it pairs with NAME's MoE point in
+    the verdicts (`-m NAME -m NAME:dense-active --no-twins` skips only the total twin, which
+    at real shapes is the largest model). With `ladder` an MoE also brings the ablation
+    ladder's rungs: its active twin (with or without `twins`), split twin and fixed-route MoE."""
     if Path(model).exists():
         return [(model, "", model)]
     if ":" in model:
         base, _, kind = model.partition(":")
-        return [(model, kind, base)] if kind in ("dense-active", "dense-total") else [(model, "", model)]
+        return [(model, kind, base)] if kind in LADDER[:3] or kind == "dense-total" else [(model, "", model)]
     spec = plugins.models.resolve(model)
-    if not spec.is_moe or not twins:
+    if not spec.is_moe or not (twins or ladder):
         return [(model, "moe" if spec.is_moe else "dense", model)]
-    return [(model, "moe", model), (f"{model}:dense-active", "dense-active", model),
-            (f"{model}:dense-total", "dense-total", model)]
+    out = [(model, "moe", model), (f"{model}:dense-active", "dense-active", model)]
+    if twins:
+        out.append((f"{model}:dense-total", "dense-total", model))
+    if ladder:
+        out += [(f"{model}:split", "split", model), (f"{model}:fixed-route", "fixed-route", model)]
+    return out
 
 
 def select_backends(plugins: "MoerunPlugins", names: Iterable[str] | None,

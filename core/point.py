@@ -83,10 +83,11 @@ class Point:
     # which experts the tokens choose (moerun.routing): planted in the weights and token ids
     routing: str = attrs.field(default=defaults.ROUTING, converter=_routing)
     observe_routing: bool = True  # record the engine's expert choices (untimed; a point's first round)
+    count_ops: bool = False  # count the operations a decode step executes (untimed; the ablation ladder)
     breakdown: bool = False  # also run the engine's own per-op instrument (separate from timing)
     parity: bool = False  # also compare logits with the PyTorch fp32 reference
     checkpoint_dtype: str = defaults.CHECKPOINT_DTYPE
-    role: str = ""  # "moe", "dense-active", "dense-total", "" (table grouping only)
+    role: str = ""  # "moe", "dense-active", "dense-total", "split", "fixed-route", ... "" (table grouping only)
     group: str = ""  # the MoE model a twin belongs to
     timeout_s: float = defaults.TIMEOUT_S
     memory_limit_mb: int | None = None  # address-space limit of the isolated child (RLIMIT_AS)
@@ -111,7 +112,7 @@ class Point:
     def key(self) -> str:
         """Identity for resume: everything that changes what is measured."""
         d = self.to_dict()
-        for k in ("timeout_s", "role", "group", "memory_limit_mb", "fit", "observe_routing"):
+        for k in ("timeout_s", "role", "group", "memory_limit_mb", "fit", "observe_routing", "count_ops"):
             d.pop(k)
         if d.get("hardware") is None:  # keys of points measured before fleets existed stay the same
             d.pop("hardware", None)

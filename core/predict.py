@@ -7,6 +7,10 @@ the experts the sequences chose (the routing model's expectation, moerun.routing
 routing: E·(1 − (1 − k/E)^B)), plus B KV caches; a
 step also costs B tokens' FLOPs, so large batches turn compute-bound (the slower bound wins).
 Prefill is compute-bound: tokens/s = efficiency x peak FLOP/s / FLOPs per token.
+With the operations a decode step executes (`ops`: the engine's real graph, counted by
+moerun.ladder.graph_ops) and a device's dispatch cost per operation (its profile's published
+figure, or this machine's measured one), each decode step also pays ops x dispatch: the
+roofline leaves out that an MoE layer runs several times the operations of a dense FFN.
 A model whose weights and KV cache do not fit in the device's memory is flagged, not
 predicted.
 """
@@ -95,15 +99,19 @@ def efficiency_from_results(results: Iterable["PointResult"], precision: str | N
 
 def predict(spec: ModelSpec, hw: Hardware, *, precision: str, context: int = 512,
             efficiency: dict[str, float] | None = None, kv_bytes_per_value: float = 2.0,
-            batch: int = 1, routing: str = "random", memory_cap: float | None = None) -> dict[str, Any]:
+            batch: int = 1, routing: str = "random", memory_cap: float | None = None,
+            ops: float | None = None) -> dict[str, Any]:
     """Predicted decode (aggregate over `batch` sequences) and prefill tokens/s of `spec` on
-    `hw`, or why it does not fit. `routing` (moerun.routing) gives the experts a step of the
+    `hw`, or why it does not fit. With `ops` (operations per decode step) and a device
+    dispatch cost, a step also pays ops x dispatch (`with_dispatch`); `decode_tok_s` is then
+    that, `roofline_decode_tok_s` the bytes-and-FLOPs bound alone. `routing` (moerun.routing) gives the experts a step of the
     batch touches; `random` and `uniform` the uniform expectation. Under a `memory_cap`
     (bytes) the weights that do not fit page from storage (`paged_reads`, `FIT_RESERVE` of
     the cap kept for the KV cache and buffers) at the device's storage rate."""
     if memory_cap:
-        return _predict_capped(spec, hw, precision=precision, context=context, efficiency=efficiency,
-                               kv_bytes_per_value=kv_bytes_per_value, batch=batch, routing=routing, cap=memory_cap)
+        return with_dispatch(_predict_capped(spec, hw, precision=precision, context=context, efficiency=efficiency,
+                                             kv_bytes_per_value=kv_bytes_per_value, batch=batch, routing=routing,
+                                             cap=memory_cap), hw, ops)
     eff = efficiency or {"decode": 0.8, "prefill": 0.5}
     weights = spec.total_params * get_precision(precision).bits_per_weight / 8
     kv = spec.kv_bytes_per_token(context, kv_bytes_per_value)  # read per token = held at `context`
@@ -129,6 +137,32 @@ def predict(spec: ModelSpec, hw: Hardware, *, precision: str, context: int = 512
     out["decode_tok_s"] = batch / max(t_bytes, t_flops)
     out["prefill_tok_s"] = eff["prefill"] * hw.peak_flops / spec.flops_per_token(context // 2)
     out["decode_bound"] = "bandwidth" if t_bytes >= t_flops else "compute"
+    return with_dispatch(out, hw, ops)
+
+
+def with_dispatch(out: dict[str, Any], hw: Hardware, ops: float | None) -> dict[str, Any]:
+    """A decode prediction with the dispatch term: each step's time (the roofline's) plus
+    `ops` x the device's dispatch cost, with the low and high ends of its published range.
+    Unchanged (`dispatch` says why) without a count or a device figure."""
+    out["roofline_decode_tok_s"] = out.get("decode_tok_s")
+    if not out.get("decode_tok_s"):
+        return out
+    if not ops or not hw.dispatch_s:
+        out["dispatch"] = {"applied": False, "reason": "no operation count" if not ops else
+                           f"{hw.name} has no dispatch figure"}
+        return out
+    batch = out["batch_size"]
+    step = batch / out["decode_tok_s"]
+
+    def rate(per_op: float) -> float:
+        return batch / (step + ops * per_op)
+
+    lo, hi = hw.dispatch_range_s or (hw.dispatch_s, hw.dispatch_s)
+    out["dispatch"] = {"applied": True, "ops_per_step": ops, "s_per_op": hw.dispatch_s,
+                       "s_per_step": ops * hw.dispatch_s, "share": ops * hw.dispatch_s / (step + ops * hw.dispatch_s),
+                       "range_s_per_op": [lo, hi], "source": hw.dispatch_source}
+    out["decode_tok_s"] = rate(hw.dispatch_s)
+    out["decode_tok_s_range"] = [rate(hi), rate(lo)]
     return out
 
 

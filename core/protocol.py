@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
 BUSY_POLICIES = ("warn", "wait", "refuse")
 METRICS = ("decode_tok_s", "prefill_tok_s")
 # what a point measures in its first round only (none is a speed): point field -> record section
-ONCE = {"breakdown": "breakdown", "parity": "parity", "observe_routing": "routing"}
+ONCE = {"breakdown": "breakdown", "parity": "parity", "observe_routing": "routing", "count_ops": "ops"}
 
 
 def _check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:

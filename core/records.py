@@ -22,7 +22,7 @@ from .protocol import collapse
 from .results import read_results, section
 
 SECTIONS = ("point", "model", "metrics", "timings", "memory", "env", "fits", "parity", "breakdown", "artifact",
-            "spread", "node", "protocol", "session", "contention", "lockstep", "routing", "cap", "paging")
+            "spread", "node", "protocol", "session", "contention", "lockstep", "routing", "cap", "paging", "ops")
 
 
 @attrs.frozen(kw_only=True)
@@ -61,6 +61,7 @@ class PointResult:
     routing: dict[str, Any] = attrs.field(factory=dict)  # the engine's expert choices, measured (first round)
     cap: dict[str, Any] = attrs.field(factory=dict)  # its memory cgroup's figures (moerun.memcap)
     paging: dict[str, Any] = attrs.field(factory=dict)  # what paging cost under the cap (moerun.runner)
+    ops: dict[str, Any] = attrs.field(factory=dict)  # operations per decode step (count_ops, first round)
     record: dict[str, Any] = attrs.field(factory=dict, repr=False, eq=False)
 
     @classmethod

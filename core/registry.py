@@ -127,11 +127,16 @@ class ModelRegistry(_Registry):
         """A preset name, ``NAME:dense-active`` / ``NAME:dense-total`` for a twin, or
         ``NAME:dense-isomem-P-Q`` for the dense model that holds at precision Q the bytes
         the MoE holds at precision P, ``NAME:dense-fit-CAPMB-P`` for the largest dense model
-        whose weights at P fit a memory cap of CAP megabytes (moerun.memcap)."""
+        whose weights at P fit a memory cap of CAP megabytes (moerun.memcap), ``NAME:split``
+        and ``NAME:fixed-route`` for the ablation ladder's split twin and fixed-route MoE."""
         base, sep, twin = name.partition(":")
         spec = self.preset(base).spec
         if not sep:
             return spec
+        if twin == "split":
+            return spec.split_twin()
+        if twin == "fixed-route":
+            return spec.fixed_route_twin()
         if twin.startswith("dense-fit-"):
             size, _, precision = twin.removeprefix("dense-fit-").partition("-")
             if size.endswith("MB") and size[:-2].isdigit() and precision:
@@ -143,8 +148,9 @@ class ModelRegistry(_Registry):
         match = twin.removeprefix("dense-")
         if match not in TWIN_MATCHES or not twin.startswith("dense-"):
             raise UnknownModelError(
-                f"unknown twin {twin!r} of {base!r}; use {base}:dense-active, {base}:dense-total or "
-                f"{base}:dense-isomem-PRECISION-DENSEPRECISION or {base}:dense-fit-CAPMB-PRECISION"
+                f"unknown twin {twin!r} of {base!r}; use {base}:dense-active, {base}:dense-total, "
+                f"{base}:dense-isomem-PRECISION-DENSEPRECISION, {base}:dense-fit-CAPMB-PRECISION, "
+                f"{base}:split or {base}:fixed-route"
             )
         return spec.dense_twin(match)
 

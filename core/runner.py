@@ -298,7 +298,20 @@ class PointRun:
         if point.breakdown:
             result["breakdown"] = (reconcile_breakdown(session, prompts[0], follows[0], timings) if point.batch_size == 1 else
                                    {"available": False, "reason": "the breakdown instruments one sequence (batch 1)"})
+        if point.count_ops:
+            result["ops"] = decode_ops(session, prompts[0])
         result["status"] = "ok"
+
+
+def decode_ops(session: Any, prompt: list[int]) -> dict[str, Any]:
+    """`Session.decode_ops` as a record: the count, or why there is none (never fails a point)."""
+    try:
+        ops = session.decode_ops(prompt)
+    except Exception as exc:  # noqa: BLE001 - an instrument's failure is reported, the timing stands
+        return {"available": False, "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+    if ops is None:
+        return {"available": False, "reason": "this engine does not count its operations"}
+    return {"available": True, **ops}
 
 
 def _cold_start(work: "Workload", artifact: Path, before_load: dict[str, int], load_s: float) -> dict[str, Any]:

@@ -54,6 +54,14 @@ FAMILIES: dict[str, Family] = {
 }
 
 TWIN_MATCHES = ("active", "total")
+# how a MoE's router chooses (docs/concepts.md, "The ablation ladder"): "learned" (its weights),
+# "fixed" (every token's logits rank experts 0..k-1 first: moerun.checkpoint.fix_route),
+# "none" (no router: all num_experts == top_k experts on, each weighted
+# 1/k; the split twin)
+ROUTERS = ("learned", "fixed", "none")
+# the ablation ladder's rungs by role, from the active twin to the MoE; the first three are
+# also the suffixes of their names (NAME:split)
+LADDER = ("dense-active", "split", "fixed-route", "moe")
 # the share of a memory cap an iso-cap dense twin leaves free of weights: KV cache, engine
 # buffers and the harness (a margin, checked by measurement: the twin's record says whether
 # it ran without paging; docs/concepts.md, "Memory caps")
@@ -100,6 +108,7 @@ class ModelSpec:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_position_embeddings: int = attrs.field(default=4096, validator=_positive)
+    router: str = "learned"  # ROUTERS: the ablation ladder's fixed-route MoE and split twin
 
     def __attrs_post_init__(self) -> None:
         fam = FAMILIES[self.family]
@@ -124,6 +133,12 @@ class ModelSpec:
                     f"{where}: dense family {self.family} takes no experts "
                     f"(num_experts={self.num_experts}, top_k={self.top_k})"
                 )
+        if self.router not in ROUTERS:
+            raise ConfigError(f"{where}: router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
+        if self.router != "learned" and not fam.moe:
+            raise ConfigError(f"{where}: a dense model has no router to fix or remove")
+        if self.router == "none" and self.num_experts != self.top_k:
+            raise ConfigError(f"{where}: without a router every expert is on: num_experts must equal top_k")
         if self.shared_expert_intermediate_size and not fam.shared_expert:
             raise ConfigError(f"{where}: family {self.family} has no shared expert")
         if fam.shared_expert and not self.shared_expert_intermediate_size:
@@ -196,14 +211,16 @@ class ModelSpec:
         h, f, p = self.hidden_size, self.intermediate_size, f"model.layers.{i}."
         if self.family == "mixtral":
             m = p + "block_sparse_moe."
-            yield m + "gate.weight", (self.num_experts, h)
+            if self.router != "none":
+                yield m + "gate.weight", (self.num_experts, h)
             for e in range(self.num_experts):
                 yield m + f"experts.{e}.w1.weight", (f, h)
                 yield m + f"experts.{e}.w2.weight", (h, f)
                 yield m + f"experts.{e}.w3.weight", (f, h)
             return
         m = p + "mlp."
-        yield m + "gate.weight", (self.num_experts, h)
+        if self.router != "none":
+            yield m + "gate.weight", (self.num_experts, h)
         for e in range(self.num_experts):
             yield m + f"experts.{e}.gate_proj.weight", (f, h)
             yield m + f"experts.{e}.up_proj.weight", (f, h)
@@ -244,7 +261,7 @@ class ModelSpec:
 
     @property
     def router_params_per_layer(self) -> int:
-        return self.num_experts * self.hidden_size if self.is_moe else 0
+        return self.num_experts * self.hidden_size if self.is_moe and self.router != "none" else 0
 
     @property
     def shared_expert_params_per_layer(self) -> int:
@@ -359,6 +376,23 @@ class ModelSpec:
         return self._dense_with_params(target, f"{self.name}:dense-fit-{cap_bytes // 10**6}MB-{precision}",
                                        f"{cap_bytes / 1e9:.1f} GB cap")
 
+    def split_twin(self) -> "ModelSpec":
+        """The ladder's split twin: the active twin's bytes as this MoE's `top_k` experts,
+        all always on (each weighted 1/k), of its expert shape, with no router: the GEMVs
+        and their dispatch of an expert FFN without routing. Shared experts stay."""
+        if not self.is_moe:
+            raise ConfigError(f"model {self.name!r} is dense: only MoE models have a ladder")
+        return attrs.evolve(self, name=f"{self.name}:split", num_experts=self.top_k, router="none")
+
+    def fixed_route_twin(self) -> "ModelSpec":
+        """The ladder's fixed-route MoE: this MoE (its experts, router and top-k) with weights
+        that send every token to experts 0..k-1 (`moerun.checkpoint.fix_route`: a constant
+        hidden dimension the routers alone read): routing's operations without weights that
+        change every token."""
+        if not self.is_moe:
+            raise ConfigError(f"model {self.name!r} is dense: only MoE models have a ladder")
+        return attrs.evolve(self, name=f"{self.name}:fixed-route", router="fixed")
+
     def _dense_with_params(self, target: int, name: str, what: str) -> "ModelSpec":
         if not self.is_moe:
             raise ConfigError(f"model {self.name!r} is dense: only MoE models have dense twins")
@@ -371,6 +405,7 @@ class ModelSpec:
             top_k=0,
             shared_expert_intermediate_size=0,
             norm_topk_prob=True,
+            router="learned",
         )
         fixed = base.total_params - base.expert_params
         per_unit = 3 * self.hidden_size * self.num_layers
@@ -402,6 +437,8 @@ class ModelSpec:
         """Stable hash of the shape (the name excluded): same shape, same checkpoint."""
         d = self.to_dict()
         d.pop("name")
+        if d["router"] == "learned":  # the default leaves every earlier fingerprint (cache key) as it was
+            d.pop("router")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_hf_config(self) -> dict[str, Any]:
@@ -425,6 +462,8 @@ class ModelSpec:
             "torch_dtype": "float32",
             "moerun_name": self.name,
         }
+        if self.router != "learned":
+            cfg["moerun_router"] = self.router
         if self.family == "llama":
             cfg["attention_bias"] = False
             cfg["mlp_bias"] = False
@@ -491,6 +530,7 @@ class ModelSpec:
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
                 rope_theta=float(cfg.get("rope_theta", 10000.0)),
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+                router=str(cfg.get("moerun_router", "learned")),
             )
         except KeyError as exc:
             raise ConfigError(f"config.json of model_type {mtype!r} lacks {exc.args[0]!r}") from None

@@ -46,6 +46,9 @@ class StudySpec:
     # grid dimension; a study file may give one value
     memory_caps: list[Any] = attrs.field(factory=lambda: [None])
     fit_twin: bool | None = None  # under a cap, the iso-cap dense twin; None: as twins
+    # the ablation ladder (docs/concepts.md): each MoE's active twin, split twin and fixed-route
+    # MoE, with the operations a decode step executes counted on every rung
+    ladder: bool = False
     device: str | None = None  # None: cpu where the backend runs there, else its first device
     compile: bool = False
     timeout_s: float = defaults.TIMEOUT_S
@@ -125,6 +128,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                     "(its file is 177 MB): paging from storage and the iso-cap dense twin (minutes)",
         models=["small-moe"], twins=True, isomem=False, backends=["llamacpp"], memory_caps=["none", "200MB", "150MB"],
         options={"advice": "random"}, new_tokens=[16]),
+    "ladder": dict(
+        name="ladder",
+        description="why the MoE is behind: small-moe's ablation ladder (active twin, split twin, fixed-route MoE, "
+                    "MoE) on every available backend, with the MoE's breakdown beside it ('moerun explain')",
+        models=["small-moe"], twins=False, isomem=False, ladder=True, breakdown=True, min_rounds=3),
     "scaled": dict(
         name="scaled",
         description="a minutes-long version: small-moe with its twins on every available backend, two prompt lengths",

@@ -431,6 +431,12 @@ class LlamaCppSession(Session):
 
         return observe(self, prompt, follow)
 
+    def decode_ops(self, prompt: Sequence[int]) -> dict[str, Any]:
+        """The ggml graph nodes one decode step computes (cut.count_ops)."""
+        from .cut import count_ops
+
+        return count_ops(self, prompt)
+
     @contextlib.contextmanager
     def observed(self, callback: Any) -> Iterator[None]:
         """Steps inside run on a second context over the same weights whose eval callback is

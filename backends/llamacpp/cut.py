@@ -148,6 +148,42 @@ def ggml_base() -> Any:
     return _GGML_BASE
 
 
+# ops ggml-cpu skips (ggml_op_is_empty): shape-only nodes, no kernel runs for them
+_EMPTY_OPS = frozenset({"NONE", "RESHAPE", "VIEW", "PERMUTE", "TRANSPOSE"})
+_OP = 80 // 4  # struct ggml_tensor (ggml.h): enum ggml_op after type, buffer, ne[4] and nb[4], at byte 80
+
+
+def count_ops(session: Any, prompt: Sequence[int]) -> dict[str, Any]:
+    """`LlamaCppSession.decode_ops`: every node of one decode step's graph, asked once by the
+    scheduler's eval callback (which answers "no": no split, nothing observed), by ggml op."""
+    lib, ggml = session.lib, ggml_base()
+    ggml.ggml_op_name.restype = ctypes.c_char_p
+    ggml.ggml_op_name.argtypes = [ctypes.c_int]
+    counting, ops, errors = [False], {}, []
+
+    @lib.ggml_backend_sched_eval_callback
+    def callback(tensor: Any, ask: bool, _user: Any) -> bool:
+        if ask and counting[0]:
+            try:
+                op = ggml.ggml_op_name(ctypes.cast(tensor, ctypes.POINTER(ctypes.c_int32))[_OP]).decode()
+                ops[op] = ops.get(op, 0) + 1
+            except Exception as exc:  # never raise through C
+                errors.append(f"{type(exc).__name__}: {exc}")
+        return not ask
+
+    with session.observed(callback):
+        session.reset()
+        session.prefill(list(prompt))
+        counting[0] = True
+        session.decode(prompt[-1])
+        counting[0] = False
+    if errors or not ops:
+        raise BackendRuntimeError(f"llama.cpp op count: {errors[0] if errors else 'no node was asked'}")
+    return {"ops": sum(n for op, n in ops.items() if op not in _EMPTY_OPS), "nodes": sum(ops.values()),
+            "by_op": dict(sorted(ops.items())),
+            "unit": "ggml graph nodes that run a kernel (views, reshapes and permutes left out), one decode step"}
+
+
 def cut_time(session: Any, prompt: Sequence[int], follow: Sequence[int]) -> dict[str, Any]:
     """`LlamaCppSession.breakdown`: cut timing through the scheduler's eval callback on a
     second context over the session's weights (the method's docstring says how)."""

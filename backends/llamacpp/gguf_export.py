@@ -94,7 +94,10 @@ def _tensors(ckpt: Checkpoint) -> Iterator[tuple[str, callable]]:
         else:
             m = hf + "mlp."
             expert = lambda m, e, kind: f"{m}experts.{e}.{kind}_proj.weight"  # noqa: E731
-        yield g + "ffn_gate_inp.weight", lambda m=m: r(m + "gate.weight")
+        if spec.router == "none":  # the split twin: llama.cpp's MoE FFN needs a router; a zero one over k of k
+            yield g + "ffn_gate_inp.weight", lambda: np.zeros((spec.num_experts, spec.hidden_size), np.float32)
+        else:
+            yield g + "ffn_gate_inp.weight", lambda m=m: r(m + "gate.weight")
         for kind in ("gate", "up", "down"):
             yield (g + f"ffn_{kind}_exps.weight",
                    lambda m=m, kind=kind, expert=expert: np.stack(

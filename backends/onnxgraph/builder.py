@@ -348,6 +348,37 @@ class OnnxDecoderBuilder(MoeFormulations):
         act = g.op("Mul", [g.op("Mul", [gt, g.op("Sigmoid", [gt])]), upv])
         return self.linear(act, r(down).T, down + ".T", f"{tag}_down")
 
+    def _split_experts(self, i: int, h: str, name: Any) -> str:
+        """The ladder's split twin (`ModelSpec.split_twin`): every one of its k experts on,
+        each weighted 1/k, no router. In standard ops each expert is its own SwiGLU (a
+        gate+up and a down MatMul); ``contrib`` keeps the MoE op, fed constant zero logits
+        instead of a router (the op's own softmax and top-k over k experts remain)."""
+        s, g = self.spec, self.g
+        g.scope = "experts"
+        if self.formulation == "contrib":
+            E = s.num_experts
+            first = g.op("Slice", [h, g.const(np.array([0], np.int64)), g.const(np.array([E], np.int64)),
+                                   g.const(np.array([-1], np.int64))])
+            return self._contrib_moe(i, h, g.op("Mul", [first, g.const(np.float32(0.0))], name=f"l{i}_split_logits"),
+                                     name)
+        out = None
+        for e in range(s.num_experts):
+            y = self._dense_swiglu(h, name(e, "gate"), name(e, "up"), name(e, "down"), f"l{i}_expert{e}")
+            out = y if out is None else g.op("Add", [out, y])
+        return g.op("Mul", [out, g.const(np.float32(1.0 / s.num_experts))], name=f"l{i}_split_scale")
+
+    def _routed_experts(self, i: int, h: str, m: str, name: Any) -> str:
+        g = self.g
+        g.scope = "router"
+        router = self.linear(h, self.ckpt.read(m + "gate.weight").T, m + "gate.weight.T", f"l{i}_router_gate",
+                             quantize=False)
+        if self.formulation == "contrib":
+            g.scope = "experts"  # the MoE op does softmax and top-k itself: routing and experts in one kernel
+            return self._contrib_moe(i, h, router, name)
+        if self.formulation == "grouped":
+            return self._grouped_moe(i, h, router, name)
+        return self._standard_moe(i, h, router, name)
+
     def ffn(self, i: int, h: str) -> str:
         s, g = self.spec, self.g
         if not s.is_moe:
@@ -356,16 +387,10 @@ class OnnxDecoderBuilder(MoeFormulations):
             return self._dense_swiglu(h, m + "gate_proj.weight", m + "up_proj.weight", m + "down_proj.weight",
                                       f"l{i}_ffn")
         m, name = self._expert_names(i)
-        g.scope = "router"
-        router = self.linear(h, self.ckpt.read(m + "gate.weight").T, m + "gate.weight.T", f"l{i}_router_gate",
-                             quantize=False)
-        if self.formulation == "contrib":
-            g.scope = "experts"  # the MoE op does softmax and top-k itself: routing and experts in one kernel
-            out = self._contrib_moe(i, h, router, name)
-        elif self.formulation == "grouped":
-            out = self._grouped_moe(i, h, router, name)
+        if s.router == "none":
+            out = self._split_experts(i, h, name)
         else:
-            out = self._standard_moe(i, h, router, name)
+            out = self._routed_experts(i, h, m, name)
         if s.shared_expert_intermediate_size:
             g.scope = "shared_expert"
             sh = m + "shared_expert."

@@ -376,6 +376,35 @@ class OnnxRuntimeSession(Session):
                              "one shared thread pool)")
         return out
 
+    def decode_ops(self, prompt: Sequence[int]) -> dict[str, Any]:
+        """The kernels one decode step runs: ONNX Runtime's profile of the step on a second
+        session with profiling on (after its graph optimisations and fusions; the nodes of an
+        ``If`` branch that ran are counted, and the ``If`` itself)."""
+        import json
+
+        import attrs
+
+        profiled = OnnxRuntimeSession(self.artifact, attrs.evolve(
+            self.settings, options={**self.settings.options, "profile": True}))
+        try:
+            profiled.prefill(list(prompt))
+            profiled.decode(prompt[-1])
+        finally:
+            profiled.close()
+        self.reset()
+        events = json.loads(Path(profiled.profile_file).read_text())
+        Path(profiled.profile_file).unlink(missing_ok=True)
+        last = max((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                   key=lambda e: e["ts"])
+        ops: dict[str, int] = {}
+        for e in events:
+            if (e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")
+                    and last["ts"] <= e["ts"] <= last["ts"] + last["dur"]):
+                op = e.get("args", {}).get("op_name", "?")
+                ops[op] = ops.get(op, 0) + 1
+        return {"ops": sum(ops.values()), "by_op": dict(sorted(ops.items())),
+                "unit": "onnxruntime kernels run (its profile), one decode step"}
+
     def _profile_breakdown(self, prompt: Sequence[int], follow: Sequence[int]) -> dict[str, Any]:
         """ONNX Runtime's own per-node profile, from a second session with profiling on (the
         timed session is never instrumented). Node names carry their category

@@ -305,6 +305,31 @@ class TorchSession(Session):
                 "decode": categories(prof2, max(1, len(follow))),
                 "decode_wall_s": decode_wall}
 
+    def decode_ops(self, prompt: Sequence[int]) -> dict[str, Any] | None:
+        """The aten operators one eager decode step calls (a TorchDispatchMode counts every
+        call that reaches the dispatcher's Python key, views included: each is a dispatch).
+        None for a compiled session: its fused kernels are not the eager calls."""
+        if self.compiled:
+            return None
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        ops: dict[str, int] = {}
+
+        class Count(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+                name = str(func.overloadpacket.__name__)
+                ops[name] = ops.get(name, 0) + 1
+                return func(*args, **(kwargs or {}))
+
+        self.reset()
+        self.prefill(list(prompt))
+        with torch.no_grad(), Count():
+            self.decode(prompt[-1])
+        self.reset()
+        return {"ops": sum(ops.values()), "by_op": dict(sorted(ops.items())),
+                "unit": "aten operator calls (eager), one decode step"}
+
     def expert_counts(self) -> np.ndarray | None:
         return self.model.expert_counts.copy() if self.model.spec.is_moe else None
 

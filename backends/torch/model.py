@@ -197,7 +197,7 @@ def load_weights(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, *, 
             layer.down = lin(m + "down_proj.weight")
         else:
             prefix, names = _moe_names(spec, i)
-            layer.router = lin(prefix + "gate.weight")
+            layer.router = lin(prefix + "gate.weight") if spec.router != "none" else None
             layer.experts_gate_up, layer.experts_down = [], []
             for e in range(spec.num_experts):
                 g, u, d = names(e)
@@ -371,6 +371,18 @@ class Model:
     # FFN --------------------------------------------------------------------
     def ffn(self, i: int, x: torch.Tensor) -> torch.Tensor:
         layer = self.layers[i]
+        if self.spec.router == "none":  # the split twin: every expert on, each weighted 1/k, no router
+            with self.region("experts"):
+                k = self.spec.top_k
+                self._count(i, slice(None), x.shape[0])
+                if self.route_log is not None:
+                    self._log(i, torch.arange(k).expand(x.shape[0], k))
+                out = moe_decode(layer, x, torch.full((x.shape[0], k), 1.0 / k, dtype=x.dtype, device=x.device),
+                                 list(range(k)))
+            if layer.shared_gate_up is None:
+                return out
+            with self.region("shared_expert"):
+                return out + shared_expert(layer, x)
         if layer.router is None:
             with self.region("dense_ffn"):
                 return swiglu(x, layer.gate_up, layer.down)

@@ -26,12 +26,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         plugins = get_plugin_manager()
         args = build_parser().parse_args(argv)
-        from .info import cmd_backends, cmd_compare, cmd_models, cmd_plugins, cmd_predict, cmd_report
+        from .info import cmd_backends, cmd_compare, cmd_dispatch, cmd_explain, cmd_models, cmd_plugins, cmd_predict, cmd_report
         from .measure import cmd_run, cmd_study
         from .routing import cmd_routing
 
         commands = {"backends": cmd_backends, "models": cmd_models, "plugins": cmd_plugins, "report": cmd_report,
-                    "compare": cmd_compare, "predict": cmd_predict, "study": cmd_study,
+                    "compare": cmd_compare, "predict": cmd_predict, "study": cmd_study, "explain": cmd_explain,
+                    "dispatch": cmd_dispatch,
                     "routing": cmd_routing}
         return commands.get(args.command, cmd_run)(plugins, args)
     except MoerunError as exc:

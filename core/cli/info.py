@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .parser import batch_sizes
+from .parser import batch_sizes, csv_list
 
 
 def cmd_backends(plugins: Any, args: argparse.Namespace) -> int:
@@ -157,7 +157,10 @@ def cmd_predict(plugins: Any, args: argparse.Namespace) -> int:
         rows = [{"name": h.name, "description": h.description, "bandwidth_gb_s": h.bandwidth_bytes_s / 1e9,
                  "peak_tflops": h.peak_flops / 1e12, "memory_gb": h.memory_bytes / 1e9, "source": h.source,
                  "storage_gb_s": h.storage_bytes_s / 1e9 if h.storage_bytes_s else None,
-                 "storage_source": h.storage_source}
+                 "storage_source": h.storage_source,
+                 "dispatch_us": h.dispatch_s * 1e6 if h.dispatch_s else None,
+                 "dispatch_range_us": [x * 1e6 for x in h.dispatch_range_s] if h.dispatch_range_s else None,
+                 "dispatch_source": h.dispatch_source}
                 for h in HARDWARE.values()]
         if args.json:
             print(json.dumps(rows, indent=2))
@@ -183,19 +186,30 @@ def cmd_predict(plugins: Any, args: argparse.Namespace) -> int:
 
         efficiency = efficiency_from_results(load_results([args.calibrate]), args.precision)
     spec = plugins.models.resolve(args.model)
+    dense = [plugins.models.resolve(d) for d in csv_list(args.dense)]
+    if any(d.is_moe for d in dense):
+        raise ConfigError(f"--dense names an MoE model: {', '.join(d.name for d in dense if d.is_moe)}")
     if args.memory_cap:
         return _predict_capped(spec, hw, args, efficiency)
-    specs = [spec] + ([spec.dense_twin("active"), spec.dense_twin("total")] if spec.is_moe else [])
+    if args.dispatch == "auto" and hw.name == "this-machine":
+        hw = _measured_dispatch(plugins, hw, spec, args)
+    ops = _graph_ops(plugins, [spec, *dense], args) if args.dispatch == "auto" else {}
+    specs = [spec] + ([spec.dense_twin("active"), spec.dense_twin("total")] if spec.is_moe else []) + dense
+    for twin in specs[1:3] if spec.is_moe else []:  # the twins' graphs: the dense family's, counted the same way
+        ops.setdefault(twin.name, ops.get(f"{spec.name}:dense") if args.dispatch == "auto" else None)
     batches = batch_sizes(args.batch_size) or [1]
     routing = str(Routing.parse(args.routing))
     by_batch = {b: [predict(sp, hw, precision=args.precision, context=args.context, efficiency=efficiency, batch=b,
-                            routing=routing if sp is spec else "random") for sp in specs] for b in batches}
+                            routing=routing if sp is spec else "random", ops=ops.get(sp.name))
+                    for sp in specs] for b in batches}
     cross = crossover(spec, hw, precision=args.precision, context=args.context,
                       efficiency=efficiency, routing=routing) if spec.is_moe else None
     if args.json:
         for b in batches:
             if cross is not None:
                 by_batch[b][0]["crossover"] = cross  # the MoE's row
+            for r in by_batch[b][1:]:
+                r["published_ratio"] = _published(spec.name, r["model"], hw.name)
         print(json.dumps([r for b in batches for r in by_batch[b]], indent=2))
         return 0
     basis = (f"efficiency from {args.calibrate}: decode {efficiency['decode']:.0%} of bandwidth, prefill "
@@ -206,6 +220,11 @@ def cmd_predict(plugins: Any, args: argparse.Namespace) -> int:
     print(f"{hw.name}: {hw.bandwidth_bytes_s / 1e9:.0f} GB/s, {hw.peak_flops / 1e12:.2f} TFLOPS, "
           f"{hw.memory_bytes / 1e9:.0f} GB ({hw.source})")
     print(basis)
+    if args.dispatch == "auto":
+        print(f"dispatch: {hw.dispatch_s * 1e6:.2f} us per operation [{hw.dispatch_range_s[0] * 1e6:.2f}-"
+              f"{hw.dispatch_range_s[1] * 1e6:.2f}] ({hw.dispatch_source}); operations per decode step: "
+              f"{args.engine}'s graph of each model, counted" if hw.dispatch_s else
+              f"dispatch: {hw.name} has no dispatch figure; roofline only")
     for b, rows in by_batch.items():
         if len(batches) > 1 or b > 1:
             touched = rows[0].get("experts_touched") if spec.is_moe else None
@@ -215,14 +234,28 @@ def cmd_predict(plugins: Any, args: argparse.Namespace) -> int:
         for r in rows:
             if r["fits"] is False:
                 print(f"  {r['model']:28s} does not fit: {r['reason']}")
-            else:
-                print(f"  {r['model']:28s} decode {r['decode_tok_s']:8.1f} tok/s  "
-                      f"prefill {r['prefill_tok_s']:9.1f} tok/s  ({r['bytes_per_token'] / 1e6:.0f} MB/token, "
-                      f"{r['memory_needed_bytes'] / 1e9:.1f} GB, {r['decode_bound']}-bound)")
-        if len(rows) == 3 and all(r.get("decode_tok_s") for r in rows):
-            active, total = (rows[0]["decode_tok_s"] / rows[i]["decode_tok_s"] for i in (1, 2))
-            print(f"  predicted MoE decode vs active twin {active:.2f}x, vs total twin {total:.2f}x "
-                  f"(roofline: no dispatch cost)")
+                continue
+            d = r.get("dispatch") or {}
+            extra = (f"; with dispatch {r['decode_tok_s']:7.1f} [{r['decode_tok_s_range'][0]:.1f}-"
+                     f"{r['decode_tok_s_range'][1]:.1f}] ({d['ops_per_step']:.0f} ops/step, "
+                     f"{d['share']:.0%} of the step)" if d.get("applied") else "")
+            print(f"  {r['model']:28s} decode {r['roofline_decode_tok_s']:8.1f} tok/s roofline{extra}  "
+                  f"prefill {r['prefill_tok_s']:9.1f} tok/s  ({r['bytes_per_token'] / 1e6:.0f} MB/token, "
+                  f"{r['memory_needed_bytes'] / 1e9:.1f} GB, {r['decode_bound']}-bound)")
+        if spec.is_moe and rows[0].get("decode_tok_s"):
+            for r in rows[1:]:
+                if not r.get("decode_tok_s"):
+                    continue
+                line = f"  MoE / {r['model']:22s} roofline {rows[0]['roofline_decode_tok_s'] / r['roofline_decode_tok_s']:.2f}x"
+                if (rows[0].get("dispatch") or {}).get("applied") and (r.get("dispatch") or {}).get("applied"):
+                    lo = rows[0]["decode_tok_s_range"][0] / r["decode_tok_s_range"][0]
+                    hi = rows[0]["decode_tok_s_range"][1] / r["decode_tok_s_range"][1]
+                    line += (f", with dispatch {rows[0]['decode_tok_s'] / r['decode_tok_s']:.2f}x "
+                             f"[{min(lo, hi):.2f}-{max(lo, hi):.2f}]")
+                published = _published(spec.name, r["model"], hw.name)
+                if published:
+                    line += f"; published {published['ratio']:.2f}x ({published['source']})"
+                print(line)
     if cross is not None:
         if cross["batch"]:
             print(f"  crossover: from batch {cross['batch']} the MoE decodes less than {cross['advantage']:.1f}x its "
@@ -233,6 +266,65 @@ def cmd_predict(plugins: Any, args: argparse.Namespace) -> int:
             print(f"  crossover: none below {cross['advantage']:.1f}x ({cross['why']}{closest})")
     return 0
 
+
+
+def _published(moe: str, dense: str, device: str) -> dict[str, Any] | None:
+    from ..profiles import PUBLISHED_RATIOS
+
+    found = PUBLISHED_RATIOS.get((moe, dense, device))
+    return {"ratio": found[0], "source": found[1]} if found else None
+
+
+def _graph_ops(plugins: Any, specs: list[Any], args: argparse.Namespace) -> dict[str, float | None]:
+    """Operations per decode step of each model (and, as ``MOE:dense``, of the MoE's dense
+    twins' family) on --engine's real graph (moerun.ladder.graph_ops); a one-line error
+    where the engine cannot count them."""
+    import attrs
+
+    from ..ladder import graph_ops
+
+    out: dict[str, float | None] = {}
+    for spec in specs:
+        got = graph_ops(plugins, spec, args.engine)
+        if not got.get("available"):
+            raise ConfigError(f"cannot count {spec.name}'s operations on {args.engine}: {got.get('reason')} "
+                              f"(--dispatch off for the roofline alone)")
+        out[spec.name] = got["ops"]
+        if spec.is_moe:
+            twin = attrs.evolve(spec.dense_twin("active"), intermediate_size=spec.intermediate_size)
+            out[f"{spec.name}:dense"] = graph_ops(plugins, twin, args.engine)["ops"]
+    return out
+
+
+def _measured_dispatch(plugins: Any, hw: Any, spec: Any, args: argparse.Namespace) -> Any:
+    """this-machine's dispatch cost on --engine: measured by the ablation ladder in the
+    --calibrate results where they hold one clearly above zero (moerun.ladder.ladders), else
+    by the tiny-graph probe of `spec` here and now (moerun.ladder.dispatch_probe)."""
+    import statistics
+
+    import attrs
+
+    from ..ladder import dispatch_probe, ladders
+    from ..records import load_results
+
+    # a ladder's figure where its interval is above zero (decode noise can swamp a few dozen
+    # added operations), else the probe, which times hundreds of them where bytes do not count
+    found = [row["dispatch"] for row in (ladders(load_results([args.calibrate])) if args.calibrate else [])
+             if row["backend"] == args.engine and row["dispatch"].get("available")
+             and (row["dispatch"]["us_per_op_ci95"] or [0.0])[0] > 0]
+    if found:
+        per_op = statistics.median(d["us_per_op"] for d in found)
+        lo = min((d["us_per_op_ci95"] or [d["us_per_op"]] * 2)[0] for d in found)
+        hi = max((d["us_per_op_ci95"] or [d["us_per_op"]] * 2)[1] for d in found)
+        source = f"measured by the ablation ladder in {args.calibrate} ({args.engine}, {len(found)} comparison(s))"
+    else:
+        probe = dispatch_probe(plugins, args.engine, spec)
+        if not probe["available"]:
+            return hw
+        per_op, (lo, hi) = probe["us_per_op"], probe["us_per_op_range"]
+        source = f"measured here: {probe['method']} ({args.engine})"
+    return attrs.evolve(hw, dispatch_s=max(per_op, 0.0) * 1e-6,
+                        dispatch_range_s=(max(lo, 0.0) * 1e-6, max(hi, 0.0) * 1e-6), dispatch_source=source)
 
 
 def cmd_compare(plugins: Any, args: argparse.Namespace) -> int:
@@ -294,6 +386,95 @@ def cmd_compare(plugins: Any, args: argparse.Namespace) -> int:
                       *[f"{row[k]:.2f}x" if row.get(k) else "-" for k in
                         ("decode_vs_active", "prefill_vs_active", "decode_vs_total")])
         console.print(v)
+    return 0
+
+
+def cmd_dispatch(plugins: Any, args: argparse.Namespace) -> int:
+    """moerun.ladder.dispatch_probe per engine, for the model and (an MoE's) active twin."""
+    from ..grid import select_backends
+    from ..ladder import dispatch_probe
+
+    backends, skipped = select_backends(plugins, csv_list(args.backend) or None)
+    spec = plugins.models.resolve(args.model)
+    specs = [spec] + ([spec.dense_twin("active")] if spec.is_moe else [])
+    rows = [dispatch_probe(plugins, b, s) for b in backends for s in specs]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        if not r["available"]:
+            print(f"{r['backend']:20s} not measured: {r['reason']}")
+            continue
+        lo, hi = r["us_per_op_range"]
+        print(f"{r['backend']:20s} {r['spec']:24s} {r['us_per_op']:7.2f} us per operation [{lo:.2f}-{hi:.2f} over "
+              f"{r['pairs']} pairs]  ({r['ops'][0]} -> {r['ops'][1]} operations, {r['step_us'][0]:.0f} -> "
+              f"{r['step_us'][1]:.0f} us per step; {r['unit']})")
+    for name, why in skipped:
+        print(f"{name:20s} not available: {why}")
+    return 0
+
+
+BAR = 48  # characters of the text bar that stand for the whole gap
+
+
+def cmd_explain(plugins: Any, args: argparse.Namespace) -> int:
+    """The ablation ladder's rows (moerun.ladder) as text: per comparison and phase the gap,
+    each step with its interval and share, a stacked bar, operations and dispatch cost."""
+    from ..ladder import ladders
+    from ..records import load_results
+
+    results = load_results(args.results)
+    rows = ladders(results)
+    if not rows:
+        raise ConfigError("the results hold no ablation ladder: an MoE with its active twin and at least its split "
+                          "twin or fixed-route MoE, measured ok (run with --ladder)")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    marks = {"shape": "#", "routing": "=", "sparsity": "~"}
+    print("steps: shape & dispatch (#) active twin -> split twin; routing (=) split -> fixed-route MoE; "
+          "sparsity (~) fixed route -> MoE; us per token [95 % interval], share of the gap")
+    for row in rows:
+        print(f"\n{row['group']} on {row['backend']} at {row['precision'] or 'default'}, batch {row['batch_size']}, "
+              f"prompt {row['prompt_tokens']}, {row['new_tokens']} new tokens")
+        for phase in ("decode", "prefill"):
+            ph = row.get(phase)
+            if not ph:
+                continue
+            ci = ph["gap_us_ci95"]
+            print(f"  {phase}: the MoE takes {ph['gap_us']:+.0f} us/token"
+                  + (f" [{ci[0]:+.0f}, {ci[1]:+.0f}]" if ci else "")
+                  + f" over its active twin ({ph['gap_ratio']:.2f}x its time; {ph['restarts']} restart(s), "
+                  f"{ph['units']} units: {ph['method']})")
+            bar = ""
+            positive = sum(max(st["share"] or 0.0, 0.0) for st in ph["steps"])
+            scale = BAR / max(1.0, positive)  # steps that overshoot the gap (others negative) fit the frame
+            for st in ph["steps"]:
+                sci, share = st["us_ci95"], st["share"]
+                print(f"    {st['label']:17s} {st['us']:+8.0f} us"
+                      + (f" [{sci[0]:+.0f}, {sci[1]:+.0f}]" if sci else "")
+                      + (f"  {share:+.0%} of the gap" if share is not None else "")
+                      + (f" [{st['share_ci95'][0]:+.0%}, {st['share_ci95'][1]:+.0%}]" if st.get("share_ci95") else ""))
+                if share is not None and share > 0:
+                    bar += marks.get(st["step"], "?") * round(share * scale)
+            print(f"    |{bar:<{BAR}}| " + ("(the frame is the gap)" if positive <= 1 else
+                                            f"(the steps that add time sum to {positive:.0%} of the gap: the others "
+                                            f"save time; the frame is their sum)"))
+        d = row["dispatch"]
+        ops = ", ".join(f"{r['role']} {r['ops'] if r['ops'] is not None else '-'}" for r in row["rungs"])
+        print(f"  operations per decode step: {ops}" + (f" ({d['unit']})" if d.get("unit") else ""))
+        if d.get("available"):
+            ci = d["us_per_op_ci95"]
+            print(f"  dispatch: {d['us_per_op']:.2f} us per operation" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+                  + f" ({d['added_ops']} operations the split twin adds)")
+        else:
+            print(f"  dispatch: not measured ({d['reason']})")
+        b = row.get("breakdown")
+        if b:
+            routing = next((s for s in (row.get("decode") or {}).get("steps", ()) if s["step"] == "routing"), None)
+            print(f"  --breakdown ({b['instrument']}): router {b['router_us']:.0f} us/token"
+                  + (f" = {b['router_share_of_gap']:.0%} of the gap" if b.get("router_share_of_gap") is not None else "")
+                  + (f"; the ladder's routing step: {routing['us']:+.0f} us/token" if routing else ""))
     return 0
 
 

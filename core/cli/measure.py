@@ -30,7 +30,7 @@ def cmd_run(plugins: Any, args: argparse.Namespace) -> int:
         router_skew=args.router_skew, routing=routings(args.routing) or [defaults.ROUTING],
         memory_caps=memory_caps(args.memory_cap) or [None], device=args.device, compile=args.compile, timeout_s=args.timeout,
         memory_limit_mb=args.memory_limit, fit=fit_device(args.fit), breakdown=args.breakdown, parity=args.parity,
-        options=backend_options(args.option), hardware=_hardware_labels(args, []), budget_s=defaults.BUDGET_S)
+        ladder=args.ladder, options=backend_options(args.option), hardware=_hardware_labels(args, []), budget_s=defaults.BUDGET_S)
     return _measure(plugins, study, args)
 
 
@@ -51,7 +51,7 @@ def cmd_study(plugins: Any, args: argparse.Namespace) -> int:
                          routing=routings(args.routing) or study.routing,
                          memory_caps=memory_caps(args.memory_cap) or study.memory_caps,
                          memory_limit_mb=args.memory_limit or study.memory_limit_mb,
-                         fit=fit_device(args.fit) or study.fit)
+                         fit=fit_device(args.fit) or study.fit, ladder=args.ladder or study.ladder)
     return _measure(plugins, study, args)
 
 

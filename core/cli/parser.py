@@ -196,6 +196,24 @@ def build_parser() -> argparse.ArgumentParser:
                          description="write a Markdown report (tables, verdict, breakdown figures) from JSONL results")
     rep.add_argument("results", nargs="+", type=Path, metavar="RESULTS.jsonl")
     rep.add_argument("--out", type=Path, metavar="DIR", help="report folder (default: moerun-report)")
+    ex = _subcommand(sub, "explain", "take the MoE's gap apart from a --ladder run's results",
+                     description="why the MoE is behind: from results of a run with --ladder, each comparison's "
+                                 "gap between the MoE and its active twin, per phase, split into shape & dispatch "
+                                 "(active -> split twin), routing (split -> fixed-route MoE) and sparsity "
+                                 "(fixed route -> MoE), in microseconds per token with 95 %% intervals and as a "
+                                 "stacked bar; the dispatch cost per operation; --breakdown's routing time beside. "
+                                 "'moerun report' draws the bars as a figure")
+    ex.add_argument("results", nargs="+", type=Path, metavar="RESULTS.jsonl")
+    ex.add_argument("--json", action="store_true", help="print JSON for scripts")
+    dp = _subcommand(sub, "dispatch", "measure each engine's cost per decode operation on this machine",
+                     description="time decode steps of a model's graph at tiny widths (weights of a few kilobytes a "
+                                 "layer) with 2 and 8 layers on each engine, count the operations each step runs, "
+                                 "and print the cost per operation: the dispatch term of 'moerun predict'")
+    dp.add_argument("-b", "--backend", action="append", metavar="NAME",
+                    help="engine (repeatable or comma-separated; default: every available one)")
+    dp.add_argument("-m", "--model", default="small-moe", metavar="NAME",
+                    help="whose graph (default: small-moe; its active twin is probed too)")
+    dp.add_argument("--json", action="store_true", help="print JSON for scripts")
     st = _subcommand(sub, "study", "run a study: a grid from a TOML file or a preset",
                         description="run a study: MoE models with their twins and named dense baselines x backends "
                                     "x precisions x prompt/generation lengths x threads, from a TOML file (a "
@@ -243,6 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--calibrate", type=Path, metavar="RESULTS.jsonl",
                      help="take the efficiency from these results (median MBU / FLOP utilisation) instead of "
                           "assuming 80 %% / 50 %%")
+    pre.add_argument("--dense", action="append", metavar="NAME",
+                     help="dense model to compare the MoE with, beside its twins (repeatable or comma-separated), "
+                          "e.g. llama-3.2-1b; where a published ratio exists it is printed next to the prediction")
+    pre.add_argument("--dispatch", choices=("auto", "off"), default="auto",
+                     help="auto (default): add each decode step's operations (counted on --engine's real graph of "
+                          "the model) x the device's dispatch cost per operation (its published figure; "
+                          "this-machine: measured by a --ladder run given as --calibrate); off: the roofline only")
+    pre.add_argument("--engine", default="llamacpp", metavar="BACKEND",
+                     help="whose graph's operations count (default: llamacpp, the engine of the published study)")
     pre.add_argument("--list", action="store_true", help="list the device profiles")
     pre.add_argument("--json", action="store_true", help="print JSON for scripts")
     rt = _subcommand(sub, "routing", "record a real MoE checkpoint's routing as a trace, or show a trace",
@@ -326,6 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-isomem", action="store_true",
                      help="do not add the iso-memory twin: the dense model holding the MoE's weight bytes at "
                           "the backend's next harder precision (NAME:dense-isomem-P-Q)")
+    run.add_argument("--ladder", action="store_true",
+                     help="the ablation ladder: with each MoE also its active twin, split twin (NAME:split: the "
+                          "active bytes as k always-on experts, no router) and fixed-route MoE (NAME:fixed-route: "
+                          "weights that send every token to experts 0..k-1), each decode step's operations "
+                          "counted; 'moerun explain' takes the gap apart")
     run.add_argument("--parity", action="store_true",
                      help="also compare each point's logits with the PyTorch fp32 reference (16 positions)")
     run.add_argument("--breakdown", action="store_true",

@@ -10,11 +10,12 @@ report` calls the markdown reporter with `assets_dir` too (docs/plugins.md).
 
 from moerun import hookimpl
 
-from .figures import (batch_figure, breakdown_figure, cap_figure, roofline_figure, routing_figure, speedup_figure,
-                      throughput_figure)
+from .figures import (batch_figure, breakdown_figure, cap_figure, ladder_figure, roofline_figure, routing_figure,
+                      speedup_figure, throughput_figure)
 from .text import csv_report, json_report, markdown_report, table
 
-__all__ = ["batch_figure", "breakdown_figure", "cap_figure", "csv_report", "json_report", "markdown_report", "roofline_figure",
+__all__ = ["batch_figure", "breakdown_figure", "cap_figure", "csv_report", "json_report", "ladder_figure",
+           "markdown_report", "roofline_figure",
            "routing_figure", "speedup_figure", "table", "throughput_figure"]
 
 

@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from moerun.analysis import cap_crossovers, human_count
 from moerun.breakdown import CATEGORIES
+from moerun.ladder import ladders
 from moerun.memcap import cap_label
 from moerun.records import PointResult
 from moerun.routing import routing_label
@@ -409,6 +410,46 @@ def breakdown_table(results: list[PointResult]) -> Table:
     return headers, cells
 
 
+def _us(value: float | None, ci: list[float] | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.0f}" + (f" [{ci[0]:+.0f}, {ci[1]:+.0f}]" if ci else "")
+
+
+def _share(step: dict[str, Any]) -> str:
+    ci = step.get("share_ci95")
+    return fmt(step.get("share"), "{:.0%}") + (f" [{ci[0]:.0%}, {ci[1]:.0%}]" if ci else "")
+
+
+def ladder_table(ladder_rows: list[Row]) -> Table:
+    """The ablation ladder (moerun.ladder): per comparison and phase, the MoE's gap to its
+    active twin in microseconds per token and each step's part of it, with 95 % intervals;
+    the operations per decode step of the rungs and the dispatch cost they imply."""
+    headers = ["model", "backend", "precision", "batch", "phase", "gap us/token", "shape & dispatch",
+               "share", "routing", "share", "sparsity", "share", "ops active/split/fixed/MoE", "us / op",
+               "breakdown router / gap"]
+    cells = []
+    for row in ladder_rows:
+        ops = "/".join("-" if r["ops"] is None else str(r["ops"]) for r in row["rungs"])
+        d = row["dispatch"]
+        for phase in ("decode", "prefill"):
+            ph = row.get(phase)
+            if not ph:
+                continue
+            steps = {s["step"]: s for s in ph["steps"]}
+            out = [row["group"], row["backend"], row["precision"] or "-", str(row["batch_size"]), phase,
+                   _us(ph["gap_us"], ph["gap_us_ci95"])]
+            for name in ("shape", "routing", "sparsity"):
+                st = steps.get(name)
+                out += [_us(st["us"], st["us_ci95"]), _share(st)] if st else ["-", "-"]
+            first = phase == "decode"
+            out += [ops if first else "", (_us(d["us_per_op"], d["us_per_op_ci95"]).lstrip("+")
+                                           if first and d.get("available") else "-"),
+                    fmt((row.get("breakdown") or {}).get("router_share_of_gap"), "{:.0%}") if first else ""]
+            cells.append(out)
+    return headers, cells
+
+
 def machine_line(results: list[PointResult]) -> str | None:
     """The machine and the bandwidth MBU divides by, from the first result that has them."""
     env = next((r.env for r in results if r.env), None)
@@ -450,4 +491,7 @@ def sections(results: list[PointResult], rows: list[Row], matrix: list[Row]) -> 
         ("Framework maturity: does it run, does it agree with PyTorch fp32, how fast", maturity_table(matrix)),
         ("Decode time by category (share of the instrumented sum; the engine's own instrument)",
          breakdown_table(results)),
+        ("Why the MoE is behind: the ablation ladder (active twin -> split twin -> fixed-route MoE -> MoE), "
+         "microseconds per token each step adds [95 % interval] and its share of the gap; us / op: the dispatch "
+         "cost the split twin's extra operations imply", ladder_table(ladders(results))),
     ]

@@ -50,8 +50,43 @@ def breakdown_figure(results: list[PointResult], phase: str = "decode"):
     return fig
 
 
-_ROLE_ORDER = {"moe": 0, "dense-active": 1, "dense-total": 2, "dense-isomem": 3, "dense-fit": 4, "baseline": 5,
-               "dense": 6, "": 7}
+def ladder_figure(results: list[PointResult]):
+    """A stacked horizontal bar per (MoE, backend, phase) of the ablation ladder: each step's
+    share of the MoE's gap to its active twin (shape & dispatch, routing, sparsity; a step
+    that made the model faster stacks to the left of zero). None without a ladder."""
+    from moerun.ladder import ladders
+
+    bars = [(f"{row['group']} | {row['backend']} | {phase}", row[phase]) for row in ladders(results)
+            for phase in ("decode", "prefill") if row.get(phase)]
+    if not bars:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(11, 0.5 * len(bars) + 1.8))
+    labels = [label for label, _ in bars]
+    pos, neg = [0.0] * len(bars), [0.0] * len(bars)
+    colors = {"shape": "tab:blue", "routing": "tab:orange", "sparsity": "tab:green"}
+    names = {"shape": "shape & dispatch (active -> split)", "routing": "routing (split -> fixed route)",
+             "sparsity": "sparsity (fixed route -> MoE)"}
+    for step in ("shape", "routing", "sparsity"):
+        widths = [next((s["share"] or 0.0 for s in ph["steps"] if s["step"] == step), 0.0) for _, ph in bars]
+        lefts = [n if w < 0 else p for w, p, n in zip(widths, pos, neg)]
+        ax.barh(labels, widths, left=lefts, label=names[step], color=colors[step])
+        pos = [p + max(w, 0.0) for p, w in zip(pos, widths)]
+        neg = [n + min(w, 0.0) for n, w in zip(neg, widths)]
+    for i, (_, ph) in enumerate(bars):
+        ax.annotate(f"gap {ph['gap_us']:+.0f} us/token ({ph['gap_ratio']:.2f}x)", (max(pos[i], 1.0), i),
+                    xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.invert_yaxis()
+    ax.set_xlabel("share of the MoE's time per token over its active twin's (1 = the whole gap)")
+    ax.set_title("Why the MoE is behind: the ablation ladder")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+_ROLE_ORDER = {"moe": 0, "fixed-route": 1, "split": 2, "dense-active": 3, "dense-total": 4, "dense-isomem": 5,
+               "dense-fit": 6, "baseline": 7, "dense": 8, "": 9}
 
 
 def cap_figure(results: list[PointResult]):
@@ -277,4 +312,5 @@ def figures(results: list[PointResult], verdicts: list[dict[str, Any]]) -> list[
             ("routing", "Routing: requested against measured", routing_figure(results)),
             ("memory-cap", "Decode throughput against the memory cap", cap_figure(results)),
             ("breakdown-decode", "Where decode time goes", breakdown_figure(results, "decode")),
-            ("breakdown-prefill", "Where prefill time goes", breakdown_figure(results, "prefill"))]
+            ("breakdown-prefill", "Where prefill time goes", breakdown_figure(results, "prefill")),
+            ("ladder", "Why the MoE is behind: the ablation ladder", ladder_figure(results))]
