@@ -5,7 +5,8 @@ of one comparison, in lockstep where it can:
 
 1. ``dense-active``: the dense FFN of the MoE's active width;
 2. ``split``: the same bytes as k always-on experts of the expert shape, no router;
-3. ``fixed-route``: the MoE with its router's weights zero, the same k experts every token;
+3. ``fixed-route``: the MoE with weights that send every token to experts 0..k-1
+   (`moerun.checkpoint.fix_route`);
 4. ``moe``: the MoE itself.
 
 Per phase (decode, prefill) the time per token of each rung gives the steps 1→2
@@ -85,27 +86,21 @@ def _units(sides: list[PointResult], metric: str) -> tuple[np.ndarray, np.ndarra
     """Seconds per token of every side per unit: (times [units, sides], each unit's restart,
     how they were measured). A lockstep restart's units are its cycles (all sides present);
     a sequential round is one unit. None without a round every side measured."""
-    per_round: dict[int, list[dict[str, Any]]] = {}
-    for s in sides:
-        for r in s.rounds:
-            if r.get("status") == "ok" and r.get(metric):
-                per_round.setdefault(r["round"], []).append(r)
+    from .protocol import round_values
+
+    per_side = [round_values(s.record, metric) for s in sides]
     times, restart, lockstep = [], [], True
-    for rnd, rs in sorted(per_round.items()):
-        if len(rs) != len(sides):  # in side order: each side holds one record per round
-            continue
-        cycles = [(r.get("lockstep") or {}) for r in rs]
-        sessions = {c.get("session") for c in cycles}
-        if all(c.get(metric) for c in cycles) and len(sessions) == 1:
-            n = min(len(c[metric]) for c in cycles)
-            for j in range(n):
-                rates = [c[metric][j] for c in cycles]
+    for rnd in sorted(set.intersection(*(set(v) for v in per_side))):
+        rs = [v[rnd] for v in per_side]
+        cycles = [r["cycles"] for r in rs]
+        if all(cycles) and len({c["session"] for c in cycles}) == 1:
+            for rates in zip(*(c["values"] for c in cycles)):  # a side that died pairs up to its last cycle
                 if all(rates):
                     times.append([1.0 / x for x in rates])
                     restart.append(rnd)
         else:
             lockstep = False
-            times.append([1.0 / r[metric] for r in rs])
+            times.append([1.0 / r["value"] for r in rs])
             restart.append(rnd)
     if not times:
         return None
@@ -120,7 +115,7 @@ def _steps(rungs: list[str], units: tuple[np.ndarray, np.ndarray, str]) -> dict[
     times, restart, _ = units
     col = {role: i for i, role in enumerate(rungs)}
     pairs = [(rungs[i], rungs[i + 1]) for i in range(len(rungs) - 1)]
-    names = {(a, b): name for name, a, b, _ in STEPS}
+    known = {(a, b): (name, label) for name, a, b, label in STEPS}
     boot = _bootstrap_means(times, restart)  # [resamples, sides]
     mean = times.mean(axis=0)
     gap = mean[col["moe"]] - mean[col["dense-active"]]
@@ -136,9 +131,9 @@ def _steps(rungs: list[str], units: tuple[np.ndarray, np.ndarray, str]) -> dict[
         ds = boot[:, col[b]] - boot[:, col[a]]
         with np.errstate(divide="ignore", invalid="ignore"):
             shares = ds / gaps
+        name, label = known.get((a, b), (f"{a}->{b}", f"{a} to {b}"))
         out["steps"].append({
-            "step": names.get((a, b), f"{a}->{b}"), "from": a, "to": b,
-            "label": next((lbl for n, x, y, lbl in STEPS if (x, y) == (a, b)), f"{a} to {b}"),
+            "step": name, "from": a, "to": b, "label": label,
             "us": d * 1e6, "us_ci95": _ci(ds * 1e6),
             "share": d / gap if gap else None,
             "share_ci95": _ci(shares[np.isfinite(shares)]) if gap else None,

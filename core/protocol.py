@@ -171,7 +171,7 @@ def paired(a: dict[str, Any], b: dict[str, Any], metric: str, min_rounds: int = 
     cycles (the between-process level is not in it, and the method says so). One round of
     separate processes: the ratio of the two medians with the bootstrap interval over their
     repetitions."""
-    ra, rb = _round_values(a, metric), _round_values(b, metric)
+    ra, rb = round_values(a, metric), round_values(b, metric)
     both = {i: {"contended": ra[i]["contended"] or rb[i]["contended"]} for i in ra.keys() & rb.keys()}
     uneven = sum(1 for i in both if ra[i]["contended"] != rb[i]["contended"])
     used, kept_contended = _quiet_rounds(both, min_rounds)
@@ -206,12 +206,14 @@ def _cycle_log_ratios(a: dict[str, Any], b: dict[str, Any]) -> list[float]:
 
 def spread(record: dict[str, Any], metric: str, min_rounds: int = 3) -> dict[str, Any]:
     """One point's `metric` over its rounds: geometric mean and 95 % interval."""
-    rv = _round_values(record, metric)
+    rv = round_values(record, metric)
     used, kept_contended = _quiet_rounds(rv, min_rounds)
     return {**log_interval([rv[i]["value"] for i in used]), "rounds": len(rv), "contended": kept_contended}
 
 
-def _round_values(record: dict[str, Any], metric: str) -> dict[int, dict[str, Any]]:
+def round_values(record: dict[str, Any], metric: str) -> dict[int, dict[str, Any]]:
+    """Per ok round of a folded record: its `metric` value, contention, bandwidth and, for a
+    lockstep round, its session and per-cycle values (`cycles`; None otherwise)."""
     out = {}
     for r in record.get("rounds") or ():
         if r.get("status") == "ok" and r.get(metric):

@@ -56,8 +56,7 @@ FAMILIES: dict[str, Family] = {
 TWIN_MATCHES = ("active", "total")
 # how a MoE's router chooses (docs/concepts.md, "The ablation ladder"): "learned" (its weights),
 # "fixed" (every token's logits rank experts 0..k-1 first: moerun.checkpoint.fix_route),
-# "none" (no router: all num_experts == top_k experts on, each weighted
-# 1/k; the split twin)
+# "none" (no router: all num_experts == top_k experts on, each weighted 1/k; the split twin)
 ROUTERS = ("learned", "fixed", "none")
 # the ablation ladder's rungs by role, from the active twin to the MoE; the first three are
 # also the suffixes of their names (NAME:split)

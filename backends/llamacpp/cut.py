@@ -130,8 +130,8 @@ _GGML_BASE = None
 
 
 def ggml_base() -> Any:
-    """The ggml-base library llama-cpp-python ships (node names and tensor reads for the eval
-    callbacks of cut timing and routing observation), loaded once."""
+    """The ggml-base library llama-cpp-python ships (node names, op names and tensor reads for
+    the eval callbacks of cut timing, routing observation and op counting), loaded once."""
     global _GGML_BASE
     if _GGML_BASE is None:
         import llama_cpp
@@ -144,6 +144,8 @@ def ggml_base() -> Any:
         lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
         lib.ggml_backend_tensor_get.restype = None
         lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+        lib.ggml_op_name.restype = ctypes.c_char_p
+        lib.ggml_op_name.argtypes = [ctypes.c_int]
         _GGML_BASE = lib
     return _GGML_BASE
 
@@ -157,8 +159,6 @@ def count_ops(session: Any, prompt: Sequence[int]) -> dict[str, Any]:
     """`LlamaCppSession.decode_ops`: every node of one decode step's graph, asked once by the
     scheduler's eval callback (which answers "no": no split, nothing observed), by ggml op."""
     lib, ggml = session.lib, ggml_base()
-    ggml.ggml_op_name.restype = ctypes.c_char_p
-    ggml.ggml_op_name.argtypes = [ctypes.c_int]
     counting, ops, errors = [False], {}, []
 
     @lib.ggml_backend_sched_eval_callback

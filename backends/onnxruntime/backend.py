@@ -376,10 +376,10 @@ class OnnxRuntimeSession(Session):
                              "one shared thread pool)")
         return out
 
-    def decode_ops(self, prompt: Sequence[int]) -> dict[str, Any]:
-        """The kernels one decode step runs: ONNX Runtime's profile of the step on a second
-        session with profiling on (after its graph optimisations and fusions; the nodes of an
-        ``If`` branch that ran are counted, and the ``If`` itself)."""
+    def _profiled(self, run: Any) -> tuple[Any, list[dict[str, Any]]]:
+        """`run(session)` on a second session of this model with profiling on (the timed
+        session is never instrumented): what it returned and the profile's events, the
+        profile file removed."""
         import json
 
         import attrs
@@ -387,13 +387,23 @@ class OnnxRuntimeSession(Session):
         profiled = OnnxRuntimeSession(self.artifact, attrs.evolve(
             self.settings, options={**self.settings.options, "profile": True}))
         try:
-            profiled.prefill(list(prompt))
-            profiled.decode(prompt[-1])
+            out = run(profiled)
         finally:
             profiled.close()
-        self.reset()
         events = json.loads(Path(profiled.profile_file).read_text())
         Path(profiled.profile_file).unlink(missing_ok=True)
+        return out, events
+
+    def decode_ops(self, prompt: Sequence[int]) -> dict[str, Any]:
+        """The kernels one decode step runs: ONNX Runtime's profile of the step on a second
+        session with profiling on (after its graph optimisations and fusions; the nodes of an
+        ``If`` branch that ran are counted, and the ``If`` itself)."""
+        def step(profiled: "OnnxRuntimeSession") -> None:
+            profiled.prefill(list(prompt))
+            profiled.decode(prompt[-1])
+
+        _, events = self._profiled(step)
+        self.reset()
         last = max((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
                    key=lambda e: e["ts"])
         ops: dict[str, int] = {}
@@ -411,25 +421,18 @@ class OnnxRuntimeSession(Session):
         ("router:l3_router_topk"); time between kernels is left unattributed. The profiler
         costs a few microseconds per node inside each recorded duration: on tiny models,
         whose nodes take about one, the sum overshoots the plain step severalfold."""
-        import json
         import statistics
-
-        import attrs
 
         from moerun.backends.onnxgraph.builder import node_category
         from moerun.toolkit import empty_breakdown as empty, time_phases
 
-        profiled = OnnxRuntimeSession(self.artifact, attrs.evolve(
-            self.settings, options={**self.settings.options, "profile": True}))
-        try:
+        def phases(profiled: "OnnxRuntimeSession") -> tuple[float, float]:
             profiled.prefill(prompt[:2])  # first-run allocations, untimed
-            prefill_wall, decode_wall = time_phases(profiled, prompt, follow)
-        finally:
-            profiled.close()
+            return time_phases(profiled, prompt, follow)
+
+        (prefill_wall, decode_wall), events = self._profiled(phases)
         plain = [time_phases(self, prompt, follow) for _ in range(5)]  # the reference, same moments
         self.reset()
-        events = json.loads(Path(profiled.profile_file).read_text())
-        Path(profiled.profile_file).unlink(missing_ok=True)
         runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
                       key=lambda e: e["ts"])[1:]  # the untimed warm-up run is first
         per_run = [empty() for _ in runs]

@@ -193,10 +193,8 @@ def cmd_predict(plugins: Any, args: argparse.Namespace) -> int:
         return _predict_capped(spec, hw, args, efficiency)
     if args.dispatch == "auto" and hw.name == "this-machine":
         hw = _measured_dispatch(plugins, hw, spec, args)
-    ops = _graph_ops(plugins, [spec, *dense], args) if args.dispatch == "auto" else {}
     specs = [spec] + ([spec.dense_twin("active"), spec.dense_twin("total")] if spec.is_moe else []) + dense
-    for twin in specs[1:3] if spec.is_moe else []:  # the twins' graphs: the dense family's, counted the same way
-        ops.setdefault(twin.name, ops.get(f"{spec.name}:dense") if args.dispatch == "auto" else None)
+    ops = _graph_ops(plugins, specs, args) if args.dispatch == "auto" else {}
     batches = batch_sizes(args.batch_size) or [1]
     routing = str(Routing.parse(args.routing))
     by_batch = {b: [predict(sp, hw, precision=args.precision, context=args.context, efficiency=efficiency, batch=b,
@@ -276,11 +274,9 @@ def _published(moe: str, dense: str, device: str) -> dict[str, Any] | None:
 
 
 def _graph_ops(plugins: Any, specs: list[Any], args: argparse.Namespace) -> dict[str, float | None]:
-    """Operations per decode step of each model (and, as ``MOE:dense``, of the MoE's dense
-    twins' family) on --engine's real graph (moerun.ladder.graph_ops); a one-line error
-    where the engine cannot count them."""
-    import attrs
-
+    """Operations per decode step of each model on --engine's real graph
+    (moerun.ladder.graph_ops, cached per graph: twins of one width-free graph count once); a
+    one-line error where the engine cannot count them."""
     from ..ladder import graph_ops
 
     out: dict[str, float | None] = {}
@@ -290,9 +286,6 @@ def _graph_ops(plugins: Any, specs: list[Any], args: argparse.Namespace) -> dict
             raise ConfigError(f"cannot count {spec.name}'s operations on {args.engine}: {got.get('reason')} "
                               f"(--dispatch off for the roofline alone)")
         out[spec.name] = got["ops"]
-        if spec.is_moe:
-            twin = attrs.evolve(spec.dense_twin("active"), intermediate_size=spec.intermediate_size)
-            out[f"{spec.name}:dense"] = graph_ops(plugins, twin, args.engine)["ops"]
     return out
 
 
